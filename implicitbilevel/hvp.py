@@ -61,7 +61,9 @@ __all__ = [
 HVPMode = Literal["auto", "forward-over-reverse", "reverse-over-reverse"]
 _MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 
-_IN_HVP: contextvars.ContextVar[bool] = contextvars.ContextVar("implicitbilevel_in_hvp", default=False)
+_IN_HVP: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "implicitbilevel_in_hvp", default=False
+)
 _FALLBACK_WARNED: set[str] = set()
 _FORWARD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "forward grad")
 
@@ -95,7 +97,7 @@ def _frozen_buffers(module: nn.Module) -> dict[str, Tensor | None]:
 
 
 def functional_module(module: nn.Module, *, freeze_buffers: bool | None = None) -> Callable:
-    """Return ``call(params, *args, **kwargs)`` evaluating ``module`` at the parameter dict ``params``.
+    """Return ``call(params, *args, **kwargs)`` evaluating ``module`` at the dict ``params``.
 
     ``params`` may hold any subset of the module's parameter names; the others keep the module's own
     tensors, so a loss can be differentiated with respect to (say) only the backbone without copying
@@ -130,7 +132,9 @@ def _check_tangent(params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]) 
     if tangent.keys() != params.keys():
         missing = sorted(set(params) - set(tangent))
         extra = sorted(set(tangent) - set(params))
-        raise KeyError(f"tangent names differ from the parameters: missing {missing}, extra {extra}")
+        raise KeyError(
+            f"tangent names differ from the parameters: missing {missing}, extra {extra}"
+        )
     for name, p in params.items():
         if tangent[name].shape != p.shape:
             raise ValueError(
@@ -249,7 +253,7 @@ def hvp(
 
     Args:
         fn: ``fn(params, *args) -> scalar tensor``, a pure function of the parameter dict.
-        params: the point, ``{name: Tensor}``; the Hessian is taken with respect to these names only.
+        params: the point, ``{name: Tensor}``; the Hessian is taken with respect to these names.
         tangent: the vector, a dict with the same names and shapes.
         *args: further arguments of ``fn`` (the batch), held fixed.
         mode: ``"auto"``, ``"forward-over-reverse"`` or ``"reverse-over-reverse"``.
