@@ -345,8 +345,11 @@ class BiSSLTrainer:
         cfg = self.config
         problem = self.problem
         lower_batch = _to_device(self.lower_stack.next(), self.device)
-        with self._autocast():
-            hessian = problem.lower_hessian(self.upper_params, self.lower_params, lower_batch)
+        try:
+            with self._autocast():
+                hessian = problem.lower_hessian(self.upper_params, self.lower_params, lower_batch)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"upper level, alternation {t}, Hessian: {err}") from err
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
         learnable = isinstance(problem.lam, LearnableLambda)

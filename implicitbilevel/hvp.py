@@ -154,7 +154,11 @@ def _forward_over_reverse(fn: Callable, params: Params, tangent: Params, args: t
     def gradient(p: Params) -> Params:
         return torch.func.grad(fn)(p, *args)
 
-    _, product = torch.func.jvp(gradient, (params,), (tangent,))
+    with warnings.catch_warnings():
+        # torch's first forward-mode call imports JIT-scripted decompositions, which warns about
+        # the deprecation of torch.jit.script; it is torch-internal and says nothing to the user.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        _, product = torch.func.jvp(gradient, (params,), (tangent,))
     return product
 
 

@@ -44,7 +44,7 @@ from .hvp import HessianOperator, HVPMode
 from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
 from .solvers import CG, LinearSolver, SolveInfo, SolverBreakdownError
-from .tree import Params, tree_dot, tree_scale
+from .tree import Params, tree_axpy, tree_dot, tree_scale
 
 __all__ = [
     "BilevelProblem",
@@ -214,18 +214,18 @@ class BilevelProblem:
     ) -> LowerGradient:
         """``∇_y ℓ(y) + λ ∇_y r(x, y)`` for every lower variable (Algorithm 2, lines 5-6)."""
         lam = self.lam_at(t)
+        self.regularizer.coupled_names(upper, lower)  # fail on a bad coupling before any pass
         leaves = _leaves(lower)
         with torch.enable_grad():
             loss = _check_loss(self.lower_loss(leaves, batch), "lower")
             grads = _grads(loss, leaves)
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
-        reg_grad = self.regularizer.lower_grad(x, y)
-        names = list(reg_grad)
-        torch._foreach_add_([grads[n] for n in names], [reg_grad[n] for n in names], alpha=lam)
-        reg_value = self.regularizer.value(x, y).detach()
         if self.check_finite:
             self._require_finite(loss, "lower-level loss", t)
+        # Out of place: autograd may hand back expanded (stride-0) gradients.
+        grads.update(tree_axpy(lam, self.regularizer.lower_grad(x, y), grads))
+        reg_value = self.regularizer.value(x, y).detach()
         return LowerGradient(grads, loss.detach(), reg_value, lam)
 
     def lower_hessian(
@@ -243,10 +243,13 @@ class BilevelProblem:
         def loss_over_solved(sub: Params, batch_: Any) -> Tensor:
             return self.lower_loss({**fixed, **sub}, batch_)
 
-        return HessianOperator(
+        operator = HessianOperator(
             loss_over_solved, {n: fixed[n] for n in names}, batch,
             mode=self.hvp_mode, reuse=self.reuse_graph,
         )
+        if self.check_finite and operator.loss is not None:
+            self._require_finite(operator.loss, "lower-level loss on the Hessian batch")
+        return operator
 
     # -- the upper level ---------------------------------------------------------------------
 
@@ -310,8 +313,7 @@ class BilevelProblem:
         if self.check_finite:
             self._require_finite(tree_dot(u, u), "implicit-Jacobian solution", t)
 
-        mixed = self.regularizer.mixed_vjp(x, y, u)
-        torch._foreach_sub_([grad_x[n] for n in mixed], list(mixed.values()))
+        grad_x.update(tree_axpy(-1.0, self.regularizer.mixed_vjp(x, y, u), grad_x))
 
         lam_grad = None
         if isinstance(self.lam, LearnableLambda):
@@ -334,6 +336,8 @@ class BilevelProblem:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     @staticmethod
-    def _require_finite(value: Tensor, what: str, t: int) -> None:
+    def _require_finite(value: Tensor, what: str, t: int | None = None) -> None:
+        value = value.detach()
         if not bool(torch.isfinite(value)):
-            raise NonFiniteError(f"non-finite {what} ({float(value)}) at alternation {t}")
+            where = "" if t is None else f" at alternation {t}"
+            raise NonFiniteError(f"non-finite {what} ({float(value)}){where}")

@@ -66,10 +66,16 @@ def tree_scale(a: Mapping[str, Tensor], scale: float | Tensor) -> Params:
 
 
 def tree_axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
-    """Return ``y + alpha * x``; ``alpha`` may be a 0-dim tensor (no host synchronisation)."""
-    keys = list(y.keys())
-    scaled = torch._foreach_mul(_values(x, keys), alpha)
-    return dict(zip(keys, torch._foreach_add(_values(y, keys), scaled)))
+    """Return ``y + alpha * x`` over the names of ``x``.
+
+    ``alpha`` may be a 0-dim tensor, which keeps solver step sizes on the device (no host
+    synchronisation). ``y`` may hold more names than ``x``; only those of ``x`` are returned.
+    """
+    keys = list(x.keys())
+    if isinstance(alpha, Tensor):
+        scaled = torch._foreach_mul(list(x.values()), alpha)
+        return dict(zip(keys, torch._foreach_add(_values(y, keys), scaled)))
+    return dict(zip(keys, torch._foreach_add(_values(y, keys), list(x.values()), alpha=alpha)))
 
 
 def tree_block_dots(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
