@@ -64,7 +64,8 @@ class SolveInfo:
             Neumann: the residual of the series one term shorter, an upper bound when it
             contracts; Dense: exact).
         rhs_norm: ``||b||_2``.
-        converged: whether ``residual_norm <= max(tol * rhs_norm, atol)``.
+        converged: whether ``residual_norm <= max(tol * rhs_norm, atol)``, where the threshold is
+            never below ``10·eps·rhs_norm`` (the dtype's rounding floor).
         breakdown: ``None``, or why the solver stopped early (non-positive curvature, non-finite
             values, a diverging series, a singular matrix).
     """
@@ -89,8 +90,13 @@ class SolverBreakdownError(RuntimeError):
         self.info = info
 
 
-def _threshold(tol: float, atol: float, rhs_norm: float) -> float:
-    return max(tol * rhs_norm, atol)
+def _threshold(tol: float, atol: float, rhs_norm: float, dtype: torch.dtype) -> float:
+    # Never below the rounding floor: a residual at machine precision is as converged as it gets.
+    return max(tol * rhs_norm, atol, 10 * torch.finfo(dtype).eps * rhs_norm)
+
+
+def _dtype(tree: Mapping[str, Tensor]) -> torch.dtype:
+    return next(iter(tree.values())).dtype if tree else torch.float32
 
 
 def _validate(max_iter: int, tol: float, atol: float) -> None:
@@ -134,7 +140,8 @@ class CG(LinearSolver):
 
     Args:
         max_iter: maximum matrix-vector products ``N_c`` (thesis: 5).
-        tol: relative residual tolerance; ``0`` runs exactly ``max_iter`` iterations (thesis).
+        tol: relative residual tolerance; ``0`` runs ``max_iter`` iterations (thesis) unless the
+            residual reaches the rounding floor ``10·eps·||b||`` first.
         atol: absolute residual tolerance.
         warm_start: start from the previous call's solution when ``x0`` is not given (useful when
             consecutive systems are close, as over the upper-level steps of an alternation).
@@ -176,7 +183,7 @@ def _cg(
     atol: float,
 ) -> tuple[Params, SolveInfo]:
     rhs_norm = float(tree_norm(b))
-    threshold = _threshold(tol, atol, rhs_norm)
+    threshold = _threshold(tol, atol, rhs_norm, _dtype(b))
     if x0 is None:
         x = tree_zeros_like(b)
         r = tree_clone(b)
@@ -309,7 +316,7 @@ class Neumann(LinearSolver):
                 f"{rhs_norm:.3g}); decrease alpha or increase the damping"
             )
         x = {k: t * self.alpha for k, t in total.items()}
-        converged = residual <= self.tol * rhs_norm
+        converged = residual <= _threshold(self.tol, 0.0, rhs_norm, _dtype(b))
         return x, SolveInfo(iterations, residual, rhs_norm, converged, breakdown)
 
 
