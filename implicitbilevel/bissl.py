@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import is_main_process, world_size
 from .problem import BilevelProblem, NonFiniteError, assign_grads
 from .schedules import LearnableLambda
 from .tree import Params
@@ -131,11 +133,17 @@ class BatchStack:
         """Batches left in the current pass."""
         return 0 if self._iterator is None else self.size - self.consumed
 
+    def _start_iterator(self, epoch: int) -> None:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle per pass
+            sampler.set_epoch(epoch)
+        self._iterator = iter(self.loader)
+
     def _new_pass(self) -> None:
         self._pass_rng = torch.random.get_rng_state()
-        self._iterator = iter(self.loader)
-        self.consumed = 0
+        self._start_iterator(epoch=self.passes)
         self.passes += 1
+        self.consumed = 0
 
     def reserve(self, k: int) -> None:
         """Start a new pass unless ``k`` batches remain (or the loader is shorter than ``k``)."""
@@ -165,7 +173,7 @@ class BatchStack:
         outer = torch.random.get_rng_state()
         torch.random.set_rng_state(state["pass_rng"])
         self._pass_rng = state["pass_rng"]
-        self._iterator = iter(self.loader)
+        self._start_iterator(epoch=self.passes - 1)
         for _ in range(int(state["consumed"])):
             next(self._iterator)
         self.consumed = int(state["consumed"])
@@ -213,6 +221,18 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
         kind, keys, pos, has_gauss, gauss_value = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss_value))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather_per_rank(local: dict[str, Any]) -> list[dict[str, Any]]:
+    if world_size() == 1:
+        return [local]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
 
 
 def _grad_norm(params: Mapping[str, Tensor]) -> Tensor:
@@ -402,9 +422,11 @@ class BiSSLTrainer:
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "upper_optimizer": self.upper_optimizer.state_dict(),
             "lower_optimizer": self.lower_optimizer.state_dict(),
-            "upper_stack": self.upper_stack.state_dict(),
-            "lower_stack": self.lower_stack.state_dict(),
-            "rng": _rng_state(),
+            "ranks": _gather_per_rank({
+                "upper_stack": self.upper_stack.state_dict(),
+                "lower_stack": self.lower_stack.state_dict(),
+                "rng": _rng_state(),
+            }),
             "history": self.history,
         }
         for name in ("upper_scheduler", "lower_scheduler"):
@@ -443,16 +465,28 @@ class BiSSLTrainer:
         if "lam_rho" in state and isinstance(self.problem.lam, LearnableLambda):
             with torch.no_grad():
                 self.problem.lam.rho.copy_(state["lam_rho"])
-        self.upper_stack.load_state_dict(state["upper_stack"])
-        self.lower_stack.load_state_dict(state["lower_stack"])
-        _set_rng_state(state["rng"])
+        # Each rank resumes its own data position and random state (rank 0's for a single process
+        # resuming a multi-rank run).
+        ranks = state["ranks"]
+        mine = ranks[_rank()] if _rank() < len(ranks) else ranks[0]
+        self.upper_stack.load_state_dict(mine["upper_stack"])
+        self.lower_stack.load_state_dict(mine["lower_stack"])
+        _set_rng_state(mine["rng"])
         self.history = list(state["history"])
         self.alternation = int(state["alternation"])
 
     def save(self) -> None:
-        """Write the checkpoint atomically (no-op without ``out_dir``)."""
-        if self.checkpoint_path is not None:
-            save_checkpoint(self.state_dict(), self.checkpoint_path)
+        """Write the checkpoint atomically on rank 0 (no-op without ``out_dir``).
+
+        Every rank must call it: the per-rank data positions and random states are gathered.
+        """
+        if self.checkpoint_path is None:
+            return
+        state = self.state_dict()
+        if is_main_process():
+            save_checkpoint(state, self.checkpoint_path)
+        if world_size() > 1:
+            dist.barrier()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -468,10 +502,10 @@ class BiSSLTrainer:
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_state_dict(load_checkpoint(self.checkpoint_path))
         log = None
-        if self.out_dir is not None:
+        if self.out_dir is not None and is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             log = open(self.out_dir / "metrics.jsonl", "a" if resume else "w")  # noqa: SIM115
-        bar = _progress(cfg.progress, cfg.alternations, self.alternation)
+        bar = _progress(cfg.progress and is_main_process(), cfg.alternations, self.alternation)
         try:
             while self.alternation < cfg.alternations:
                 t = self.alternation

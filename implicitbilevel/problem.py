@@ -154,6 +154,9 @@ class BilevelProblem:
             reached, or ``"ignore"`` (the diagnostics are in :class:`UpperGradient` either way).
         check_finite: raise :class:`NonFiniteError` on a NaN/inf loss, solution or gradient (one
             host synchronisation per check).
+        reducer: averages batch-dependent dicts across data-parallel ranks (gradients of ``ℓ`` and
+            ``f``, every Hessian-vector product, the loss values), e.g.
+            :class:`~implicitbilevel.distributed.AllReduceMean`. ``None``: a single process.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class BilevelProblem:
         reuse_graph: bool = True,
         on_breakdown: Literal["raise", "warn", "ignore"] = "raise",
         check_finite: bool = True,
+        reducer: Callable[[Mapping[Any, Tensor]], dict] | None = None,
     ) -> None:
         self.upper_loss = upper_loss
         self.lower_loss = lower_loss
@@ -190,6 +194,7 @@ class BilevelProblem:
         self.reuse_graph = reuse_graph
         self.on_breakdown = on_breakdown
         self.check_finite = check_finite
+        self.reducer = reducer if reducer is not None else dict
 
     # -- λ -----------------------------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class BilevelProblem:
         with torch.enable_grad():
             loss = _check_loss(self.lower_loss(leaves, batch), "lower")
             grads = _grads(loss, leaves)
+        grads, loss = self._average(grads, loss)
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
         if self.check_finite:
@@ -290,6 +296,7 @@ class BilevelProblem:
             loss = _check_loss(self.upper_loss(x_leaves, {**y, **y_leaves}, upper_batch), "upper")
             grads = _grads(loss, {**{("x", n): p for n, p in x_leaves.items()},
                                   **{("y", n): p for n, p in y_leaves.items()}})
+        grads, loss = self._average(grads, loss)
         if self.check_finite:
             self._require_finite(loss, "upper-level loss", t)
         grad_x = {n: grads[("x", n)] for n in x}
@@ -300,7 +307,7 @@ class BilevelProblem:
         head_damping = self.ij.head_damping
 
         def matvec(z: Params) -> Params:
-            out = tree_scale(lower_hessian(z), 1.0 / mu)
+            out = tree_scale(self.reducer(lower_hessian(z)), 1.0 / mu)
             reg = self.regularizer.lower_hvp(x, y, z)
             torch._foreach_add_([out[n] for n in reg], list(reg.values()))
             if uncoupled and head_damping:
@@ -321,6 +328,14 @@ class BilevelProblem:
             inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u}, u)
             lam_grad = (-self.lam.derivative() / mu * inner).to(self.lam.rho.dtype)
         return UpperGradient(grad_x, lam_grad, loss.detach(), u, info, lam)
+
+    def _average(self, grads: dict, loss: Tensor) -> tuple[dict, Tensor]:
+        """Average gradients and the loss across ranks in one collective call."""
+        if self.reducer is dict:
+            return grads, loss
+        averaged = self.reducer({**grads, "__loss__": loss.detach()})
+        loss = averaged.pop("__loss__")
+        return averaged, loss
 
     # -- checks ------------------------------------------------------------------------------
 
