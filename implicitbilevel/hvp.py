@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
@@ -64,7 +65,7 @@ _MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 _IN_HVP: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "implicitbilevel_in_hvp", default=False
 )
-_FALLBACK_WARNED: set[str] = set()
+_FALLBACK_WARNED: set[tuple[int, str]] = set()
 _FORWARD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "forward grad")
 
 
@@ -204,6 +205,7 @@ def _reverse_over_reverse(fn: Callable, params: Params, tangent: Params, args: t
 
 
 def _scalar_fn(fn: Callable) -> Callable:
+    @functools.wraps(fn)
     def checked(p: Params, *args: Any) -> Tensor:
         loss = fn(p, *args)
         _check_scalar(loss)
@@ -214,6 +216,11 @@ def _scalar_fn(fn: Callable) -> Callable:
 
 def _name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", repr(fn))
+
+
+def _warning_key(fn: Callable) -> tuple[int, str]:
+    original = getattr(fn, "__wrapped__", fn)
+    return id(original), _name(original)
 
 
 def _evaluate(
@@ -234,12 +241,12 @@ def _evaluate(
                     "'forward-over-reverse' HVP cannot run; use mode='reverse-over-reverse' or "
                     f"mode='auto'. Original error: {err}"
                 ) from err
-            key = _name(fn)
+            key = _warning_key(fn)
             if key not in _FALLBACK_WARNED:
                 _FALLBACK_WARNED.add(key)
                 warnings.warn(
-                    f"forward-over-reverse HVP is unavailable for {key} ({err}); falling back to "
-                    "reverse-over-reverse for this loss",
+                    f"forward-over-reverse HVP is unavailable for {key[1]} ({err}); falling back "
+                    "to reverse-over-reverse for this loss",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -163,7 +163,8 @@ def as_lambda(lam: float | LambdaSchedule | LearnableLambda) -> LambdaSchedule |
     """Normalise a float, schedule or learnable λ into a callable ``t ↦ λ``.
 
     Raises:
-        ValueError: for λ ≤ 0, non-finite λ, or an unsupported type.
+        ValueError: for λ ≤ 0 or a non-finite λ.
+        TypeError: for anything but a number, a schedule or a learnable λ (``bool`` included).
     """
     if isinstance(lam, (LambdaSchedule, LearnableLambda)):
         return lam

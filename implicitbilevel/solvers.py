@@ -102,7 +102,7 @@ def _dtype(tree: Mapping[str, Tensor]) -> torch.dtype:
 def _validate(max_iter: int, tol: float, atol: float) -> None:
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    if tol < 0 or atol < 0:
+    if not (tol >= 0 and atol >= 0):  # also rejects NaN
         raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")
 
 
@@ -139,7 +139,8 @@ class CG(LinearSolver):
     breaking step is returned with ``info.breakdown`` set; nothing is silently repaired.
 
     Args:
-        max_iter: maximum matrix-vector products ``N_c`` (thesis: 5).
+        max_iter: maximum matrix-vector products ``N_c`` (thesis: 5). Algorithm 1 writes its loop
+            as ``t = 0, …, N_c``; like the original BiSSL code, ``N_c`` here counts products.
         tol: relative residual tolerance; ``0`` runs ``max_iter`` iterations (thesis) unless the
             residual reaches the rounding floor ``10·eps·||b||`` first.
         atol: absolute residual tolerance.
@@ -333,6 +334,10 @@ class Dense(LinearSolver):
     """
 
     max_dim: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_dim, int) and self.max_dim >= 1):
+            raise ValueError(f"max_dim must be an int >= 1, got {self.max_dim!r}")
 
     def matrix(self, matvec: MatVec, like: Mapping[str, Tensor]) -> Tensor:
         """Return the dense ``n × n`` matrix of ``matvec`` over vectors shaped like ``like``."""
