@@ -61,7 +61,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:

@@ -136,11 +136,19 @@ class LearnableLambda:
 
     Args:
         init: the initial λ (> 0); ``ρ`` starts at ``softplus⁻¹(init)``.
+        dtype: dtype of ``ρ``.
+        device: device of ``ρ`` (put it where the parameters are).
     """
 
-    def __init__(self, init: float, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        init: float,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         _check_positive("initial lambda", init)
-        self.rho = nn.Parameter(torch.tensor(_inverse_softplus(float(init)), dtype=dtype))
+        rho = torch.tensor(_inverse_softplus(float(init)), dtype=dtype, device=device)
+        self.rho = nn.Parameter(rho)
 
     def value(self) -> Tensor:
         """``σ(ρ)`` as a 0-dim tensor (no graph)."""

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MatVec = Callable[[Params], Params]
+_RESIDUAL_GROWTH = 10.0
 
 
 @dataclass
@@ -136,7 +137,9 @@ class CG(LinearSolver):
     Stops after ``max_iter`` products, when ``||r|| <= max(tol·||b||, atol)``, or on breakdown:
     a direction with ``dᵀAd <= 0`` (``A`` is not positive definite there, e.g. ``I + H/μ`` at a
     random initialisation with too small a damping) or a non-finite value. The iterate before the
-    breaking step is returned with ``info.breakdown`` set; nothing is silently repaired.
+    breaking step is returned with ``info.breakdown`` set; nothing is silently repaired. A solve
+    from ``x0 = 0`` whose residual grows past ``10·||b||`` is reported as a breakdown too (on a
+    positive definite system the growth is bounded by ``sqrt(cond(A))``).
 
     Args:
         max_iter: maximum matrix-vector products ``N_c`` (thesis: 5). Algorithm 1 writes its loop
@@ -224,6 +227,14 @@ def _cg(
         d = tree_axpy(rs_new / rs, d, r)
         rs = rs_new
     residual = math.sqrt(max(float(rs), 0.0)) if math.isfinite(float(rs)) else math.inf
+    if breakdown is None and x0 is None and residual > _RESIDUAL_GROWTH * rhs_norm:
+        # From x0 = 0 the residual starts at ||b||. On a positive definite system it can grow by
+        # at most sqrt(cond(A)); a tenfold growth means A is indefinite along directions whose
+        # curvature happened to stay positive, or is too badly conditioned for N_c iterations.
+        breakdown = (
+            f"residual grew to {residual / max(rhs_norm, 1e-300):.3g}×||b||; the system matrix is "
+            "indefinite or badly conditioned: increase the damping (λ_damp) or λ"
+        )
     info = SolveInfo(iterations, residual, rhs_norm, residual <= threshold, breakdown)
     return x, info
 

@@ -1,0 +1,1 @@
+"""BiSSL recipes: vision (SimCLR + ResNet) and NLP (GPT + GLUE) pipelines on implicitbilevel."""

@@ -1,0 +1,55 @@
+"""Pieces shared by the vision and NLP BiSSL recipes. Generic: nothing here knows the domain.
+
+Runtime (:mod:`recipes.common.runtime`)
+    ``seed_everything(seed, deterministic=False) -> torch.Generator``
+    ``select_device(name="auto") -> torch.device``
+    ``autocast(device, bf16) -> context manager`` (bf16 forward passes; a no-op when off)
+    ``loader_kwargs(device, workers) -> dict`` (DataLoader workers / pinned memory)
+Configs (:mod:`recipes.common.config`)
+    ``field(default, *, ge, gt, le, lt, choices, doc)`` dataclass field with bounds
+    ``load_config(path, cls, overrides=()) -> cls`` YAML (``safe_load``) + ``key.sub=value``
+    ``from_dict(cls, mapping)``, ``config_to_dict(cfg)``, ``parse_overrides(list)``
+    ``ConfigError`` (names the offending key)
+Hyperparameter search (:mod:`recipes.common.search`)
+    ``log_uniform_grid(n, lr_range, wd_range, seed)``
+    ``random_search(objective(lr, wd) -> metrics, n_trials, lr_range, wd_range, score_key=...)``
+    ``retrain_over_seeds(run(seed) -> metrics, seeds)``, ``Trial``
+Reporting (:mod:`recipes.common.report`)
+    ``aggregate(runs) -> {metric: {mean, std, n}}``, ``format_table(summary, metrics, scale=)``
+    ``write_json(obj, path)`` (atomic), ``plot_bars(summary, metric, path)``,
+    ``plot_curves({name: values}, path)`` (PNG, Agg backend)
+Checkpoints (:mod:`recipes.common.checkpoint`)
+    ``save_checkpoint(obj, path)`` (temp file + ``os.replace``),
+    ``load_checkpoint(path)`` (``weights_only=True``), ``CheckpointError``
+"""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, config_to_dict, field, from_dict, load_config, parse_overrides
+from .report import aggregate, format_table, plot_bars, plot_curves, write_json
+from .runtime import autocast, loader_kwargs, seed_everything, select_device
+from .search import Trial, log_uniform_grid, random_search, retrain_over_seeds
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Trial",
+    "aggregate",
+    "autocast",
+    "config_to_dict",
+    "field",
+    "format_table",
+    "from_dict",
+    "load_checkpoint",
+    "load_config",
+    "loader_kwargs",
+    "log_uniform_grid",
+    "parse_overrides",
+    "plot_bars",
+    "plot_curves",
+    "random_search",
+    "retrain_over_seeds",
+    "save_checkpoint",
+    "seed_everything",
+    "select_device",
+    "write_json",
+]

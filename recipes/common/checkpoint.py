@@ -1,0 +1,5 @@
+"""Atomic checkpoint writes and safe reads: the library's implementation, re-exported for recipes."""
+
+from implicitbilevel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]

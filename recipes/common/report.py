@@ -1,0 +1,154 @@
+"""Aggregation (mean ± std), result tables, ``results.json`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["aggregate", "format_table", "plot_bars", "plot_curves", "write_json"]
+
+
+def aggregate(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Per metric over runs: ``{"mean", "std", "n"}``; std is the sample std (0 for one run).
+
+    Only metrics present in every run are aggregated.
+    """
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    out = {}
+    for key in keys:
+        values = [float(r[key]) for r in runs]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return out
+
+
+def format_table(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metrics: Sequence[str],
+    *,
+    scale: float = 1.0,
+    digits: int = 2,
+) -> str:
+    """A plain-text table: one row per method of ``summary`` (method -> metric -> aggregate),
+    one ``mean ± std`` column per metric, values multiplied by ``scale`` (100 for percent)."""
+    header = ["method", *metrics]
+    rows = [header]
+    for method, stats in summary.items():
+        row = [method]
+        for metric in metrics:
+            s = stats.get(metric)
+            if s is None:
+                row.append("-")
+            else:
+                row.append(f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return _jsonable(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (temp file + ``os.replace``). Non-finite floats
+    become ``null``; tensors/NumPy scalars become numbers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metric: str,
+    path: str | Path,
+    *,
+    title: str = "",
+    scale: float = 1.0,
+) -> Path:
+    """Bar chart of ``metric`` per method with ± std error bars, written as PNG."""
+    plt = _pyplot()
+    methods = [m for m in summary if metric in summary[m]]
+    means = [summary[m][metric]["mean"] * scale for m in methods]
+    stds = [summary[m][metric]["std"] * scale for m in methods]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(methods), 3.6))
+    ax.bar(methods, means, yerr=stds, capsize=6, color=[f"C{i}" for i in range(len(methods))])
+    if means:
+        lo = min(m - s for m, s in zip(means, stds, strict=True))
+        hi = max(m + s for m, s in zip(means, stds, strict=True))
+        pad = max(hi - lo, 1e-6) * 0.5
+        ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_curves(
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    xlabel: str = "step",
+    title: str = "",
+    logy: Sequence[str] = (),
+) -> Path:
+    """One subplot per named series (e.g. losses and λ over alternations), written as PNG.
+    Series named in ``logy`` get a log y-axis."""
+    plt = _pyplot()
+    names = [n for n in series if len(series[n]) > 0]
+    if not names:
+        raise ValueError("no non-empty series to plot")
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), sharex=True)
+    axes = [axes] if len(names) == 1 else list(axes)
+    for ax, name in zip(axes, names, strict=True):
+        ax.plot(range(len(series[name])), list(series[name]))
+        ax.set_ylabel(name)
+        if name in logy and min(series[name]) > 0:
+            ax.set_yscale("log")
+    axes[-1].set_xlabel(xlabel)
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,28 @@
+"""The SimCLR objective: NT-Xent (thesis eq. 2.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["nt_xent"]
+
+
+def nt_xent(z1: Tensor, z2: Tensor, tau: float = 0.5) -> Tensor:
+    """NT-Xent over ``2N`` projections (eq. 2.1), averaged over all ``2N`` anchors.
+
+    ``z1[i]`` and ``z2[i]`` are the two views of image ``i``. For anchor ``i`` with positive ``j``,
+    ``ℓ_ij = −log( exp(sim(z_i, z_j)/τ) / Σ_{k≠i} exp(sim(z_i, z_k)/τ) )``, ``sim`` the cosine
+    similarity.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"expected two (N, D) tensors of equal shape, got {z1.shape}, {z2.shape}")
+    if z1.shape[0] < 2:
+        raise ValueError("NT-Xent needs at least 2 images (one negative) per batch")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = z @ z.T / tau
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), -torch.inf)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
