@@ -89,11 +89,16 @@ def _hvp_context() -> Iterator[None]:
 
 
 def _frozen_buffers(module: nn.Module) -> dict[str, Tensor | None]:
-    # Copies absorb BatchNorm's in-place running-statistic update (torch.func forbids mutating a
-    # captured tensor); None for the integer counters skips their increment.
+    # BatchNorm updates its running statistics in place, which torch.func forbids on a captured
+    # tensor: copies of the float statistics absorb the update, and None for BatchNorm's counter
+    # skips its increment. Every other buffer (position ids, attention masks) is passed as is.
     buffers: dict[str, Tensor | None] = {}
-    for name, buf in module.named_buffers():
-        buffers[name] = buf.clone() if buf.is_floating_point() else None
+    for module_name, sub in module.named_modules():
+        if not isinstance(sub, nn.modules.batchnorm._NormBase):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, buf in sub.named_buffers(recurse=False):
+            buffers[prefix + name] = buf.clone() if buf.is_floating_point() else None
     return buffers
 
 

@@ -96,6 +96,10 @@ def _threshold(tol: float, atol: float, rhs_norm: float, dtype: torch.dtype) -> 
     return max(tol * rhs_norm, atol, 10 * torch.finfo(dtype).eps * rhs_norm)
 
 
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return tree_dot(dict(enumerate(a)), dict(enumerate(b)))  # type: ignore[arg-type]
+
+
 def _dtype(tree: Mapping[str, Tensor]) -> torch.dtype:
     return next(iter(tree.values())).dtype if tree else torch.float32
 
@@ -195,25 +199,28 @@ def _cg(
         x = tree_clone(x0)
         r = tree_sub(b, matvec(x))
     d = tree_clone(r)
-    rs = tree_dot(r, r)
+    keys = list(b.keys())
+    xs, rs_, ds = [x[k] for k in keys], [r[k] for k in keys], [d[k] for k in keys]
+    # Scalars are Python floats: the breakdown and tolerance checks read them on the host every
+    # iteration anyway, and float step sizes let every update run in place with one fused kernel.
+    rs = float(_dot(rs_, rs_))
     breakdown = None
     iterations = 0
     for k in range(max_iter):
-        rs_value = float(rs)
-        if not math.isfinite(rs_value):
+        if not math.isfinite(rs):
             breakdown = f"non-finite residual at iteration {k}"
             break
-        if math.sqrt(rs_value) <= threshold:
+        if math.sqrt(rs) <= threshold:
             break
-        ad = matvec(d)
+        ad = matvec(dict(zip(keys, ds)))
+        ads = [ad[k] for k in keys]
         iterations += 1
-        curvature = tree_dot(d, ad)
-        curvature_value = float(curvature)
-        if not math.isfinite(curvature_value):
+        curvature = float(_dot(ds, ads))
+        if not math.isfinite(curvature):
             breakdown = f"non-finite curvature dᵀAd at iteration {k}"
             break
-        if curvature_value <= 0.0:
-            rayleigh = curvature_value / max(float(tree_dot(d, d)), 1e-300)
+        if curvature <= 0.0:
+            rayleigh = curvature / max(float(_dot(ds, ds)), 1e-300)
             breakdown = (
                 f"non-positive curvature at iteration {k}: dᵀAd/dᵀd = {rayleigh:.3g}, so the "
                 "system matrix is not positive definite; increase the damping (λ_damp) or λ, "
@@ -221,12 +228,13 @@ def _cg(
             )
             break
         alpha = rs / curvature
-        x = tree_axpy(alpha, d, x)
-        r = tree_axpy(-alpha, ad, r)
-        rs_new = tree_dot(r, r)
-        d = tree_axpy(rs_new / rs, d, r)
+        torch._foreach_add_(xs, ds, alpha=alpha)
+        torch._foreach_add_(rs_, ads, alpha=-alpha)
+        rs_new = float(_dot(rs_, rs_))
+        torch._foreach_mul_(ds, rs_new / rs)
+        torch._foreach_add_(ds, rs_)
         rs = rs_new
-    residual = math.sqrt(max(float(rs), 0.0)) if math.isfinite(float(rs)) else math.inf
+    residual = math.sqrt(max(rs, 0.0)) if math.isfinite(rs) else math.inf
     if breakdown is None and x0 is None and residual > _RESIDUAL_GROWTH * rhs_norm:
         # From x0 = 0 the residual starts at ||b||. On a positive definite system it can grow by
         # at most sqrt(cond(A)); a tenfold growth means A is indefinite along directions whose

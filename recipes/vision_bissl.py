@@ -36,6 +36,7 @@ from recipes.common import (
     aggregate,
     config_to_dict,
     format_table,
+    init_distributed,
     load_checkpoint,
     load_config,
     plot_bars,
@@ -44,7 +45,6 @@ from recipes.common import (
     retrain_over_seeds,
     save_checkpoint,
     seed_everything,
-    select_device,
     write_json,
 )
 from recipes.vision.bissl_stage import run_bissl
@@ -93,7 +93,8 @@ class Run:
         self.cfg = cfg
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
-        self.device = select_device(cfg.run.device)
+        self.dist = init_distributed(cfg.run.device)
+        self.device = self.dist.device
         self.out = Path(cfg.run.out_dir if out_dir is None else out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.data: Loaders = build_loaders(cfg.data, self.device)
@@ -286,11 +287,15 @@ def stage_bissl(run: Run, resume: bool = False) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the head-warmup stage first")
     downstream.load_state_dict(load_checkpoint(path)["downstream"])
+    world = run.dist.world_size
+    for name in ("lower_batch_size", "upper_batch_size"):
+        if getattr(cfg, name) % world:
+            raise ValueError(f"bissl.{name}={getattr(cfg, name)} must divide by the {world} ranks")
     history = run_bissl(
         pretext,
         downstream,
-        run.data.pretext(cfg.lower_batch_size, run.cfg.run.seed),
-        run.data.train(cfg.upper_batch_size, run.cfg.run.seed),
+        run.data.pretext(cfg.lower_batch_size // world, run.cfg.run.seed, run.dist.shard),
+        run.data.train(cfg.upper_batch_size // world, run.cfg.run.seed, run.dist.shard),
         cfg,
         upper_lr=lr,
         upper_weight_decay=wd,
@@ -301,8 +306,11 @@ def stage_bissl(run: Run, resume: bool = False) -> None:
         bf16=run.cfg.run.bf16,
         out_dir=run.out / "bissl",
         resume=resume,
-        progress=run.progress,
+        progress=run.progress and run.dist.is_main,
+        reducer=run.dist.reducer,
     )
+    if not run.dist.is_main:
+        return
     save_checkpoint(
         {"pretext": pretext.state_dict(), "downstream": downstream.state_dict()},
         run.out / "bissl.pt",
@@ -416,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, VisionConfig, args.overrides)
     start = time.perf_counter()
     run = Run(cfg)
+    if run.dist.world_size > 1 and args.stage != "bissl":
+        raise SystemExit(
+            f"under torchrun ({run.dist.world_size} processes) only the 'bissl' stage runs data-"
+            "parallel; run the other stages in a single process"
+        )
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         t0 = time.perf_counter()
@@ -429,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_bissl(run, resume=args.resume)
         else:
             stage_finetune(run)
-        print(f"[{stage}] {time.perf_counter() - t0:.1f} s")
+        if run.dist.is_main:
+            print(f"[{stage}] {time.perf_counter() - t0:.1f} s")
     if args.stage == "all":
         wall = time.perf_counter() - start
         report(run, wall)

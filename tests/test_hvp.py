@@ -633,3 +633,35 @@ def test_sdpa_all_modes_agree(dtype):
         with sdpa_kernel([SDPBackend.MATH]):
             hess = dense_hessian(attention_loss, params, x)
         assert rel_err(ref, hess @ flat(t)) < REL
+
+
+def test_functional_module_keeps_non_batchnorm_buffers():
+    """Integer buffers such as GPT's ``position_ids`` reach the model inside an HVP unchanged."""
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("position_ids", torch.arange(4))
+            self.embed = nn.Embedding(4, 3)
+            self.norm = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.norm(torch.tanh(x + self.embed(self.position_ids)))
+
+    model = Positional().double()
+    call = functional_module(model)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p):
+        return (call(p, x) ** 2).sum() + (p["embed.weight"] ** 4).sum()
+
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    stats = model.norm.running_mean.clone()
+    outputs = [hvp(loss, params, tangent, mode=m) for m in ("forward-over-reverse",
+                                                            "reverse-over-reverse")]
+    kept = HessianOperator(loss, params)(tangent)
+    for name in params:
+        assert torch.allclose(outputs[0][name], outputs[1][name], rtol=1e-10, atol=1e-12)
+        assert torch.allclose(kept[name], outputs[1][name], rtol=1e-10, atol=1e-12)
+    assert torch.equal(model.norm.running_mean, stats)

@@ -5,6 +5,7 @@ Runtime (:mod:`recipes.common.runtime`)
     ``select_device(name="auto") -> torch.device``
     ``autocast(device, bf16) -> context manager`` (bf16 forward passes; a no-op when off)
     ``loader_kwargs(device, workers) -> dict`` (DataLoader workers / pinned memory)
+    ``init_distributed(device_name) -> DistributedContext`` (``torchrun``: rank, device, reducer)
 Configs (:mod:`recipes.common.config`)
     ``field(default, *, ge, gt, le, lt, choices, doc)`` dataclass field with bounds
     ``load_config(path, cls, overrides=()) -> cls`` YAML (``safe_load``) + ``key.sub=value``
@@ -26,12 +27,20 @@ Checkpoints (:mod:`recipes.common.checkpoint`)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, field, from_dict, load_config, parse_overrides
 from .report import aggregate, format_table, plot_bars, plot_curves, write_json
-from .runtime import autocast, loader_kwargs, seed_everything, select_device
+from .runtime import (
+    DistributedContext,
+    autocast,
+    init_distributed,
+    loader_kwargs,
+    seed_everything,
+    select_device,
+)
 from .search import Trial, log_uniform_grid, random_search, retrain_over_seeds
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DistributedContext",
     "Trial",
     "aggregate",
     "autocast",
@@ -39,6 +48,7 @@ __all__ = [
     "field",
     "format_table",
     "from_dict",
+    "init_distributed",
     "load_checkpoint",
     "load_config",
     "loader_kwargs",

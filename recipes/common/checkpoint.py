@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes and safe reads: the library's implementation, re-exported for recipes."""
+"""Atomic checkpoint writes and safe reads: the library's implementation, for the recipes."""
 
 from implicitbilevel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 

@@ -5,12 +5,23 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-__all__ = ["autocast", "loader_kwargs", "seed_everything", "select_device"]
+from implicitbilevel.distributed import AllReduceMean
+
+__all__ = [
+    "DistributedContext",
+    "autocast",
+    "init_distributed",
+    "loader_kwargs",
+    "seed_everything",
+    "select_device",
+]
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> torch.Generator:
@@ -68,3 +79,52 @@ def loader_kwargs(device: torch.device, workers: int) -> dict[str, Any]:
     if workers > 0:
         kwargs["persistent_workers"] = True
     return kwargs
+
+
+@dataclass
+class DistributedContext:
+    """Where this process sits in a ``torchrun`` launch (one process: rank 0 of 1).
+
+    Attributes:
+        rank: this process's rank.
+        world_size: number of processes.
+        device: this process's device (``cuda:LOCAL_RANK`` under a multi-GPU launch).
+        reducer: averages gradients and Hessian-vector products across ranks (``None`` alone).
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    reducer: AllReduceMean | None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` for a data-parallel sampler, or ``None`` alone."""
+        return (self.rank, self.world_size) if self.world_size > 1 else None
+
+
+def init_distributed(device_name: str = "auto") -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) this initialises NCCL on GPUs or
+    gloo on CPUs and picks ``cuda:LOCAL_RANK``; otherwise it returns a single-process context on
+    :func:`select_device`'s device.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedContext(0, 1, select_device(device_name), None)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = select_device(f"cuda:{local_rank}")
+    else:
+        device = select_device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), device, AllReduceMean())

@@ -84,10 +84,12 @@ def run_bissl(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    reducer: Any = None,
 ) -> list[dict[str, Any]]:
     """Run BiSSL; θ_P ends in ``pretext.backbone`` and (θ_D, φ_D) in ``downstream``.
 
     ``lower_data`` yields ``(view1, view2)`` batches, ``upper_data`` ``(images, targets)``.
+    ``reducer`` averages gradients and HVPs across data-parallel ranks (``torchrun``).
     Returns the per-alternation metrics of the trainer.
     """
     pretext.to(device).train()
@@ -113,6 +115,7 @@ def run_bissl(
         damping=cfg.damping,
         ij=build_ij(cfg),
         on_breakdown=cfg.on_breakdown,  # type: ignore[arg-type]
+        reducer=reducer,
     )
     upper_opt = torch.optim.SGD(
         downstream.parameters(), lr=upper_lr, momentum=momentum, weight_decay=upper_weight_decay

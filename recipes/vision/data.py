@@ -163,6 +163,11 @@ class MappedLoader:
         """Number of batches."""
         return len(self.loader)
 
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's sampler (so a trainer can call ``set_epoch`` on it)."""
+        return self.loader.sampler
+
 
 # --------------------------------------------------------------------------------------------
 # real datasets

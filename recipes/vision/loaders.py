@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from recipes.common import loader_kwargs
 
@@ -48,21 +49,31 @@ class Loaders:
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
-    def pretext(self, batch_size: int, seed: int) -> Iterable:
-        """Shuffled pretext pairs, incomplete last batch dropped (NT-Xent wants full batches)."""
+    def _shuffled(
+        self, ds: Dataset, batch_size: int, seed: int, drop_last: bool,
+        shard: tuple[int, int] | None,
+    ) -> DataLoader:
+        if shard is None:
+            return DataLoader(ds, batch_size, shuffle=True, drop_last=drop_last,
+                              generator=self._gen(seed), **self._kw())
+        rank, world = shard
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        return DataLoader(ds, batch_size, sampler=sampler, drop_last=drop_last, **self._kw())
+
+    def pretext(
+        self, batch_size: int, seed: int, shard: tuple[int, int] | None = None
+    ) -> Iterable:
+        """Shuffled pretext pairs, incomplete last batch dropped (NT-Xent wants full batches).
+
+        ``shard=(rank, world)`` gives this rank's part of every pass (``batch_size`` per rank).
+        """
         if len(self.pretext_set) < batch_size:  # type: ignore[arg-type]
             raise ValueError(
                 f"pretext batch size {batch_size} exceeds the {len(self.pretext_set)} pretext "  # type: ignore[arg-type]
                 "images; lower the batch size"
             )
-        loader = DataLoader(
-            self.pretext_set,
-            batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=self._gen(seed),
-            **self._kw(),
-        )
+        loader = self._shuffled(self.pretext_set, batch_size, seed, True, shard)
         if not self.embedded:
             return loader
         size, c = self.cfg.image_size, self.cfg
@@ -76,11 +87,9 @@ class Loaders:
         )
         return MappedLoader(loader, lambda b: (first(b[0]), second(b[0])))
 
-    def train(self, batch_size: int, seed: int) -> Iterable:
-        """Shuffled, augmented downstream training batches."""
-        loader = DataLoader(
-            self.train_set, batch_size, shuffle=True, generator=self._gen(seed), **self._kw()
-        )
+    def train(self, batch_size: int, seed: int, shard: tuple[int, int] | None = None) -> Iterable:
+        """Shuffled, augmented downstream training batches (``shard`` as for :meth:`pretext`)."""
+        loader = self._shuffled(self.train_set, batch_size, seed, False, shard)
         if not self.embedded:
             return loader
         c = self.cfg

@@ -1,0 +1,61 @@
+"""Data-parallel BiSSL stage of the vision recipe: two gloo ranks under ``torchrun`` on CPU.
+
+The earlier stages run in one process; the BiSSL stage runs on two ranks; rank 0 alone writes
+``bissl.pt`` and the trainer checkpoint, which load in a single process, and a single process can
+resume the two-rank run from that checkpoint.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_vision_e2e import TINY
+
+from recipes import vision_bissl
+from recipes.common import load_checkpoint
+
+SCRIPT = Path(vision_bissl.__file__)
+
+
+def _sets(out):
+    return [a for o in [*TINY, f"run.out_dir={out}", "run.device=cpu"] for a in ("--set", o)]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        for stage in ("pretext", "only-ft", "head-warmup"):
+            vision_bissl.main([stage, *_sets(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(SCRIPT.parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), "bissl", *_sets(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = load_checkpoint(tmp_path / "bissl.pt")
+    state = load_checkpoint(tmp_path / "bissl" / "checkpoint.pt")
+    assert state["alternation"] == 3 and len(state["ranks"]) == 2
+    for name, tensor in result["pretext"].items():  # the saved θ_P is the trainer's final one
+        if name in state["lower_params"]:
+            assert torch.equal(state["lower_params"][name], tensor)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), "pretext", *_sets(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert refused.returncode != 0 and "only the 'bissl' stage" in refused.stderr
+
+    try:  # one process continues the two-rank run for two more alternations
+        vision_bissl.main(["bissl", "--resume", *_sets(tmp_path), "--set", "bissl.alternations=5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert load_checkpoint(tmp_path / "bissl" / "checkpoint.pt")["alternation"] == 5
