@@ -1,13 +1,13 @@
 """implicitbilevel: implicit differentiation through bilevel problems in PyTorch.
 
 The pieces, bottom to top: parameter-dict arithmetic (:mod:`implicitbilevel.tree`), Hessian-vector
-products on ``torch.func`` (:mod:`implicitbilevel.hvp`), linear solvers over parameter dicts
+products on ``torch.func`` (:mod:`implicitbilevel.hessian`), linear solvers over parameter dicts
 (:mod:`implicitbilevel.solvers`), λ schedules (:mod:`implicitbilevel.schedules`), regularisers
 (:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`)
 and the BiSSL trainer (:mod:`implicitbilevel.bissl`).
 """
 
-from .hvp import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
+from .hessian import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
 from .problem import BilevelProblem, LowerGradient, NonFiniteError, UpperGradient, assign_grads
 from .regularizers import BaseRegularizer, ProximalL2, Regularizer
 from .schedules import (

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .hvp import HessianOperator, HVPMode
+from .hessian import HessianOperator, HVPMode
 from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
 from .solvers import CG, LinearSolver, SolveInfo, SolverBreakdownError
@@ -149,7 +149,7 @@ class BilevelProblem:
         hvp_mode: how Hessian-vector products of ``ℓ`` are formed when not reusing a graph.
         reuse_graph: build the first-order graph of ``ℓ`` once per solve (or per
             :meth:`lower_hessian`) and reuse it for every product (faster, more memory; see
-            :mod:`implicitbilevel.hvp`).
+            :mod:`implicitbilevel.hessian`).
         on_breakdown: ``"raise"`` a :class:`SolverBreakdownError`, ``"warn"`` and use the iterate
             reached, or ``"ignore"`` (the diagnostics are in :class:`UpperGradient` either way).
         check_finite: raise :class:`NonFiniteError` on a NaN/inf loss, solution or gradient (one

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .hvp import hvp
+from .hessian import hvp
 from .tree import Params, tree_sub
 
 __all__ = ["BaseRegularizer", "ProximalL2", "Regularizer"]

@@ -1,4 +1,4 @@
-"""Tests of :mod:`implicitbilevel.hvp` against dense Hessians from ``torch.autograd.functional``.
+"""Tests of :mod:`implicitbilevel.hessian` against dense Hessians (``torch.autograd.functional``).
 
 Every reference Hessian is built independently: the parameter dict is flattened by hand into one
 float64 vector, the loss is written as a function of that vector, and
@@ -38,10 +38,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from implicitbilevel.hvp import HessianOperator, HVPModeError, functional_module, hvp, in_hvp
+from implicitbilevel.hessian import HessianOperator, HVPModeError, functional_module, hvp, in_hvp
 
 # The package re-exports the function ``hvp``, which shadows the submodule attribute.
-hvp_module = importlib.import_module("implicitbilevel.hvp")
+hvp_module = importlib.import_module("implicitbilevel.hessian")
 
 DT = torch.float64
 MODES = ["auto", "forward-over-reverse", "reverse-over-reverse"]
