@@ -15,8 +15,8 @@ computed without ever forming ``H``. Three ways are offered:
     double backward through autograd (``create_graph=True``). Works for every op with a
     double-backward formula, legacy ``autograd.Function`` subclasses included.
 ``"auto"`` (default)
-    forward-over-reverse, falling back to reverse-over-reverse (with a one-time warning) when an op
-    has no forward-mode rule.
+    forward-over-reverse, falling back to reverse-over-reverse (with a one-time warning) when the
+    forward-mode pass fails, e.g. for an op without a forward-mode rule.
 
 When the point and the batch stay fixed over many products, as over the iterations of a
 conjugate-gradient solve and, in BiSSL, over all upper-level steps of an alternation,
@@ -238,24 +238,28 @@ def _evaluate(
         try:
             return _forward_over_reverse(fn, params, tangent, args), "forward-over-reverse"
         except (RuntimeError, NotImplementedError) as err:
-            if not _lacks_forward_ad(err):
-                raise
             if mode == "forward-over-reverse":
+                if not _lacks_forward_ad(err):
+                    raise
                 raise HVPModeError(
                     "an operation in the loss has no forward-mode AD rule, so the "
                     "'forward-over-reverse' HVP cannot run; use mode='reverse-over-reverse' or "
                     f"mode='auto'. Original error: {err}"
                 ) from err
+            # Not every forward-mode failure says so (torch 2.14's mse_loss raises "ZeroTensors
+            # are immutable"): try double backward, and if that fails too its error is the
+            # one that describes the loss.
+            product = _reverse_over_reverse(fn, params, tangent, args)
             key = _warning_key(fn)
             if key not in _FALLBACK_WARNED:
                 _FALLBACK_WARNED.add(key)
                 warnings.warn(
-                    f"forward-over-reverse HVP is unavailable for {key[1]} ({err}); falling back "
+                    f"forward-over-reverse HVP failed for {key[1]} ({err}); falling back "
                     "to reverse-over-reverse for this loss",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return _reverse_over_reverse(fn, params, tangent, args), "reverse-over-reverse"
+            return product, "reverse-over-reverse"
 
 
 def hvp(

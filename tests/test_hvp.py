@@ -665,3 +665,21 @@ def test_functional_module_keeps_non_batchnorm_buffers():
         assert torch.allclose(outputs[0][name], outputs[1][name], rtol=1e-10, atol=1e-12)
         assert torch.allclose(kept[name], outputs[1][name], rtol=1e-10, atol=1e-12)
     assert torch.equal(model.norm.running_mean, stats)
+
+
+def test_auto_mode_falls_back_when_forward_mode_fails_without_saying_so():
+    """torch 2.14's ``mse_loss`` fails under jvp(grad) with "ZeroTensors are immutable"."""
+    w = {"w": torch.randn(3, 4, dtype=torch.float64)}
+    y = torch.randn(3, dtype=torch.float64)
+    t = {"w": torch.randn(3, 4, dtype=torch.float64)}
+
+    def loss(p):
+        return F.mse_loss(p["w"].sum(-1), y)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = hvp(loss, w, t)
+    # ∇² of mean((Σ_j w_ij − y_i)²) is (2/n)·1·1ᵀ within each row i
+    expected = (2.0 / 3) * t["w"].sum(-1, keepdim=True).expand(3, 4)
+    assert torch.allclose(out["w"], expected, rtol=1e-12)
+    assert any("falling back" in str(c.message) for c in caught)

@@ -12,9 +12,11 @@ Configs (:mod:`recipes.common.config`)
     ``from_dict(cls, mapping)``, ``config_to_dict(cfg)``, ``parse_overrides(list)``
     ``ConfigError`` (names the offending key)
 Hyperparameter search (:mod:`recipes.common.search`)
-    ``log_uniform_grid(n, lr_range, wd_range, seed)``
+    ``log_uniform_grid(n, lr_range, wd_range, seed)``, ``grid_search(objective, lrs, wds, ...)``
     ``random_search(objective(lr, wd) -> metrics, n_trials, lr_range, wd_range, score_key=...)``
     ``retrain_over_seeds(run(seed) -> metrics, seeds)``, ``Trial``
+Schedules (:mod:`recipes.common.schedules`)
+    ``warmup_cosine(total_steps, warmup_steps, final_factor) -> step -> lr factor``
 Reporting (:mod:`recipes.common.report`)
     ``aggregate(runs) -> {metric: {mean, std, n}}``, ``format_table(summary, metrics, scale=)``
     ``write_json(obj, path)`` (atomic), ``plot_bars(summary, metric, path)``,
@@ -35,7 +37,8 @@ from .runtime import (
     seed_everything,
     select_device,
 )
-from .search import Trial, log_uniform_grid, random_search, retrain_over_seeds
+from .schedules import warmup_cosine
+from .search import Trial, grid_search, log_uniform_grid, random_search, retrain_over_seeds
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +50,7 @@ __all__ = [
     "config_to_dict",
     "field",
     "format_table",
+    "grid_search",
     "from_dict",
     "init_distributed",
     "load_checkpoint",
@@ -61,5 +65,6 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "select_device",
+    "warmup_cosine",
     "write_json",
 ]

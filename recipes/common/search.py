@@ -1,7 +1,11 @@
-"""Random search of (learning rate, weight decay) and multi-seed retraining (thesis Sec. 6.1.2)."""
+"""Hyperparameter search of (learning rate, weight decay) and multi-seed retraining.
+
+Random search (vision, thesis Sec. 6.1.2) and the exhaustive grid (GPT, Sec. 7.1.2: 8 × 4).
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -9,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-__all__ = ["Trial", "log_uniform_grid", "random_search", "retrain_over_seeds"]
+__all__ = ["Trial", "grid_search", "log_uniform_grid", "random_search", "retrain_over_seeds"]
 
 
 @dataclass
@@ -74,3 +78,24 @@ def retrain_over_seeds(
     if not seeds:
         raise ValueError("seeds must not be empty")
     return [dict(run(seed)) for seed in tqdm(list(seeds), desc=desc)]
+
+
+def grid_search(
+    objective: Callable[[float, float], dict[str, float]],
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    *,
+    score_key: str,
+    desc: str = "grid",
+) -> list[Trial]:
+    """Evaluate ``objective(lr, wd)`` on every pair and return the trials best first (higher
+    ``metrics[score_key]`` is better; NaN sorts last)."""
+    if not lrs or not wds:
+        raise ValueError("the grid needs at least one learning rate and one weight decay")
+    trials = []
+    for lr, wd in tqdm(list(itertools.product(lrs, wds)), desc=desc, leave=False):
+        metrics = objective(lr, wd)
+        if score_key not in metrics:
+            raise KeyError(f"objective returned no {score_key!r} (got {sorted(metrics)})")
+        trials.append(Trial(lr, wd, float(metrics[score_key]), dict(metrics)))
+    return sorted(trials, key=lambda t: math.inf if math.isnan(t.score) else -t.score)

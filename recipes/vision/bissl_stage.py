@@ -32,11 +32,11 @@ from implicitbilevel import (
 )
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 from implicitbilevel.optim import LARS, lars_param_groups
+from recipes.common import warmup_cosine
 
 from .config import BiSSLStageConfig
 from .losses import nt_xent
 from .models import Downstream, Pretext
-from .train import warmup_cosine
 
 __all__ = ["build_ij", "build_lambda", "run_bissl"]
 

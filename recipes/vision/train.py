@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,33 +19,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from implicitbilevel.optim import LARS, lars_param_groups
-from recipes.common import autocast
+from recipes.common import autocast, warmup_cosine
 
 from .losses import nt_xent
 from .metrics import mean_average_precision_11, topk_accuracy
 from .models import Downstream, Pretext
 
-__all__ = ["FitResult", "evaluate", "fit_downstream", "pretrain_simclr", "warmup_cosine"]
-
-
-def warmup_cosine(
-    total_steps: int, warmup_steps: int = 0, final_factor: float = 0.0
-) -> Callable[[int], float]:
-    """A multiplier ``step -> factor``: linear warm-up from 0 over ``warmup_steps``, then a cosine
-    from 1 down to ``final_factor`` at ``total_steps`` (held there afterwards)."""
-    if total_steps < 1 or warmup_steps < 0:
-        raise ValueError(
-            f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}"
-        )
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((step - warmup_steps) / span, 1.0)
-        return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+__all__ = ["FitResult", "evaluate", "fit_downstream", "pretrain_simclr"]
 
 
 def _bar(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:

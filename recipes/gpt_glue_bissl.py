@@ -1,0 +1,313 @@
+"""GPT on GLUE: the conventional pipeline (Only FT) against BiSSL + FT (thesis chapter 7).
+
+    python recipes/gpt_glue_bissl.py
+        the embedded default: a small GPT, a locally trained BPE, a template corpus and seven
+        synthetic GLUE-format tasks; nothing is downloaded (5 to 8 minutes on 2 CPU cores).
+    python recipes/gpt_glue_bissl.py --config recipes/configs/gpt_glue_paper.yaml \\
+            model.pretrained=DIR data.glue=GLUE_DIR data.corpus=BOOKS_DIR
+        the paper setup (117M GPT, BooksCorpus, GLUE); ``key.sub=value`` overrides any setting.
+
+Stages per task: grid search of the fine-tuning (lr, wd) and the multi-seed Only-FT retrain; head
+warm-up on a frozen backbone; BiSSL (library trainer); fine-tuning from the BiSSL backbone θ_P with
+the same seeds. Writes ``results.json`` and plots to ``out_dir`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from recipes.common import (  # noqa: E402
+    aggregate,
+    config_to_dict,
+    format_table,
+    grid_search,  # noqa: E402
+    load_config,
+    plot_bars,
+    plot_curves,
+    retrain_over_seeds,
+    seed_everything,
+    select_device,
+    write_json,
+)
+from recipes.nlp.bissl_stage import run_bissl  # noqa: E402
+from recipes.nlp.config import RecipeConfig  # noqa: E402
+from recipes.nlp.data import TaskData, load_task, make_tokenizer, pretext_loader  # noqa: E402
+from recipes.nlp.finetune import evaluate, finetune, task_loader  # noqa: E402
+from recipes.nlp.hub import resolve_pretrained  # noqa: E402
+from recipes.nlp.model import GPTDownstreamModel, GPTPretextModel, build_gpt  # noqa: E402
+from recipes.nlp.pretrain import pretrain  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "gpt_glue_embedded.yaml"
+CURVES = ("upper_loss", "lower_loss", "regularizer", "solver_relative_residual", "upper_grad_norm")
+
+
+def downstream_model(
+    backbone, task: TaskData, cfg: RecipeConfig, seed: int, device: torch.device
+) -> GPTDownstreamModel:
+    """A fresh downstream model: a copy of ``backbone`` and a head φ_D initialised from ``seed``."""
+    torch.manual_seed(seed)
+    spec = task.spec
+    model = GPTDownstreamModel(
+        copy.deepcopy(backbone),
+        spec.num_special_tokens,
+        spec.num_outputs,
+        cfg.finetune.head_dropout,
+    )
+    return model.to(device)
+
+
+def train_and_test(
+    backbone,
+    task: TaskData,
+    cfg: RecipeConfig,
+    lr: float,
+    wd: float,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None = None,
+) -> dict[str, float]:
+    """Fine-tune a fresh model from ``backbone``; best-validation weights, then the test score."""
+    ft = cfg.finetune
+    model = downstream_model(backbone, task, cfg, seed, device)
+    result = finetune(
+        model,
+        task.spec,
+        task.train,
+        task.val,
+        lr=lr,
+        weight_decay=wd,
+        epochs=ft.epochs,
+        batch_size=ft.batch_size,
+        nu=ft.nu,
+        seed=seed,
+        warmup_fraction=ft.warmup_fraction,
+        evals_per_epoch=ft.evals_per_epoch,
+        checkpoint=checkpoint,
+        device=device,
+        desc=f"{task.spec.name} lr={lr:.2g}",
+    )
+    return {"val": result.best_val, "test": evaluate(model, task.spec, task.test, device=device)}
+
+
+def search_and_retrain(
+    backbone,
+    task: TaskData,
+    cfg: RecipeConfig,
+    device: torch.device,
+    label: str,
+    out_dir: Path,
+    search: bool = True,
+    chosen: tuple[float, float] | None = None,
+) -> dict:
+    """Grid search (unless ``chosen`` is given) then retrain the best (lr, wd) over the seeds."""
+    ft = cfg.finetune
+    trials = []
+    if search or chosen is None:
+        trials = grid_search(
+            lambda lr, wd: train_and_test(backbone, task, cfg, lr, wd, ft.search_seed, device),
+            ft.lrs,
+            ft.weight_decays,
+            score_key="val",
+            desc=f"{task.spec.name} {label} grid",
+        )
+        chosen = (trials[0].lr, trials[0].wd)
+    lr, wd = chosen
+
+    def run(seed: int) -> dict[str, float]:
+        path = out_dir / "checkpoints" / f"{task.spec.name}_{label}_{seed}.pt"
+        return train_and_test(
+            backbone, task, cfg, lr, wd, seed, device, path if ft.save_checkpoints else None
+        )
+
+    runs = retrain_over_seeds(run, ft.seeds, desc=f"{task.spec.name} {label} seeds")
+    return {
+        "lr": lr,
+        "weight_decay": wd,
+        "runs": runs,
+        "summary": aggregate(runs),
+        "grid": [{"lr": t.lr, "weight_decay": t.wd, **t.metrics} for t in trials],
+    }
+
+
+def bissl_backbone(
+    gpt,
+    task: TaskData,
+    cfg: RecipeConfig,
+    lr: float,
+    wd: float,
+    lower_loader,
+    device: torch.device,
+    out_dir: Path,
+) -> tuple[object, list]:
+    """Head warm-up on a frozen backbone, then BiSSL; returns θ_P (a GPT) and the history."""
+    ft, spec = cfg.finetune, task.spec
+    down = downstream_model(gpt, task, cfg, cfg.seed, device)
+    finetune(
+        down,
+        spec,
+        task.train,
+        task.val,
+        lr=lr,
+        weight_decay=wd,
+        epochs=spec.head_warmup_epochs,
+        batch_size=ft.batch_size,
+        nu=ft.nu,
+        seed=cfg.seed,
+        evals_per_epoch=ft.evals_per_epoch,
+        freeze_backbone=True,
+        device=device,
+        desc=f"{spec.name} head warm-up",
+    )
+    pretext = GPTPretextModel(copy.deepcopy(gpt)).to(device)
+    upper_loader = task_loader(
+        task.train,
+        ft.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=len(task.train) > ft.batch_size,
+    )
+    history = run_bissl(
+        down,
+        pretext,
+        spec,
+        upper_loader,
+        lower_loader,
+        cfg.bissl,
+        upper_lr=lr,
+        upper_weight_decay=wd,
+        nu=ft.nu,
+        device=device,
+        out_dir=out_dir / "bissl" / spec.name,
+    )
+    return pretext.gpt, history
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, RecipeConfig, args.overrides)
+    start = time.time()
+    seed_everything(cfg.seed)
+    torch.set_flush_denormal(True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+
+    # model and tokenizer (fails fast when a hub reference cannot be reached)
+    m = cfg.model
+    if m.pretrained is not None:
+        gpt = build_gpt(pretrained=resolve_pretrained(m.pretrained, "model"), dropout=m.dropout)
+        encoder = make_tokenizer(m, cfg.data, expected_vocab=gpt.config.vocab_size)
+        context = min(m.context, gpt.config.n_positions)
+    else:
+        encoder = make_tokenizer(m, cfg.data, expected_vocab=None)
+        gpt = build_gpt(
+            vocab_size=encoder.vocab_size,
+            context=m.context,
+            width=m.width,
+            layers=m.layers,
+            heads=m.heads,
+            dropout=m.dropout,
+        )
+        context = m.context
+    gpt = gpt.to(device)
+    print(
+        f"GPT: {sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, "
+        f"vocabulary {encoder.vocab_size} ({encoder.source}), context {context}"
+    )
+
+    # data: every task is loaded before any training, so a missing one fails early
+    tasks = {name: load_task(name, cfg.data, encoder, context) for name in cfg.data.tasks}
+    for name, t in tasks.items():
+        print(
+            f"{name}: {len(t.train)} train / {len(t.val)} val / {len(t.test)} test "
+            f"({t.dropped} dropped for length)"
+        )
+    b = cfg.bissl
+    lower_loader = pretext_loader(
+        cfg.data,
+        encoder,
+        context,
+        b.lower_batch_size,
+        num_batches=b.alternations * (b.lower_steps + 1),
+    )
+
+    # pretext pretraining (embedded run only; a pretrained GPT skips it)
+    pretrain_losses: list[float] = []
+    if cfg.pretrain.steps:
+        loader = pretext_loader(
+            cfg.data, encoder, context, cfg.pretrain.batch_size, num_batches=cfg.pretrain.steps
+        )
+        pretrain_losses = pretrain(GPTPretextModel(gpt), loader, cfg.pretrain, device)
+
+    results: dict = {"config": config_to_dict(cfg), "tasks": {}, "pretrain_loss": pretrain_losses}
+    summary: dict = {"Only FT": {}, "BiSSL + FT": {}}
+    for name, task in tasks.items():
+        only = search_and_retrain(gpt, task, cfg, device, "only_ft", out_dir)
+        theta_p, history = bissl_backbone(
+            gpt, task, cfg, only["lr"], only["weight_decay"], lower_loader, device, out_dir
+        )
+        both = search_and_retrain(
+            theta_p,
+            task,
+            cfg,
+            device,
+            "bissl_ft",
+            out_dir,
+            search=cfg.finetune.search_after_bissl,
+            chosen=(only["lr"], only["weight_decay"]),
+        )
+        results["tasks"][name] = {
+            "metric": task.spec.metric,
+            "only_ft": only,
+            "bissl_ft": both,
+            "bissl_history": history,
+            "dropped": task.dropped,
+        }
+        summary["Only FT"][name] = only["summary"]["test"]
+        summary["BiSSL + FT"][name] = both["summary"]["test"]
+        plot_bars(
+            {k: {name: v[name]} for k, v in summary.items()},
+            name,
+            out_dir / "plots" / f"{name}.png",
+            title=f"{name} ({task.spec.metric}, test)",
+            scale=100,
+        )
+        curves = {
+            k: [float(h[k]) for h in history]
+            for k in history[0]
+            if isinstance(history[0][k], (int, float)) and k != "alternation"
+        }
+        if curves:
+            plot_curves(
+                curves,
+                out_dir / "plots" / f"{name}_bissl.png",
+                xlabel="alternation",
+                title=f"BiSSL on {name}",
+            )
+
+    table = format_table(summary, list(tasks), scale=100)
+    results["summary"] = summary
+    results["table"] = table
+    results["wall_time_s"] = time.time() - start
+    write_json(results, out_dir / "results.json")
+    print(f"\nTest scores ×100 (mean ± std over {len(cfg.finetune.seeds)} seeds):\n{table}")
+    print(f"wall time {results['wall_time_s'] / 60:.1f} min; results in {out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""GLUE loading: ``datasets`` from the hub, a saved ``DatasetDict``, or the original TSV files.
+
+Splits follow thesis Sec. 7.1.1: GLUE's validation split is the test set; the first 80% of GLUE's
+train split (in the published order) is used for training and the remaining 20% for validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hub import MissingResourceError, hub_reachable
+from .tasks import TaskSpec
+
+TSV_DIRS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "rte": "RTE",
+    "qnli": "QNLI",
+    "mrpc": "MRPC",
+    "qqp": "QQP",
+    "stsb": "STS-B",
+}
+TSV_COLUMNS = {  # (first text, second text, label) columns of the original GLUE TSV files
+    "sst2": ("sentence", None, "label"),
+    "rte": ("sentence1", "sentence2", "label"),
+    "qnli": ("question", "sentence", "label"),
+    "mrpc": ("#1 String", "#2 String", "Quality"),
+    "qqp": ("question1", "question2", "is_duplicate"),
+    "stsb": ("sentence1", "sentence2", "score"),
+}
+TEXT_LABELS = {"entailment": 0, "not_entailment": 1}
+
+
+@dataclass
+class RawSplit:
+    """Untokenised examples: first texts, second texts (``None`` for one-text tasks), labels."""
+
+    texts_a: list[str]
+    texts_b: list[str] | None
+    labels: list[float]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def slice(self, start: int, stop: int) -> RawSplit:
+        """Examples ``start:stop`` in order."""
+        b = self.texts_b[start:stop] if self.texts_b is not None else None
+        return RawSplit(self.texts_a[start:stop], b, self.labels[start:stop])
+
+
+def train_validation_split(train: RawSplit, fraction: float = 0.8) -> tuple[RawSplit, RawSplit]:
+    """First ``fraction`` of ``train`` for training, the rest for validation, order kept."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    cut = int(round(fraction * len(train)))
+    if cut == 0 or cut == len(train):
+        raise ValueError(f"{len(train)} training examples are too few to split {fraction:.0%}")
+    return train.slice(0, cut), train.slice(cut, len(train))
+
+
+def _from_rows(spec: TaskSpec, rows: list[dict], label_key: str = "label") -> RawSplit:
+    a = [str(r[spec.text_fields[0]]) for r in rows]
+    b = [str(r[spec.text_fields[1]]) for r in rows] if len(spec.text_fields) > 1 else None
+    labels = [float(r[label_key]) if spec.is_regression else int(r[label_key]) for r in rows]
+    return RawSplit(a, b, labels)
+
+
+def _from_datasets(spec: TaskSpec, dataset_dict) -> tuple[RawSplit, RawSplit]:
+    for split in ("train", "validation"):
+        if split not in dataset_dict:
+            raise MissingResourceError(
+                f"{spec.name}: the saved dataset has splits {list(dataset_dict)}, "
+                "needs 'train' and 'validation'"
+            )
+    return (
+        _from_rows(spec, list(dataset_dict["train"])),
+        _from_rows(spec, list(dataset_dict["validation"])),
+    )
+
+
+def _read_tsv(spec: TaskSpec, path: Path) -> RawSplit:
+    csv.field_size_limit(sys.maxsize)
+    with path.open(encoding="utf-8", newline="") as handle:
+        if spec.name == "cola":  # no header: source, label, original label, sentence
+            rows = [
+                {"sentence": r[3], "label": r[1]}
+                for r in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+                if len(r) >= 4
+            ]
+            return _from_rows(spec, rows)
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        first, second, label = TSV_COLUMNS[spec.name]
+        a, b, labels = [], [], []
+        for r in reader:
+            if r.get(label) is None or r.get(first) is None:
+                continue  # GLUE's QQP has a few broken lines
+            value = TEXT_LABELS.get(r[label], r[label])
+            a.append(r[first])
+            if second is not None:
+                b.append(r[second])
+            labels.append(float(value) if spec.is_regression else int(value))
+    return RawSplit(a, b if second is not None else None, labels)
+
+
+def load_glue_task(spec: TaskSpec, source: str) -> tuple[RawSplit, RawSplit]:
+    """Return ``(train, test)`` of a GLUE task, ``test`` being GLUE's validation split.
+
+    Args:
+        spec: the task.
+        source: ``"hub"`` for ``datasets.load_dataset("glue", task)`` (needs network), or a
+            directory holding either ``<task>/`` saved with ``DatasetDict.save_to_disk`` or the
+            original GLUE layout ``<CoLA|SST-2|RTE|QNLI|MRPC|QQP|STS-B>/{train,dev}.tsv``.
+
+    Raises:
+        MissingResourceError: naming what is missing and how to provide it.
+    """
+    import datasets
+
+    if source == "hub":
+        if not hub_reachable():
+            raise MissingResourceError(
+                f"GLUE {spec.name}: the dataset hub is unreachable. On a connected machine run "
+                f"datasets.load_dataset('glue', '{spec.name}').save_to_disk('GLUE/{spec.name}') "
+                "(or download the original GLUE TSV files) and pass --glue GLUE"
+            )
+        return _from_datasets(spec, datasets.load_dataset("glue", spec.name))
+    root = Path(source).expanduser()
+    saved = root / spec.name
+    if saved.is_dir():
+        return _from_datasets(spec, datasets.load_from_disk(str(saved)))
+    tsv = root / TSV_DIRS[spec.name]
+    if (tsv / "train.tsv").is_file() and (tsv / "dev.tsv").is_file():
+        return _read_tsv(spec, tsv / "train.tsv"), _read_tsv(spec, tsv / "dev.tsv")
+    raise MissingResourceError(
+        f"GLUE {spec.name}: found neither {saved}/ (a DatasetDict saved with save_to_disk) nor "
+        f"{tsv}/train.tsv and dev.tsv (the original GLUE files) under {root}. Provide one of them, "
+        "or pass --glue hub on a machine with network access"
+    )
