@@ -30,7 +30,7 @@ from recipes.common import (  # noqa: E402
     aggregate,
     config_to_dict,
     format_table,
-    grid_search,  # noqa: E402
+    grid_search,
     load_config,
     plot_bars,
     plot_curves,
