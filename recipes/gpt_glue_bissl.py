@@ -223,6 +223,7 @@ def _main(argv: list[str] | None = None) -> dict:
         )
         context = m.context
     gpt = gpt.to(device)
+    encoder.save(out_dir)  # the token ids of this run, for anyone reusing its checkpoints
     print(
         f"GPT: {sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, "
         f"vocabulary {encoder.vocab_size} ({encoder.source}), context {context}"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -21,9 +23,25 @@ class TextEncoder:
     encode: Callable[[str], list[int]]
     vocab_size: int
     source: str
+    tokenizer: Any = None
 
     def __call__(self, text: str) -> list[int]:
         return self.encode(text)
+
+    def save(self, directory: str | Path) -> Path | None:
+        """Write the tokenizer into ``directory`` so later runs reuse the same ids: a trained
+        BPE as ``tokenizer.json`` (load it with ``tokenizers.Tokenizer.from_file``), a pretrained
+        one with ``save_pretrained``. Returns the path written (``None`` if nothing to save)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.tokenizer, Tokenizer):
+            path = directory / "tokenizer.json"
+            self.tokenizer.save(str(path))
+            return path
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+            return directory / "tokenizer"
+        return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextEncoder:
@@ -44,7 +62,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextEncoder:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return TextEncoder(
-        lambda text: tokenizer.encode(text).ids, tokenizer.get_vocab_size(), "trained BPE"
+        lambda text: tokenizer.encode(text).ids, tokenizer.get_vocab_size(), "trained BPE",
+        tokenizer,
     )
 
 
@@ -61,4 +80,4 @@ def load_pretrained_tokenizer(reference: str, expected_vocab: int | None) -> Tex
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    return TextEncoder(encode, size, reference)
+    return TextEncoder(encode, size, reference, tokenizer)

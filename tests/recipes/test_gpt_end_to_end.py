@@ -44,3 +44,10 @@ def test_tiny_run_writes_table_results_and_plots(tmp_path, capsys):
     accuracy = saved["summary"]["Only FT"]["sst2"]["mean"]
     assert 0.0 <= accuracy <= 1.0
     assert len(saved["pretrain_loss"]) == 5
+    from tokenizers import Tokenizer  # the run's tokenizer is saved and reproduces its ids
+
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    size = tokenizer.get_vocab_size()
+    assert 0 < size <= 200  # model.bpe_vocab above
+    ids = tokenizer.encode("the film was great").ids
+    assert ids and max(ids) < size
