@@ -209,9 +209,12 @@ class BilevelProblem:
 
     def solve_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
         """The lower variables the implicit Jacobian is solved over (``S`` above)."""
-        coupled = self.regularizer.coupled_names(upper, lower)
+        return self._solve_names(self.regularizer.coupled_names(upper, lower), lower)
+
+    def _solve_names(self, coupled: list[str], lower: Mapping[str, Tensor]) -> list[str]:
         if self.ij.include_uncoupled:
-            return coupled + [n for n in lower if n not in set(coupled)]
+            known = set(coupled)
+            return coupled + [n for n in lower if n not in known]
         return coupled
 
     def lower_grad(
@@ -283,7 +286,8 @@ class BilevelProblem:
         mu = lam + self.damping
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
-        names = self.solve_names(x, y)
+        coupled = self.regularizer.coupled_names(x, y)
+        names = self._solve_names(coupled, y)
         if lower_hessian is None:
             lower_hessian = self.lower_hessian(x, y, lower_batch)
         elif lower_hessian.names != names:
@@ -302,8 +306,7 @@ class BilevelProblem:
         grad_x = {n: grads[("x", n)] for n in x}
         v = {n: grads[("y", n)] for n in names}
 
-        coupled = set(self.regularizer.coupled_names(x, y))
-        uncoupled = [n for n in names if n not in coupled]
+        uncoupled = names[len(coupled):]  # _solve_names lists the coupled names first
         head_damping = self.ij.head_damping
 
         def matvec(z: Params) -> Params:

@@ -111,7 +111,9 @@ class ProximalL2(BaseRegularizer):
         self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor], z: Mapping[str, Tensor]
     ) -> Params:
         """``z`` on the coupled names (the identity block)."""
-        names = self.coupled_names(upper, lower)
+        # Called once per solver iteration: the coupling was validated when the solve was set
+        # up, so only select the names here.
+        names = self.names if self.names is not None else [n for n in z if n in upper]
         return {n: z[n] for n in names if n in z}
 
     def mixed_vjp(
