@@ -20,6 +20,9 @@ What it does beyond the algorithm's loop, following the thesis's setup (Sec. 6.1
 - **Checkpoints.** At alternation boundaries, atomically, in ``out_dir/checkpoint.pt``: parameters,
   module buffers, optimiser and scheduler states, random-number states and the positions in the
   batch stacks, so ``run(resume=True)`` after a kill continues exactly where the run stopped.
+- **Replicas.** In a multi-rank run every rank starts from rank 0's parameters, buffers and λ
+  (as ``DistributedDataParallel`` does), so stages run before BiSSL need not be bit-identical
+  across ranks.
 - **Failures.** A non-finite loss, gradient or solution stops the run with an error naming the
   level, alternation, step and quantity; the last checkpoint is the last good state.
 """
@@ -41,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import is_main_process, world_size
+from .distributed import broadcast_from_main, is_main_process, world_size
 from .problem import BilevelProblem, NonFiniteError, assign_grads
 from .schedules import LearnableLambda
 from .tree import Params
@@ -488,6 +491,19 @@ class BiSSLTrainer:
         if world_size() > 1:
             dist.barrier()
 
+    def _replicated_tensors(self) -> list[Tensor]:
+        """Every tensor that must be identical on all ranks, once each, in a fixed order."""
+        tensors: dict[int, Tensor] = {}
+        for t in [*self.upper_params.values(), *self.lower_params.values()]:
+            tensors.setdefault(id(t), t)
+        for name in sorted(self.modules):
+            for t in self.modules[name].state_dict(keep_vars=True).values():
+                if isinstance(t, Tensor):
+                    tensors.setdefault(id(t), t)
+        if isinstance(self.problem.lam, LearnableLambda):
+            tensors.setdefault(id(self.problem.lam.rho), self.problem.lam.rho)
+        return list(tensors.values())
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -501,6 +517,8 @@ class BiSSLTrainer:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_state_dict(load_checkpoint(self.checkpoint_path))
+        if world_size() > 1:
+            broadcast_from_main(self._replicated_tensors())
         log = None
         if self.out_dir is not None and is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,16 @@ on every rank, so its state stays replicated without further communication.
 dict are packed into flat buckets (``bucket_mb`` each), all-reduced, and unpacked. Pass it to
 :class:`~implicitbilevel.BilevelProblem` as ``reducer``. With one process, or without an
 initialised process group, it returns its input unchanged.
+
+:func:`broadcast_from_main` makes every replica start from rank 0's tensors, as
+``DistributedDataParallel`` does at construction; :class:`~implicitbilevel.BiSSLTrainer` calls it
+before its first alternation. Batch normalisation over the global batch is in
+:mod:`implicitbilevel.sync_batchnorm`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from .tree import Params
 
-__all__ = ["AllReduceMean", "is_main_process", "world_size"]
+__all__ = ["AllReduceMean", "broadcast_from_main", "is_main_process", "world_size"]
 
 
 def world_size() -> int:
@@ -33,6 +38,51 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """``True`` on rank 0, or without an initialised process group."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive index groups of at most ``bucket_bytes`` (one tensor at least), one dtype and
+    device each, so every group packs into one flat buffer."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    key = None
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        t_key = (t.dtype, t.device)
+        if current and (size + nbytes > bucket_bytes or t_key != key):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+        key = t_key
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def broadcast_from_main(
+    tensors: Iterable[Tensor], group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0
+) -> None:
+    """Overwrite ``tensors`` in place, on every rank, with their values on the group's first rank.
+
+    Packs them into flat buffers of ``bucket_mb`` MiB, as :class:`AllReduceMean` does. Without a
+    multi-rank process group it does nothing. Every rank must pass tensors of the same shapes,
+    dtypes and order.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    targets = list(tensors)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for bucket in _buckets(targets, int(bucket_mb * 2**20)):
+            flat = torch.cat([targets[i].detach().reshape(-1) for i in bucket])
+            dist.broadcast(flat, src=src, group=group)
+            offset = 0
+            for i in bucket:
+                n = targets[i].numel()
+                targets[i].copy_(flat[offset:offset + n].view_as(targets[i]))
+                offset += n
 
 
 class AllReduceMean:
@@ -57,22 +107,7 @@ class AllReduceMean:
         return dist.get_world_size(self.group) > 1
 
     def _buckets(self, tensors: list[Tensor]) -> list[list[int]]:
-        buckets: list[list[int]] = []
-        current: list[int] = []
-        size = 0
-        key = None
-        for i, t in enumerate(tensors):
-            nbytes = t.numel() * t.element_size()
-            t_key = (t.dtype, t.device)
-            if current and (size + nbytes > self.bucket_bytes or t_key != key):
-                buckets.append(current)
-                current, size = [], 0
-            current.append(i)
-            size += nbytes
-            key = t_key
-        if current:
-            buckets.append(current)
-        return buckets
+        return _buckets(tensors, self.bucket_bytes)
 
     def __call__(self, tree: Mapping[str, Tensor]) -> Params:
         """Return the across-rank mean of every tensor in ``tree`` (a new dict)."""

@@ -148,11 +148,19 @@ def _trainer_worker(rank, world, port, out_dir):
     try:
         torch.set_num_threads(1)
         down, pre = _models()
+        if rank == 1:  # the trainer starts every rank from rank 0's parameters
+            with torch.no_grad():
+                for p in [*down.parameters(), *pre.parameters()]:
+                    p.add_(1.0)
         _trainer(down, pre, AllReduceMean(), out_dir, 3, distributed=True).run()
         # Parameters stay replicated: every rank applies the same averaged update.
         flat = torch.cat([p.detach().reshape(-1) for p in pre.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1])
+        down_flat = torch.cat([p.detach().reshape(-1) for p in down.parameters()])
+        gathered = [torch.zeros_like(down_flat) for _ in range(world)]
+        dist.all_gather(gathered, down_flat)
         assert torch.equal(gathered[0], gathered[1])
     finally:
         dist.destroy_process_group()
