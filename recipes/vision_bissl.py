@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` importable
 
 import torch
 
+from implicitbilevel.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 from recipes.common import (
     aggregate,
     config_to_dict,
@@ -291,6 +292,9 @@ def stage_bissl(run: Run, resume: bool = False) -> None:
     for name in ("lower_batch_size", "upper_batch_size"):
         if getattr(cfg, name) % world:
             raise ValueError(f"bissl.{name}={getattr(cfg, name)} must divide by the {world} ranks")
+    if cfg.sync_batchnorm and world > 1:
+        convert_sync_batchnorm(pretext)
+        convert_sync_batchnorm(downstream)
     history = run_bissl(
         pretext,
         downstream,

@@ -126,6 +126,9 @@ class BiSSLStageConfig:
     lower_weight_decay: float = field(1e-6, ge=0.0)
     lower_warmup_alternations: int = field(10, ge=0, doc="lower warm-up over N_L·this steps")
     final_lr_factor: float = field(0.001, ge=0.0, le=1.0, doc="cosine ends at this × peak")
+    sync_batchnorm: bool = field(
+        True, doc="under torchrun, BatchNorm statistics over all ranks (one big batch)"
+    )
 
 
 @dataclass
