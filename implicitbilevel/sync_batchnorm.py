@@ -14,8 +14,9 @@ so that the W-rank loss, its gradients and its Hessian-vector products (averaged
 :class:`~implicitbilevel.distributed.AllReduceMean`) are those of the single-process WB batch.
 
 ``torch.nn.SyncBatchNorm`` does not fit bilevel training: it runs on GPUs only, and its backward
-pass is a hand-written kernel whose gradient is not itself differentiable, so the
-implicit-Jacobian solve cannot take Hessian-vector products through it. :class:`SyncBatchNorm` is
+pass combines the ranks with fused kernels and an in-place all-reduce that autograd does not
+record, so a Hessian-vector product taken through it by double backward would lose the cross-rank
+terms. :class:`SyncBatchNorm` is
 written with differentiable operations around one all-reduce per call, whose backward is again an
 all-reduce, so gradients, double backward (the kept-graph HVPs) and forward-mode products all see
 the global batch. It works on every backend (gloo on CPU, NCCL on GPU).
