@@ -22,7 +22,8 @@ all-reduce, so gradients, double backward (the kept-graph HVPs) and forward-mode
 the global batch. It works on every backend (gloo on CPU, NCCL on GPU).
 
 Each rank contributes, per channel, its count ``n_r``, ``n_r m_r`` and ``n_r m_r²`` (``m_r`` its
-local mean) and its centred sum of squares ``M2_r``; one summed all-reduce then gives
+local mean) and its centred sum of squares ``M2_r = n_r v_r`` (``v_r`` its local variance, both
+from one ``torch.var_mean`` pass); one summed all-reduce then gives
 
 .. math::
 
@@ -124,20 +125,25 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         n_local = x.numel() // x.size(1)
         if n_local == 0:
             raise ValueError("SyncBatchNorm received an empty batch on this rank")
-        local_mean = x.mean(dims)
-        local_m2 = (x - local_mean.view(shape)).square().sum(dims)
+        local_var, local_mean = torch.var_mean(x, dims, correction=0)
         count = x.new_full((1,), float(n_local))
         summed = _all_reduce_sum(
-            torch.cat([n_local * local_mean, local_m2, n_local * local_mean.square(), count]),
+            torch.cat([n_local * local_mean, n_local * local_var,
+                       n_local * local_mean.square(), count]),
             self.process_group,
         )
         c = x.size(1)
         n = summed[-1].detach()
         mean = summed[:c] / n
         var = ((summed[c:2 * c] + summed[2 * c:3 * c]) / n - mean.square()).clamp_min(0)
-        out = (x - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        # One pass over x: out = x·scale + shift, with the affine terms folded per channel.
+        scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            scale = scale * self.weight
+            shift = self.bias - mean * scale
+        else:
+            shift = -mean * scale
+        out = torch.addcmul(shift.view(shape), x, scale.view(shape))
         self._update_running_stats(mean, var, n)
         return out.to(input.dtype)
 
