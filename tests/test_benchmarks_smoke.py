@@ -74,3 +74,13 @@ def test_memory_worker_structure(one_thread):
     out = memory_worker(spec)
     assert out["variant"] == spec["variant"]
     assert math.isfinite(out["delta_mib"]) and out["baseline_mib"] > 0
+
+
+def test_sync_batchnorm_benchmark_smoke(tmp_path):
+    from benchmarks import sync_batchnorm
+
+    result = sync_batchnorm.main(["--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert set(result["ratios"]) == {"gradient", "graph build", "HVP"}
+    assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
+    assert json.loads((tmp_path / "sync_batchnorm-cpu.json").read_text()) == result
+    assert "| HVP |" in (tmp_path / "sync_batchnorm-cpu.md").read_text()
