@@ -5,7 +5,8 @@ Runtime (:mod:`recipes.common.runtime`)
     ``select_device(name="auto") -> torch.device``
     ``autocast(device, bf16) -> context manager`` (bf16 forward passes; a no-op when off)
     ``loader_kwargs(device, workers) -> dict`` (DataLoader workers / pinned memory)
-    ``init_distributed(device_name) -> DistributedContext`` (``torchrun``: rank, device, reducer)
+    ``init_distributed(device_name, timeout=None) -> DistributedContext`` (``torchrun``: rank,
+    device, reducer), ``per_rank_batch_size(batch, world, key)``, ``broadcast_module(module)``
 Configs (:mod:`recipes.common.config`)
     ``field(default, *, ge, gt, le, lt, choices, doc)`` dataclass field with bounds
     ``load_config(path, cls, overrides=()) -> cls`` YAML (``safe_load``) + ``key.sub=value``
@@ -14,7 +15,9 @@ Configs (:mod:`recipes.common.config`)
 Hyperparameter search (:mod:`recipes.common.search`)
     ``log_uniform_grid(n, lr_range, wd_range, seed)``, ``grid_search(objective, lrs, wds, ...)``
     ``random_search(objective(lr, wd) -> metrics, n_trials, lr_range, wd_range, score_key=...)``
-    ``retrain_over_seeds(run(seed) -> metrics, seeds)``, ``Trial``
+    ``retrain_over_seeds(run(seed) -> metrics, seeds)``, ``Trial``; each takes
+    ``shard=(rank, world)`` to spread its runs round-robin over the ranks:
+    ``map_over_ranks(fn, items, shard) -> [fn(x) for x in items]`` on every rank
 Schedules (:mod:`recipes.common.schedules`)
     ``warmup_cosine(total_steps, warmup_steps, final_factor) -> step -> lr factor``
 Reporting (:mod:`recipes.common.report`)
@@ -30,23 +33,37 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, config_to_dict, field, from_dict, load_config, parse_overrides
 from .report import aggregate, format_table, plot_bars, plot_curves, write_json
 from .runtime import (
+    DEFAULT_PROCESS_GROUP_TIMEOUT,
     DistributedContext,
     autocast,
+    broadcast_module,
     init_distributed,
     loader_kwargs,
+    per_rank_batch_size,
     seed_everything,
     select_device,
 )
 from .schedules import warmup_cosine
-from .search import Trial, grid_search, log_uniform_grid, random_search, retrain_over_seeds
+from .search import (
+    RankFailure,
+    Trial,
+    grid_search,
+    log_uniform_grid,
+    map_over_ranks,
+    random_search,
+    retrain_over_seeds,
+)
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DEFAULT_PROCESS_GROUP_TIMEOUT",
     "DistributedContext",
+    "RankFailure",
     "Trial",
     "aggregate",
     "autocast",
+    "broadcast_module",
     "config_to_dict",
     "field",
     "format_table",
@@ -57,7 +74,9 @@ __all__ = [
     "load_config",
     "loader_kwargs",
     "log_uniform_grid",
+    "map_over_ranks",
     "parse_overrides",
+    "per_rank_batch_size",
     "plot_bars",
     "plot_curves",
     "random_search",

@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,13 @@ import torch.distributed as dist
 from implicitbilevel.distributed import AllReduceMean
 
 __all__ = [
+    "DEFAULT_PROCESS_GROUP_TIMEOUT",
     "DistributedContext",
     "autocast",
+    "broadcast_module",
     "init_distributed",
     "loader_kwargs",
+    "per_rank_batch_size",
     "seed_everything",
     "select_device",
 ]
@@ -108,13 +112,27 @@ class DistributedContext:
         return (self.rank, self.world_size) if self.world_size > 1 else None
 
 
-def init_distributed(device_name: str = "auto") -> DistributedContext:
+DEFAULT_PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+"""Collective timeout of :func:`init_distributed`: long, because a rank may wait at a gather
+while another finishes a whole fine-tuning run (torch's own default is 10 to 30 minutes)."""
+
+
+def init_distributed(
+    device_name: str = "auto", timeout: timedelta | None = None
+) -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) this initialises NCCL on GPUs or
     gloo on CPUs and picks ``cuda:LOCAL_RANK``; otherwise it returns a single-process context on
     :func:`select_device`'s device.
+
+    Args:
+        device_name: as for :func:`select_device`; ``"cpu"`` forces gloo.
+        timeout: how long a collective waits for the slowest rank before failing
+            (default :data:`DEFAULT_PROCESS_GROUP_TIMEOUT`).
     """
+    if timeout is not None and timeout.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistributedContext(0, 1, select_device(device_name), None)
@@ -126,5 +144,33 @@ def init_distributed(device_name: str = "auto") -> DistributedContext:
     else:
         device = select_device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=timeout or DEFAULT_PROCESS_GROUP_TIMEOUT
+        )
     return DistributedContext(dist.get_rank(), dist.get_world_size(), device, AllReduceMean())
+
+
+def per_rank_batch_size(batch_size: int, world_size: int, key: str) -> int:
+    """``batch_size // world_size``, the per-rank share of a configured (global) batch size.
+
+    Raises ``ValueError`` naming the config ``key`` when the ranks cannot share it evenly, since
+    an uneven split would change the batch the averaged gradients correspond to.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if batch_size % world_size:
+        raise ValueError(
+            f"{key}={batch_size} must be divisible by the number of ranks ({world_size}) for a "
+            f"data-parallel run; set {key} to a multiple of {world_size}"
+        )
+    return batch_size // world_size
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank, in place
+    (a no-op without a multi-rank process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)

@@ -1,6 +1,13 @@
 """Hyperparameter search of (learning rate, weight decay) and multi-seed retraining.
 
 Random search (vision, thesis Sec. 6.1.2) and the exhaustive grid (GPT, Sec. 7.1.2: 8 × 4).
+
+Under ``torchrun`` the trials (and the seed retrains) are independent runs, so they are spread
+over the ranks rather than split into data-parallel shards: with ``shard=(rank, world_size)``
+trial ``i`` runs on rank ``i % world_size`` and every rank receives all results in the
+single-process order (:func:`map_over_ranks`). Each trial must seed itself from its own
+arguments, never from the rank or from what ran before it, for the results to equal those of one
+process.
 """
 
 from __future__ import annotations
@@ -8,12 +15,25 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-__all__ = ["Trial", "grid_search", "log_uniform_grid", "random_search", "retrain_over_seeds"]
+__all__ = [
+    "RankFailure",
+    "Trial",
+    "grid_search",
+    "log_uniform_grid",
+    "map_over_ranks",
+    "random_search",
+    "retrain_over_seeds",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -24,6 +44,94 @@ class Trial:
     wd: float
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RankFailure(RuntimeError):
+    """A trial failed on another rank (raised on the ranks whose own trials succeeded)."""
+
+
+def map_over_ranks(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    shard: tuple[int, int] | None = None,
+    *,
+    desc: str = "",
+    progress: bool = True,
+    leave: bool = True,
+) -> list[R]:
+    """Return ``[fn(x) for x in items]``, the calls spread round-robin over the ranks.
+
+    With ``shard=(rank, world_size)`` (``DistributedContext.shard``) item ``i`` is computed on
+    rank ``i % world_size`` and the results are exchanged with ``all_gather_object``, so every
+    rank returns the same list, in the order of ``items``. Every rank must call it with the same
+    items. Without ``shard`` (or with one rank) it is a plain loop. The results must be picklable.
+
+    A call that raises on one rank does not leave the others waiting at the exchange: the error
+    is exchanged too, re-raised on its rank and reported as :class:`RankFailure` on the others.
+    """
+    items = list(items)
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world_size; got {shard}")
+    mine = range(rank, len(items), world)
+    if world == 1:
+        return [fn(items[i]) for i in tqdm(mine, desc=desc, disable=not progress, leave=leave)]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != world:
+        raise RuntimeError(
+            f"shard {shard} needs an initialised process group of {world} ranks "
+            "(init_distributed under torchrun)"
+        )
+    local: dict[int, R] = {}
+    error: BaseException | None = None
+    failure: tuple[int, str] | None = None
+    for i in tqdm(mine, desc=desc, disable=not progress, leave=leave):
+        try:
+            local[i] = fn(items[i])
+        except Exception as err:  # exchanged below so that no rank waits for a dead one
+            error, failure = err, (i, f"{type(err).__name__}: {err}")
+            break
+    gathered: list[tuple[dict[int, R], tuple[int, str] | None] | None] = [None] * world
+    dist.all_gather_object(gathered, (local, failure))
+    if error is not None:
+        raise error
+    for other, entry in enumerate(gathered):
+        assert entry is not None
+        if entry[1] is not None:
+            index, message = entry[1]
+            raise RankFailure(f"item {index} ({items[index]!r}) failed on rank {other}: {message}")
+    merged: dict[int, R] = {}
+    for entry in gathered:
+        assert entry is not None
+        merged.update(entry[0])
+    return [merged[i] for i in range(len(items))]
+
+
+def _sorted_trials(trials: list[Trial], maximize: bool) -> list[Trial]:
+    def key(t: Trial) -> float:
+        if math.isnan(t.score):
+            return math.inf
+        return -t.score if maximize else t.score
+
+    return sorted(trials, key=key)
+
+
+def _run_trials(
+    objective: Callable[[float, float], dict[str, float]],
+    pairs: list[tuple[float, float]],
+    score_key: str,
+    shard: tuple[int, int] | None,
+    desc: str,
+    progress: bool,
+    leave: bool,
+) -> list[Trial]:
+    def trial(pair: tuple[float, float]) -> Trial:
+        lr, wd = pair
+        metrics = objective(lr, wd)
+        if score_key not in metrics:
+            raise KeyError(f"objective returned no {score_key!r} (got {sorted(metrics)})")
+        return Trial(lr, wd, float(metrics[score_key]), dict(metrics))
+
+    return map_over_ranks(trial, pairs, shard, desc=desc, progress=progress, leave=leave)
 
 
 def log_uniform_grid(
@@ -53,31 +161,34 @@ def random_search(
     maximize: bool = True,
     seed: int = 0,
     desc: str = "search",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
 ) -> list[Trial]:
     """Evaluate ``objective(lr, wd) -> metrics`` on ``n_trials`` log-uniform draws and return the
-    trials sorted best first by ``metrics[score_key]``. NaN scores sort last."""
-    trials = []
-    for lr, wd in tqdm(log_uniform_grid(n_trials, lr_range, wd_range, seed), desc=desc):
-        metrics = objective(lr, wd)
-        if score_key not in metrics:
-            raise KeyError(f"objective returned no {score_key!r} (got {sorted(metrics)})")
-        trials.append(Trial(lr, wd, float(metrics[score_key]), dict(metrics)))
+    trials sorted best first by ``metrics[score_key]``. NaN scores sort last.
 
-    def key(t: Trial) -> float:
-        if math.isnan(t.score):
-            return math.inf
-        return -t.score if maximize else t.score
-
-    return sorted(trials, key=key)
+    ``shard=(rank, world_size)`` spreads the trials over the ranks (:func:`map_over_ranks`).
+    """
+    pairs = log_uniform_grid(n_trials, lr_range, wd_range, seed)
+    trials = _run_trials(objective, pairs, score_key, shard, desc, progress, leave=True)
+    return _sorted_trials(trials, maximize)
 
 
 def retrain_over_seeds(
-    run: Callable[[int], dict[str, float]], seeds: Sequence[int], desc: str = "seeds"
+    run: Callable[[int], dict[str, float]],
+    seeds: Sequence[int],
+    desc: str = "seeds",
+    *,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Call ``run(seed)`` for every seed (the chosen config retrained) and collect the metrics."""
+    """Call ``run(seed)`` for every seed (the chosen config retrained) and collect the metrics in
+    the order of ``seeds``; ``shard`` spreads the runs over the ranks (:func:`map_over_ranks`)."""
     if not seeds:
         raise ValueError("seeds must not be empty")
-    return [dict(run(seed)) for seed in tqdm(list(seeds), desc=desc)]
+    return map_over_ranks(
+        lambda seed: dict(run(seed)), list(seeds), shard, desc=desc, progress=progress
+    )
 
 
 def grid_search(
@@ -87,15 +198,14 @@ def grid_search(
     *,
     score_key: str,
     desc: str = "grid",
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
 ) -> list[Trial]:
     """Evaluate ``objective(lr, wd)`` on every pair and return the trials best first (higher
-    ``metrics[score_key]`` is better; NaN sorts last)."""
+    ``metrics[score_key]`` is better; NaN sorts last); ``shard`` spreads the trials over the
+    ranks (:func:`map_over_ranks`)."""
     if not lrs or not wds:
         raise ValueError("the grid needs at least one learning rate and one weight decay")
-    trials = []
-    for lr, wd in tqdm(list(itertools.product(lrs, wds)), desc=desc, leave=False):
-        metrics = objective(lr, wd)
-        if score_key not in metrics:
-            raise KeyError(f"objective returned no {score_key!r} (got {sorted(metrics)})")
-        trials.append(Trial(lr, wd, float(metrics[score_key]), dict(metrics)))
-    return sorted(trials, key=lambda t: math.inf if math.isnan(t.score) else -t.score)
+    pairs = list(itertools.product(lrs, wds))
+    trials = _run_trials(objective, pairs, score_key, shard, desc, progress, leave=False)
+    return _sorted_trials(trials, maximize=True)

@@ -13,6 +13,7 @@ solve sees the same dropout masks (one fixed symmetric matrix).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,13 @@ def build_problem(
     spec: TaskSpec,
     nu: float,
     settings: BiSSLStageConfig,
+    reducer: Callable[[Mapping[str, Tensor]], dict] | None = None,
 ) -> BilevelProblem:
-    """The BiSSL :class:`~implicitbilevel.BilevelProblem` coupling the ``gpt.*`` parameters."""
+    """The BiSSL :class:`~implicitbilevel.BilevelProblem` coupling the ``gpt.*`` parameters.
+
+    ``reducer`` (e.g. ``DistributedContext.reducer``) averages the gradients and Hessian-vector
+    products across data-parallel ranks; ``None`` in a single process.
+    """
     from implicitbilevel.bissl import bissl_upper_loss
 
     downstream_loss, pretext_loss = make_losses(downstream, pretext, spec, nu)
@@ -71,6 +77,7 @@ def build_problem(
         damping=settings.damping,
         ij=CG(max_iter=settings.cg_iters),
         on_breakdown=settings.on_breakdown,
+        reducer=reducer,
     )
 
 
@@ -87,6 +94,8 @@ def run_bissl(
     nu: float,
     device: torch.device,
     out_dir: str | Path | None = None,
+    reducer: Callable[[Mapping[str, Tensor]], dict] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run Algorithm 2 in place on ``downstream`` (θ_D, φ_D) and ``pretext`` (θ_P).
 
@@ -94,13 +103,16 @@ def run_bissl(
     ``upper_warmup_fraction`` warm-up. Lower optimiser: Adam with peak ``lower_lr``, linear warm-up
     over ``lower_warmup_alternations·N_L`` steps then cosine over ``T·N_L`` steps.
 
+    Data-parallel under ``torchrun``: give each rank its shard of both loaders (per-rank batches)
+    and the ``reducer`` of :func:`build_problem`; the trainer writes files on rank 0 only.
+
     Returns:
         The trainer's per-alternation metrics.
     """
     from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer
 
     s = settings
-    problem = build_problem(downstream, pretext, spec, nu, s)
+    problem = build_problem(downstream, pretext, spec, nu, s, reducer)
     upper_opt = torch.optim.AdamW(
         adam_param_groups(list(downstream.named_parameters()), upper_weight_decay), lr=upper_lr
     )
@@ -132,6 +144,7 @@ def run_bissl(
             upper_steps=s.upper_steps,
             grad_clip=s.grad_clip,
             checkpoint_every=min(s.checkpoint_every, s.alternations),
+            progress=progress,
         ),
         upper_scheduler=upper_sched,
         lower_scheduler=lower_sched,

@@ -108,3 +108,8 @@ class RecipeConfig:
     device: str = "auto"
     seed: int = field(0, ge=0)
     threads: int = field(0, ge=0, doc="torch CPU threads; 0 keeps torch's default")
+    dist_timeout_minutes: float = field(
+        360.0,
+        gt=0.0,
+        doc="torchrun: how long a rank waits for the others (a whole fine-tuning run can pass)",
+    )

@@ -39,8 +39,12 @@ class ChunkDataset(IterableDataset):
         texts: returns an iterable of documents.
         tokenize: text to ids.
         k: chunk length (the context window).
-        max_chunks: stop a pass after this many chunks (``None``: the whole corpus); also the
-            dataset's length. The corpus must hold at least this many chunks.
+        max_chunks: stop a pass after this many chunks of the stream (``None``: the whole
+            corpus). The corpus must hold at least this many chunks.
+        shard: ``(rank, world_size)``: keep only the chunks whose index ``i`` in the stream has
+            ``i % world_size == rank`` (a stream has no sampler to split it), so the ranks see
+            disjoint chunks; the ``max_chunks`` of a pass are shared out evenly, a remainder
+            dropped. Every rank still reads and tokenises the whole stream.
     """
 
     def __init__(
@@ -49,18 +53,26 @@ class ChunkDataset(IterableDataset):
         tokenize: Callable[[str], list[int]],
         k: int,
         max_chunks: int | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
+        rank, world = shard if shard is not None else (0, 1)
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world; got {shard}")
         self.texts, self.tokenize, self.k, self.max_chunks = texts, tokenize, k, max_chunks
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return islice(chunk_tokens(self.texts(), self.tokenize, self.k), self.max_chunks)
+        stop = None if self.max_chunks is None else self.max_chunks // self.world * self.world
+        chunks = islice(chunk_tokens(self.texts(), self.tokenize, self.k), stop)
+        return islice(chunks, self.rank, None, self.world)
 
     def __len__(self) -> int:
-        """``max_chunks`` (a pass must be sized for the BiSSL trainer's batch stacks)."""
+        """This rank's chunks per pass, ``max_chunks // world_size`` (a pass must be sized for the
+        BiSSL trainer's batch stacks)."""
         if self.max_chunks is None:
             raise TypeError("a ChunkDataset without max_chunks has no known length")
-        return self.max_chunks
+        return self.max_chunks // self.world
 
 
 def text_source(source: str) -> Callable[[], Iterable[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .config import DataConfig, ModelConfig
 from .corpus import ChunkDataset, chunk_tokens, text_source
@@ -76,31 +76,60 @@ def load_task(name: str, data: DataConfig, encoder: TextEncoder, context: int) -
 
 
 def pretext_loader(
-    data: DataConfig, encoder: TextEncoder, context: int, batch_size: int, num_batches: int
+    data: DataConfig,
+    encoder: TextEncoder,
+    context: int,
+    batch_size: int,
+    num_batches: int,
+    *,
+    shard: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> DataLoader:
     """A re-iterable loader of ``batch_size`` × ``context`` token chunks of the pretext corpus.
 
     The embedded corpus is tokenised in memory and shuffled every pass. Other corpora are streamed
     in order and each pass stops after ``num_batches`` batches (the BiSSL trainer needs a loader
     with a length); the corpus must be long enough for that.
+
+    With ``shard=(rank, world_size)`` each rank gets its own disjoint part of every pass and
+    ``batch_size`` is the per-rank batch: the embedded chunks through a ``DistributedSampler``
+    seeded with ``seed``, a streamed corpus by chunk index (:class:`.corpus.ChunkDataset`). Either
+    way a pass still holds ``num_batches`` batches on every rank.
     """
+    world = shard[1] if shard is not None else 1
     if data.corpus == "embedded":
         paragraphs = pretext_corpus(data.embedded_corpus_sentences, seed=1)
         chunks = list(chunk_tokens(paragraphs, encoder, context))
-        if len(chunks) < batch_size:
+        if len(chunks) < batch_size * world:
             raise ValueError(
                 f"the embedded corpus gives {len(chunks)} chunks of {context} tokens, "
-                f"fewer than one batch of {batch_size}"
+                f"fewer than one batch of {batch_size * world}"
+            )
+        dataset = TensorDataset(torch.stack(chunks))
+        if shard is not None:
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=shard[0], shuffle=True, seed=seed, drop_last=True
+            )
+            return DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                drop_last=True,
+                collate_fn=_stack_chunks,
             )
         return DataLoader(
-            TensorDataset(torch.stack(chunks)),
+            dataset,
             batch_size=batch_size,
             shuffle=True,
             drop_last=True,
             collate_fn=_stack_chunks,
         )
     dataset = ChunkDataset(
-        text_source(data.corpus), encoder, context, max_chunks=num_batches * batch_size
+        text_source(data.corpus),
+        encoder,
+        context,
+        max_chunks=num_batches * batch_size * world,
+        shard=shard,
     )
     return DataLoader(dataset, batch_size=batch_size, drop_last=True)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from recipes.common import save_checkpoint, warmup_cosine
@@ -39,11 +39,30 @@ def collate(items: list[tuple[Tensor, Tensor, Tensor]]) -> Batch:
 
 
 def task_loader(
-    data: EncodedTask, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+    data: EncodedTask,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
-    """A ``DataLoader`` of ``(input_ids, lengths, labels)`` batches over an encoded split."""
-    generator = torch.Generator().manual_seed(seed)
+    """A ``DataLoader`` of ``(input_ids, lengths, labels)`` batches over an encoded split.
+
+    With ``shard=(rank, world_size)`` each pass covers this rank's share of the examples (a
+    ``DistributedSampler`` seeded with ``seed``, equal shares, reshuffled per pass through
+    ``set_epoch``); ``batch_size`` is then the per-rank batch.
+    """
     dataset = TensorDataset(data.input_ids, data.lengths, data.labels)
+    if shard is not None:
+        rank, world = shard
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
+        )
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -117,11 +136,13 @@ def finetune(
     checkpoint: str | Path | None = None,
     device: torch.device | None = None,
     desc: str = "fine-tune",
+    progress: bool = True,
 ) -> FinetuneResult:
     """Train ``model`` on ``train`` with loss L^task + ν L^GPT and restore its best weights.
 
     With ``freeze_backbone=True`` only the head φ_D (task layer and new-token rows) is trained at a
-    constant learning rate: the head warm-up of Sec. 7.1.3.
+    constant learning rate: the head warm-up of Sec. 7.1.3. ``progress=False`` hides the
+    progress bar.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -158,7 +179,7 @@ def finetune(
     model.train()
     batches = _batches(loader)
     try:
-        for step in tqdm(range(1, total + 1), desc=desc, leave=False):
+        for step in tqdm(range(1, total + 1), desc=desc, leave=False, disable=not progress):
             ids, lengths, labels = (t.to(device) for t in next(batches))
             output, lm_logits = model(ids, lengths)
             loss = downstream_objective(spec, output, lm_logits, (ids, lengths, labels), nu)

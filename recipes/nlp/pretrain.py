@@ -30,9 +30,14 @@ def _cycle(loader: DataLoader) -> Iterator[torch.Tensor]:
 
 
 def pretrain(
-    model: GPTPretextModel, loader: DataLoader, cfg: PretrainConfig, device: torch.device
+    model: GPTPretextModel,
+    loader: DataLoader,
+    cfg: PretrainConfig,
+    device: torch.device,
+    progress: bool = True,
 ) -> list[float]:
-    """Train ``model`` for ``cfg.steps`` steps on ``loader``; return the loss per step."""
+    """Train ``model`` for ``cfg.steps`` steps on ``loader``; return the loss per step
+    (``progress=False`` hides the progress bar)."""
     optimizer = torch.optim.AdamW(
         adam_param_groups(list(model.named_parameters()), cfg.weight_decay), lr=cfg.lr
     )
@@ -42,7 +47,7 @@ def pretrain(
     losses = []
     model.train()
     batches = _cycle(loader)
-    for _ in tqdm(range(cfg.steps), desc="pretext pretraining"):
+    for _ in tqdm(range(cfg.steps), desc="pretext pretraining", disable=not progress):
         chunk = next(batches).to(device)
         loss = next_token_loss(model(chunk), chunk)
         optimizer.zero_grad(set_to_none=True)

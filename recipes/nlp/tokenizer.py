@@ -6,6 +6,7 @@ the special tokens are not part of it (see :class:`.tasks.SpecialTokens`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextEncoder:
     """Train a lower-casing byte-pair encoding with GPT's ``</w>`` end-of-word suffix.
 
     Takes about 0.1 s on half a megabyte of text. The vocabulary may end up smaller than
-    ``vocab_size`` when the text has fewer merges to offer.
+    ``vocab_size`` when the text has fewer merges to offer. The token ids are renumbered
+    canonically (see :func:`_canonical_ids`), so the same text gives the same ids in every process.
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
     tokenizer.normalizer = normalizers.Lowercase()
@@ -61,6 +63,45 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextEncoder:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return _bpe_encoder(_canonical_ids(tokenizer))
+
+
+def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
+    """Renumber a trained BPE: special tokens, then the initial alphabet sorted by text, then the
+    merged tokens in merge order.
+
+    The trainer numbers alphabet symbols of equal frequency in hash-map order, which differs from
+    process to process; the merges themselves do not depend on it here, so renumbering makes the
+    ids, and every model trained on them, reproducible.
+    """
+    state = json.loads(tokenizer.to_str())
+    model = state["model"]
+    vocab: dict[str, int] = model["vocab"]
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    merged = {a + b for a, b in pairs}
+    special = {t["content"] for t in state.get("added_tokens", [])}
+
+    def key(token: str) -> tuple[int, int, str]:
+        if token in special:
+            return (0, vocab[token], "")
+        if token in merged:
+            return (2, vocab[token], "")
+        return (1, 0, token)
+
+    order = sorted(vocab, key=key)
+    model["vocab"] = {token: i for i, token in enumerate(order)}
+    for added in state.get("added_tokens", []):
+        added["id"] = model["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def bpe_from_json(text: str) -> TextEncoder:
+    """Rebuild a BPE trained by :func:`train_bpe` from ``encoder.tokenizer.to_str()``, e.g. on
+    the ranks of a distributed run that received it from rank 0."""
+    return _bpe_encoder(Tokenizer.from_str(text))
+
+
+def _bpe_encoder(tokenizer: Tokenizer) -> TextEncoder:
     return TextEncoder(
         lambda text: tokenizer.encode(text).ids, tokenizer.get_vocab_size(), "trained BPE",
         tokenizer,
