@@ -40,6 +40,7 @@ from recipes.common import (
     init_distributed,
     load_checkpoint,
     load_config,
+    per_rank_batch_size,
     plot_bars,
     plot_curves,
     random_search,
@@ -289,17 +290,16 @@ def stage_bissl(run: Run, resume: bool = False) -> None:
         raise FileNotFoundError(f"{path} is missing: run the head-warmup stage first")
     downstream.load_state_dict(load_checkpoint(path)["downstream"])
     world = run.dist.world_size
-    for name in ("lower_batch_size", "upper_batch_size"):
-        if getattr(cfg, name) % world:
-            raise ValueError(f"bissl.{name}={getattr(cfg, name)} must divide by the {world} ranks")
+    lower_batch = per_rank_batch_size(cfg.lower_batch_size, world, "bissl.lower_batch_size")
+    upper_batch = per_rank_batch_size(cfg.upper_batch_size, world, "bissl.upper_batch_size")
     if cfg.sync_batchnorm and world > 1:
         convert_sync_batchnorm(pretext)
         convert_sync_batchnorm(downstream)
     history = run_bissl(
         pretext,
         downstream,
-        run.data.pretext(cfg.lower_batch_size // world, run.cfg.run.seed, run.dist.shard),
-        run.data.train(cfg.upper_batch_size // world, run.cfg.run.seed, run.dist.shard),
+        run.data.pretext(lower_batch, run.cfg.run.seed, run.dist.shard),
+        run.data.train(upper_batch, run.cfg.run.seed, run.dist.shard),
         cfg,
         upper_lr=lr,
         upper_weight_decay=wd,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from implicitbilevel.distributed import AllReduceMean
+from implicitbilevel.distributed import AllReduceMean, broadcast_from_main
 
 __all__ = [
     "DEFAULT_PROCESS_GROUP_TIMEOUT",
@@ -166,11 +166,7 @@ def per_rank_batch_size(batch_size: int, world_size: int, key: str) -> int:
     return batch_size // world_size
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank, in place
-    (a no-op without a multi-rank process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src)
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into ``module`` on every rank, in place, in bucketed
+    broadcasts (a no-op without a multi-rank process group)."""
+    broadcast_from_main([*module.parameters(), *module.buffers()])
