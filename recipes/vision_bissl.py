@@ -16,6 +16,11 @@ Stages (thesis chapter 6) and the files they leave in ``run.out_dir``:
     all           the five above in this order, then the report       results.json, *.png
 
 The head warm-up takes Only-FT's chosen (lr, wd) unless ``warmup.lr`` is set, hence the order.
+
+Under ``torchrun --nproc_per_node N`` the ``bissl`` stage runs data-parallel (batch sizes split
+over the ranks, BatchNorm synchronised) and ``only-ft``/``finetune`` spread their search trials
+and seed runs over the ranks, with the results of one process; ``pretext`` and ``head-warmup`` run
+in a single process.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ from recipes.vision.train import evaluate, fit_downstream, pretrain_simclr
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vision_embedded.yaml"
 STAGES = ("pretext", "only-ft", "head-warmup", "bissl", "finetune")
+# Stages that run under torchrun: the data-parallel BiSSL stage and the two fine-tuning stages,
+# whose search trials and seed runs are independent and spread over the ranks.
+RANK_STAGES = ("only-ft", "bissl", "finetune")
 SWEEPS = {  # --param -> (config key, SweepConfig attribute)
     "lam": ("bissl.lam", "lam"),
     "alternations": ("bissl.alternations", "alternations"),
@@ -204,6 +212,8 @@ def fine_tune_method(run: Run, source: Pretext, name: str) -> dict[str, Any]:
             score_key=run.metric,
             seed=rc.seed,
             desc=f"{name} search",
+            shard=run.dist.shard,
+            progress=run.dist.is_main,
         )
         lr, wd = trials[0].lr, trials[0].wd
         search = [{"lr": t.lr, "wd": t.wd, **t.metrics} for t in trials]
@@ -216,7 +226,10 @@ def fine_tune_method(run: Run, source: Pretext, name: str) -> dict[str, Any]:
             **{f"val_{k}": v for k, v in val.items()},
         }
 
-    runs = retrain_over_seeds(retrain, run.seeds(), desc=f"{name} seeds")
+    runs = retrain_over_seeds(
+        retrain, run.seeds(), desc=f"{name} seeds", shard=run.dist.shard,
+        progress=run.dist.is_main,
+    )
     out = {
         "chosen": {"lr": lr, "wd": wd},
         "search": search,
@@ -224,6 +237,8 @@ def fine_tune_method(run: Run, source: Pretext, name: str) -> dict[str, Any]:
         "summary": aggregate(runs),
     }
     s = out["summary"][f"test_{run.metric}"]
+    if not run.dist.is_main:
+        return out
     print(
         f"{name}: lr={lr:.3g} wd={wd:.3g}  test {run.metric} "
         f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} over {s['n']} seeds"
@@ -233,7 +248,9 @@ def fine_tune_method(run: Run, source: Pretext, name: str) -> dict[str, Any]:
 
 def stage_only_ft(run: Run) -> None:
     """The baseline: fine-tune the pretrained backbone; writes ``only_ft.json``."""
-    write_json(fine_tune_method(run, run.load_pretext(), "Only-FT"), run.out / "only_ft.json")
+    result = fine_tune_method(run, run.load_pretext(), "Only-FT")
+    if run.dist.is_main:
+        write_json(result, run.out / "only_ft.json")
 
 
 def warmup_hparams(run: Run) -> tuple[float, float]:
@@ -331,8 +348,9 @@ def stage_bissl(run: Run, resume: bool = False) -> None:
 
 def stage_finetune(run: Run) -> None:
     """Fine-tune from θ_P (the BiSSL lower-level backbone); writes ``bissl_ft.json``."""
-    source = run.load_pretext("bissl.pt")
-    write_json(fine_tune_method(run, source, "BiSSL+FT"), run.out / "bissl_ft.json")
+    result = fine_tune_method(run, run.load_pretext("bissl.pt"), "BiSSL+FT")
+    if run.dist.is_main:
+        write_json(result, run.out / "bissl_ft.json")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,10 +446,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, VisionConfig, args.overrides)
     start = time.perf_counter()
     run = Run(cfg)
-    if run.dist.world_size > 1 and args.stage != "bissl":
+    if run.dist.world_size > 1 and args.stage not in RANK_STAGES:
         raise SystemExit(
-            f"under torchrun ({run.dist.world_size} processes) only the 'bissl' stage runs data-"
-            "parallel; run the other stages in a single process"
+            f"under torchrun ({run.dist.world_size} processes) only the stages "
+            f"{', '.join(map(repr, RANK_STAGES))} run (BiSSL data-parallel, the fine-tuning "
+            "trials and seeds spread over the ranks); run the others in a single process"
         )
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:

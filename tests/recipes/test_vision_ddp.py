@@ -2,10 +2,13 @@
 
 The earlier stages run in one process; the BiSSL stage runs on two ranks; rank 0 alone writes
 ``bissl.pt`` and the trainer checkpoint, which load in a single process, and a single process can
-resume the two-rank run from that checkpoint.
+resume the two-rank run from that checkpoint. The Only-FT stage on two ranks (trials and seeds
+spread over the ranks) writes exactly the single-process ``only_ft.json``.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +35,9 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
             vision_bissl.main([stage, *_sets(tmp_path)])
     finally:
         torch.set_num_threads(threads)
+    ranks_dir = tmp_path / "two_ranks"
+    ranks_dir.mkdir()
+    shutil.copy(tmp_path / "pretext.pt", ranks_dir / "pretext.pt")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(SCRIPT.parents[1])
     done = subprocess.run(
@@ -52,7 +58,18 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
          str(SCRIPT), "pretext", *_sets(tmp_path)],
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
-    assert refused.returncode != 0 and "only the 'bissl' stage" in refused.stderr
+    assert refused.returncode != 0 and "only the stages" in refused.stderr
+
+    # The fine-tuning trials and seed runs spread over two ranks give one process's results.
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), "only-ft", *_sets(tmp_path), "--set", "run.out_dir=" + str(ranks_dir)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Only-FT: lr=") == 1  # rank 0 alone reports
+    single = json.loads((tmp_path / "only_ft.json").read_text())
+    assert json.loads((ranks_dir / "only_ft.json").read_text()) == single
 
     try:  # one process continues the two-rank run for two more alternations
         vision_bissl.main(["bissl", "--resume", *_sets(tmp_path), "--set", "bissl.alternations=5"])
