@@ -4,7 +4,9 @@ The pieces, bottom to top: parameter-dict arithmetic (:mod:`implicitbilevel.tree
 products on ``torch.func`` (:mod:`implicitbilevel.hessian`), linear solvers over parameter dicts
 (:mod:`implicitbilevel.solvers`), λ schedules (:mod:`implicitbilevel.schedules`), regularisers
 (:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`)
-and the BiSSL trainer (:mod:`implicitbilevel.bissl`).
+and the BiSSL trainer (:mod:`implicitbilevel.bissl`). Data-parallel runs use
+:mod:`implicitbilevel.distributed` (bucketed all-reduce and broadcast) and
+:mod:`implicitbilevel.sync_batchnorm` (BatchNorm over all ranks, twice differentiable).
 """
 
 from .hessian import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
