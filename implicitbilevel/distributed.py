@@ -19,7 +19,7 @@ before its first alternation. Batch normalisation over the global batch is in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,23 @@ def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+def _flat_collective(
+    tensors: list[Tensor], bucket_bytes: int, collective: Callable[[Tensor], object]
+) -> list[Tensor]:
+    """Pack ``tensors`` into flat buckets, run ``collective`` on each bucket in place, and return
+    the results unpacked (views of the buckets), in the order of ``tensors``."""
+    out: list[Tensor] = []
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in bucket])
+        collective(flat)
+        offset = 0
+        for i in bucket:
+            n = tensors[i].numel()
+            out.append(flat[offset:offset + n].view_as(tensors[i]))
+            offset += n
+    return out
+
+
 def broadcast_from_main(
     tensors: Iterable[Tensor], group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0
 ) -> None:
@@ -74,15 +91,12 @@ def broadcast_from_main(
         return
     targets = list(tensors)
     src = 0 if group is None else dist.get_global_rank(group, 0)
+    received = _flat_collective(
+        targets, int(bucket_mb * 2**20), lambda flat: dist.broadcast(flat, src=src, group=group)
+    )
     with torch.no_grad():
-        for bucket in _buckets(targets, int(bucket_mb * 2**20)):
-            flat = torch.cat([targets[i].detach().reshape(-1) for i in bucket])
-            dist.broadcast(flat, src=src, group=group)
-            offset = 0
-            for i in bucket:
-                n = targets[i].numel()
-                targets[i].copy_(flat[offset:offset + n].view_as(targets[i]))
-                offset += n
+        for target, value in zip(targets, received):
+            target.copy_(value)
 
 
 class AllReduceMean:
@@ -106,27 +120,18 @@ class AllReduceMean:
             return False
         return dist.get_world_size(self.group) > 1
 
-    def _buckets(self, tensors: list[Tensor]) -> list[list[int]]:
-        return _buckets(tensors, self.bucket_bytes)
-
     def __call__(self, tree: Mapping[str, Tensor]) -> Params:
         """Return the across-rank mean of every tensor in ``tree`` (a new dict)."""
         if not self.active or not tree:
             return dict(tree)
-        names = list(tree.keys())
-        tensors = [tree[n].detach() for n in names]
-        out: list[Tensor | None] = [None] * len(tensors)
         scale = 1.0 / dist.get_world_size(self.group)
-        for bucket in self._buckets(tensors):
-            flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+
+        def mean(flat: Tensor) -> None:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
             flat.mul_(scale)
-            offset = 0
-            for i in bucket:
-                n = tensors[i].numel()
-                out[i] = flat[offset:offset + n].view_as(tensors[i])
-                offset += n
-        return dict(zip(names, out))  # type: ignore[arg-type]
+
+        averaged = _flat_collective(list(tree.values()), self.bucket_bytes, mean)
+        return dict(zip(tree.keys(), averaged))
 
     def scalar(self, value: Tensor) -> Tensor:
         """Return the across-rank mean of a 0-dim tensor (for logged losses)."""

@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 from implicitbilevel.checkpoint import load_checkpoint
-from implicitbilevel.distributed import AllReduceMean
+from implicitbilevel.distributed import AllReduceMean, _buckets
 
 D = torch.float64
 
@@ -190,4 +190,4 @@ def test_buckets_split_by_size_and_dtype():
     reducer = AllReduceMean(bucket_mb=32 / 2**20)  # 32 bytes per bucket
     tensors = [torch.zeros(2, dtype=D), torch.zeros(2, dtype=D), torch.zeros(4, dtype=D),
                torch.zeros(1, dtype=torch.float32)]
-    assert reducer._buckets(tensors) == [[0, 1], [2], [3]]
+    assert _buckets(tensors, reducer.bucket_bytes) == [[0, 1], [2], [3]]
