@@ -6,7 +6,9 @@ Runtime (:mod:`recipes.common.runtime`)
     ``autocast(device, bf16) -> context manager`` (bf16 forward passes; a no-op when off)
     ``loader_kwargs(device, workers) -> dict`` (DataLoader workers / pinned memory)
     ``init_distributed(device_name, timeout=None) -> DistributedContext`` (``torchrun``: rank,
-    device, reducer), ``per_rank_batch_size(batch, world, key)``, ``broadcast_module(module)``
+    device, reducer), ``per_rank_batch_size(batch, world, key)``, ``broadcast_module(module)``,
+    ``shard_loader(dataset, batch, *, shuffle, seed, shard, ...)`` (a rank's share of the data),
+    ``check_shard(shard) -> (rank, world)``
 Configs (:mod:`recipes.common.config`)
     ``field(default, *, ge, gt, le, lt, choices, doc)`` dataclass field with bounds
     ``load_config(path, cls, overrides=()) -> cls`` YAML (``safe_load``) + ``key.sub=value``
@@ -37,11 +39,13 @@ from .runtime import (
     DistributedContext,
     autocast,
     broadcast_module,
+    check_shard,
     init_distributed,
     loader_kwargs,
     per_rank_batch_size,
     seed_everything,
     select_device,
+    shard_loader,
 )
 from .schedules import warmup_cosine
 from .search import (
@@ -64,6 +68,7 @@ __all__ = [
     "aggregate",
     "autocast",
     "broadcast_module",
+    "check_shard",
     "config_to_dict",
     "field",
     "format_table",
@@ -84,6 +89,7 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "select_device",
+    "shard_loader",
     "warmup_cosine",
     "write_json",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from implicitbilevel.distributed import AllReduceMean, broadcast_from_main
 
@@ -20,11 +21,13 @@ __all__ = [
     "DistributedContext",
     "autocast",
     "broadcast_module",
+    "check_shard",
     "init_distributed",
     "loader_kwargs",
     "per_rank_batch_size",
     "seed_everything",
     "select_device",
+    "shard_loader",
 ]
 
 
@@ -170,3 +173,43 @@ def broadcast_module(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers into ``module`` on every rank, in place, in bucketed
     broadcasts (a no-op without a multi-rank process group)."""
     broadcast_from_main([*module.parameters(), *module.buffers()])
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``shard`` (``(0, 1)`` for ``None``); ``ValueError`` unless
+    ``0 <= rank < world_size``."""
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world_size; got {shard}")
+    return rank, world
+
+
+def shard_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    shard: tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    **kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` over ``dataset``, or over this rank's share of it.
+
+    With ``shard=(rank, world_size)`` a ``DistributedSampler`` seeded with ``seed`` gives every
+    rank an equal, disjoint share of each pass (a remainder dropped, so the ranks' batches stay the
+    same size), reshuffled per pass through ``set_epoch``; ``batch_size`` is the per-rank batch.
+    Without it, ``shuffle`` draws from ``generator`` (``None``: torch's global generator).
+    ``kwargs`` go to the ``DataLoader`` (workers, ``collate_fn``, ...).
+    """
+    if shard is None:
+        return DataLoader(
+            dataset, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+            **kwargs,
+        )
+    rank, world = check_shard(shard)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, **kwargs)

@@ -22,6 +22,8 @@ from typing import TypeVar
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .runtime import check_shard
+
 __all__ = [
     "RankFailure",
     "Trial",
@@ -70,9 +72,7 @@ def map_over_ranks(
     is exchanged too, re-raised on its rank and reported as :class:`RankFailure` on the others.
     """
     items = list(items)
-    rank, world = shard if shard is not None else (0, 1)
-    if not 0 <= rank < world:
-        raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world_size; got {shard}")
+    rank, world = check_shard(shard)
     mine = range(rank, len(items), world)
     if world == 1:
         return [fn(items[i]) for i in tqdm(mine, desc=desc, disable=not progress, leave=leave)]

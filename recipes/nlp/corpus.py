@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
+from recipes.common import check_shard
+
 from .hub import MissingResourceError, hub_reachable
 
 
@@ -56,9 +58,7 @@ class ChunkDataset(IterableDataset):
         shard: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        rank, world = shard if shard is not None else (0, 1)
-        if not 0 <= rank < world:
-            raise ValueError(f"shard must be (rank, world_size), 0 <= rank < world; got {shard}")
+        rank, world = check_shard(shard)
         self.texts, self.tokenize, self.k, self.max_chunks = texts, tokenize, k, max_chunks
         self.rank, self.world = rank, world
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+from recipes.common import shard_loader
 
 from .config import DataConfig, ModelConfig
 from .corpus import ChunkDataset, chunk_tokens, text_source
@@ -105,22 +107,12 @@ def pretext_loader(
                 f"the embedded corpus gives {len(chunks)} chunks of {context} tokens, "
                 f"fewer than one batch of {batch_size * world}"
             )
-        dataset = TensorDataset(torch.stack(chunks))
-        if shard is not None:
-            sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=shard[0], shuffle=True, seed=seed, drop_last=True
-            )
-            return DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=sampler,
-                drop_last=True,
-                collate_fn=_stack_chunks,
-            )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
+        return shard_loader(
+            TensorDataset(torch.stack(chunks)),
+            batch_size,
             shuffle=True,
+            seed=seed,
+            shard=shard,
             drop_last=True,
             collate_fn=_stack_chunks,
         )

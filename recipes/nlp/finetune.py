@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from recipes.common import save_checkpoint, warmup_cosine
+from recipes.common import save_checkpoint, shard_loader, warmup_cosine
 
 from .losses import downstream_objective
 from .metrics import compute_metric
@@ -53,23 +53,15 @@ def task_loader(
     ``DistributedSampler`` seeded with ``seed``, equal shares, reshuffled per pass through
     ``set_epoch``); ``batch_size`` is then the per-rank batch.
     """
-    dataset = TensorDataset(data.input_ids, data.lengths, data.labels)
-    if shard is not None:
-        rank, world = shard
-        sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
-        )
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last
-        )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
+    return shard_loader(
+        TensorDataset(data.input_ids, data.lengths, data.labels),
+        batch_size,
         shuffle=shuffle,
-        generator=generator,
-        collate_fn=collate,
+        seed=seed,
+        shard=shard,
+        generator=torch.Generator().manual_seed(seed),
         drop_last=drop_last,
+        collate_fn=collate,
     )
 
 

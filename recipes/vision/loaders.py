@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
-from recipes.common import loader_kwargs
+from recipes.common import loader_kwargs, shard_loader
 
 from .augment import (
     BatchAugment,
@@ -53,13 +52,8 @@ class Loaders:
         self, ds: Dataset, batch_size: int, seed: int, drop_last: bool,
         shard: tuple[int, int] | None,
     ) -> DataLoader:
-        if shard is None:
-            return DataLoader(ds, batch_size, shuffle=True, drop_last=drop_last,
-                              generator=self._gen(seed), **self._kw())
-        rank, world = shard
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=True)
-        return DataLoader(ds, batch_size, sampler=sampler, drop_last=drop_last, **self._kw())
+        return shard_loader(ds, batch_size, shuffle=True, seed=seed, shard=shard,
+                            generator=self._gen(seed), drop_last=drop_last, **self._kw())
 
     def pretext(
         self, batch_size: int, seed: int, shard: tuple[int, int] | None = None
