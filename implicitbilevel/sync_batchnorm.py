@@ -16,10 +16,10 @@ so that the W-rank loss, its gradients and its Hessian-vector products (averaged
 ``torch.nn.SyncBatchNorm`` does not fit bilevel training: it runs on GPUs only, and its backward
 pass combines the ranks with fused kernels and an in-place all-reduce that autograd does not
 record, so a Hessian-vector product taken through it by double backward would lose the cross-rank
-terms. :class:`SyncBatchNorm` is
-written with differentiable operations around one all-reduce per call, whose backward is again an
-all-reduce, so gradients, double backward (the kept-graph HVPs) and forward-mode products all see
-the global batch. It works on every backend (gloo on CPU, NCCL on GPU).
+terms. :class:`SyncBatchNorm` is written with differentiable operations around one all-reduce per
+call, whose backward is again an all-reduce, so gradients, double backward (the kept-graph HVPs)
+and forward-mode products all see the global batch. It works on every backend (gloo on CPU, NCCL
+on GPU).
 
 Each rank contributes, per channel, its count ``n_r``, ``n_r m_r`` and ``n_r m_r²`` (``m_r`` its
 local mean) and its centred sum of squares ``M2_r = n_r v_r`` (``v_r`` its local variance, both

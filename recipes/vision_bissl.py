@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` importable
 
 import torch
 
-from implicitbilevel.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+from implicitbilevel.sync_batchnorm import convert_sync_batchnorm
 from recipes.common import (
     aggregate,
     config_to_dict,
