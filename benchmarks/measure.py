@@ -287,7 +287,7 @@ def peer_comparison(w: BiSSLWorkload, repeats: int, warmup: int = 1, peers: Mapp
     results = {name: fn() for name, fn in steps.items()}
     ours = results["ours CG"]
     out_conv = problem_conv.upper_grad(w.upper, w.lower, w.upper_batch, w.lower_batch)
-    converged = out_conv.ij
+    converged = out_conv.u
     rhs = reference_upper_step(w, max_iter=0).v
     assert rhs is not None
     backbone = w.backbone
@@ -321,13 +321,13 @@ def peer_comparison(w: BiSSLWorkload, repeats: int, warmup: int = 1, peers: Mapp
         rows[name] = {
             "time_over_ours": ratio(times, name, "ours CG") if name in times else None,
             "compared_with": base_name,
-            "rel_diff_u": relative_difference(res.ij, base.ij, backbone),
+            "rel_diff_u": relative_difference(res.u, base.u, backbone),
             "rel_diff_u_minus_v": relative_difference(
-                {n: res.ij[n] - rhs[n] for n in backbone},
-                {n: base.ij[n] - rhs[n] for n in backbone}, backbone),
+                {n: res.u[n] - rhs[n] for n in backbone},
+                {n: base.u[n] - rhs[n] for n in backbone}, backbone),
             "rel_diff_hypergradient": relative_difference(res.grads, base.grads),
             "rel_err_u_minus_v_vs_converged": relative_difference(
-                {n: res.ij[n] - rhs[n] for n in backbone}, correction_conv, backbone),
+                {n: res.u[n] - rhs[n] for n in backbone}, correction_conv, backbone),
             "median_seconds": _median(times, name) if name in times else None,
         }
     e2e = {

@@ -53,12 +53,12 @@ class PeerResult:
 
     Attributes:
         grads: the hypergradient over every upper name (θ_D and φ_D).
-        ij: the implicit-Jacobian solution ``u`` over the backbone names.
+        u: the implicit-Jacobian solution over the backbone names.
         v: the right-hand side ``∇_θP f`` (``None`` where the peer does not expose it).
     """
 
     grads: Params
-    ij: Params
+    u: Params
     v: Params | None = None
 
 
@@ -89,7 +89,7 @@ def ours_upper_step(w: BiSSLWorkload, problem: Any, lower_hessian: Any = None) -
     """One :meth:`BilevelProblem.upper_grad` (a fresh ``lower_hessian`` unless one is given)."""
     out = problem.upper_grad(w.upper, w.lower, w.upper_batch, w.lower_batch,
                              lower_hessian=lower_hessian)
-    return PeerResult(out.grads, out.ij)
+    return PeerResult(out.grads, out.u)
 
 
 # -- the reference scheme (original BiSSL code) ------------------------------------------------

@@ -2,14 +2,19 @@
 
 The pieces, bottom to top: parameter-dict arithmetic (:mod:`implicitbilevel.tree`), Hessian-vector
 products on ``torch.func`` (:mod:`implicitbilevel.hessian`), linear solvers over parameter dicts
-(:mod:`implicitbilevel.solvers`), λ schedules (:mod:`implicitbilevel.schedules`), regularisers
+(:mod:`implicitbilevel.solvers`: CG, MINRES, Neumann, dense), generalised Gauss–Newton curvature
+(:mod:`implicitbilevel.gauss_newton`), randomized Nyström curvature reused across solves
+(:mod:`implicitbilevel.nystrom`), the implicit-Jacobian operator (:mod:`implicitbilevel.system`),
+λ schedules (:mod:`implicitbilevel.schedules`), regularisers
 (:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`)
 and the BiSSL trainer (:mod:`implicitbilevel.bissl`). Data-parallel runs use
 :mod:`implicitbilevel.distributed` (bucketed all-reduce and broadcast) and
 :mod:`implicitbilevel.sync_batchnorm` (BatchNorm over all ranks, twice differentiable).
 """
 
+from .gauss_newton import GaussNewton, GaussNewtonOperator
 from .hessian import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
+from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
 from .problem import BilevelProblem, LowerGradient, NonFiniteError, UpperGradient, assign_grads
 from .regularizers import BaseRegularizer, ProximalL2, Regularizer
 from .schedules import (
@@ -20,15 +25,9 @@ from .schedules import (
     LambdaSchedule,
     LearnableLambda,
 )
-from .solvers import (
-    CG,
-    ConcatenatedHeadCG,
-    Dense,
-    LinearSolver,
-    Neumann,
-    SolveInfo,
-    SolverBreakdownError,
-)
+from .solvers import CG, Dense, LinearSolver, Neumann, SolveInfo, SolverBreakdownError
+from .solvers.minres import MINRES
+from .system import IJSystem
 from .tree import Params
 
 __version__ = "0.1.0"
@@ -37,21 +36,27 @@ __all__ = [
     "CG",
     "BaseRegularizer",
     "BilevelProblem",
-    "ConcatenatedHeadCG",
     "ConstantSchedule",
     "CosineDecay",
     "CosineIncrease",
     "Dense",
     "ExponentialIncrease",
+    "GaussNewton",
+    "GaussNewtonOperator",
     "HVPMode",
     "HVPModeError",
     "HessianOperator",
+    "IJSystem",
     "LambdaSchedule",
     "LearnableLambda",
     "LinearSolver",
+    "LowRank",
     "LowerGradient",
+    "MINRES",
     "Neumann",
     "NonFiniteError",
+    "NystromPreconditioner",
+    "NystromSolver",
     "Params",
     "ProximalL2",
     "Regularizer",
@@ -62,4 +67,5 @@ __all__ = [
     "functional_module",
     "hvp",
     "in_hvp",
+    "nystrom_approximation",
 ]

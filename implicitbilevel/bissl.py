@@ -15,8 +15,9 @@ What it does beyond the algorithm's loop, following the thesis's setup (Sec. 6.1
   schedulers stepped once per step, ``λ(t)`` evaluated once per alternation, a learnable λ updated
   by the upper optimiser (register ``problem.lam.rho`` with it, as the thesis does).
 - **Logging.** One JSON line per alternation in ``out_dir/metrics.jsonl``: both losses, λ, solver
-  iterations and residuals, gradient norms, breakdowns, wall time; a progress bar when ``tqdm`` is
-  installed.
+  iterations, the solver's residual and the measured one (``ij_relative_residual``), gradient
+  norms, breakdowns, curvature products and the time spent building reused curvature, wall time; a
+  progress bar when ``tqdm`` is installed.
 - **Checkpoints.** At alternation boundaries, atomically, in ``out_dir/checkpoint.pt``: parameters,
   module buffers, optimiser and scheduler states, random-number states and the positions in the
   batch stacks, so ``run(resume=True)`` after a kill continues exactly where the run stopped.
@@ -32,9 +33,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .batch_stack import BatchStack
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import broadcast_from_main, is_main_process, world_size
+from .distributed import broadcast_from_main, is_main_process, rank, world_size
 from .problem import BilevelProblem, NonFiniteError, assign_grads
+from .run_state import gather_per_rank, rng_state, set_rng_state
 from .schedules import LearnableLambda
 from .tree import Params
 
@@ -86,6 +88,8 @@ class BiSSLConfig:
         autocast: ``"bf16"`` runs the forward passes of both levels (and the Hessian's) under
             ``torch.autocast``; gradients, solver arithmetic and weights stay in fp32.
         progress: show a progress bar (needs ``tqdm``).
+        measure_residual: log ``ij_relative_residual``, the true ``‖v − A u‖/‖v‖`` of the last
+            upper step's solve in each alternation (one more curvature product per alternation).
     """
 
     alternations: int = 500
@@ -95,6 +99,7 @@ class BiSSLConfig:
     checkpoint_every: int = 1
     autocast: str | None = None
     progress: bool = True
+    measure_residual: bool = True
 
     def __post_init__(self) -> None:
         for name in ("alternations", "lower_steps", "upper_steps", "checkpoint_every"):
@@ -105,82 +110,6 @@ class BiSSLConfig:
             raise ValueError(f"BiSSLConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.autocast not in (None, "bf16"):
             raise ValueError(f"BiSSLConfig.autocast must be None or 'bf16', got {self.autocast!r}")
-
-
-class BatchStack:
-    """Batches of one pass over a loader, taken in order, regenerated only when needed.
-
-    Before a stage that needs ``k`` batches, :meth:`reserve` starts a fresh pass if fewer than
-    ``k`` remain (and the loader has at least ``k``); a loader shorter than ``k`` is simply cycled.
-    The random state at the start of each pass is recorded, so the exact position can be restored
-    on resume (the already consumed batches of the pass are drawn again and discarded).
-    """
-
-    def __init__(self, loader: Iterable) -> None:
-        try:
-            self.size = len(loader)  # type: ignore[arg-type]
-        except TypeError as err:
-            raise TypeError(
-                "BiSSL data must be re-iterable with a length (e.g. a DataLoader)"
-            ) from err
-        if self.size == 0:
-            raise ValueError("BiSSL data is empty: the loader yields no batch")
-        self.loader = loader
-        self.consumed = 0
-        self.passes = 0
-        self._iterator: Iterator | None = None
-        self._pass_rng: Tensor | None = None
-
-    @property
-    def remaining(self) -> int:
-        """Batches left in the current pass."""
-        return 0 if self._iterator is None else self.size - self.consumed
-
-    def _start_iterator(self, epoch: int) -> None:
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle per pass
-            sampler.set_epoch(epoch)
-        self._iterator = iter(self.loader)
-
-    def _new_pass(self) -> None:
-        self._pass_rng = torch.random.get_rng_state()
-        self._start_iterator(epoch=self.passes)
-        self.passes += 1
-        self.consumed = 0
-
-    def reserve(self, k: int) -> None:
-        """Start a new pass unless ``k`` batches remain (or the loader is shorter than ``k``)."""
-        if self._iterator is None or (self.remaining < k <= self.size):
-            self._new_pass()
-
-    def next(self) -> Any:
-        """Return the next batch, starting a new pass when the current one is exhausted."""
-        if self.remaining == 0:
-            self._new_pass()
-        assert self._iterator is not None
-        batch = next(self._iterator)
-        self.consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position in the stack, for a checkpoint."""
-        return {"consumed": self.consumed, "passes": self.passes, "pass_rng": self._pass_rng}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the position saved by :meth:`state_dict` (replays the current pass's start)."""
-        self.passes = int(state["passes"])
-        self.consumed = 0
-        self._iterator = None
-        if state["pass_rng"] is None:
-            return
-        outer = torch.random.get_rng_state()
-        torch.random.set_rng_state(state["pass_rng"])
-        self._pass_rng = state["pass_rng"]
-        self._start_iterator(epoch=self.passes - 1)
-        for _ in range(int(state["consumed"])):
-            next(self._iterator)
-        self.consumed = int(state["consumed"])
-        torch.random.set_rng_state(outer)
 
 
 def _to_device(batch: Any, device: torch.device | None) -> Any:
@@ -194,48 +123,6 @@ def _to_device(batch: Any, device: torch.device | None) -> Any:
         moved = [_to_device(v, device) for v in batch]
         return type(batch)(moved) if isinstance(batch, list) else tuple(moved)
     return batch
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.random.get_rng_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]
-    except ImportError:  # numpy is optional for the library
-        pass
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.random.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss_value = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss_value))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _gather_per_rank(local: dict[str, Any]) -> list[dict[str, Any]]:
-    if world_size() == 1:
-        return [local]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, local)
-    return gathered
 
 
 def _grad_norm(params: Mapping[str, Tensor]) -> Tensor:
@@ -376,6 +263,7 @@ class BiSSLTrainer:
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
         learnable = isinstance(problem.lam, LearnableLambda)
+        true_residual = math.nan
         for n in range(cfg.upper_steps):
             step = f"alternation {t}, upper step {n}"
             batch = _to_device(self.upper_stack.next(), self.device)
@@ -400,13 +288,19 @@ class BiSSLTrainer:
             iters.append(out.info.iterations)
             residuals.append(out.info.relative_residual)
             breakdowns += out.info.breakdown is not None
+            if n == cfg.upper_steps - 1 and cfg.measure_residual:
+                # One more product: ‖v − A u‖/‖v‖ of the last solve, comparable across solvers.
+                with self._autocast():
+                    true_residual = out.true_relative_residual()
         metrics = {
             "upper_loss": sum(losses) / len(losses),
             "upper_grad_norm": sum(norms) / len(norms),
             "solver_iterations": sum(iters) / len(iters),
             "solver_relative_residual": residuals[-1],
+            "ij_relative_residual": true_residual,
             "solver_breakdowns": breakdowns,
             "hessian_products": hessian.calls,
+            "curvature_build_seconds": hessian.memo.get("build_seconds", 0.0),
         }
         if learnable:
             metrics["lam_grad"] = lam_grads[-1]
@@ -425,10 +319,10 @@ class BiSSLTrainer:
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "upper_optimizer": self.upper_optimizer.state_dict(),
             "lower_optimizer": self.lower_optimizer.state_dict(),
-            "ranks": _gather_per_rank({
+            "ranks": gather_per_rank({
                 "upper_stack": self.upper_stack.state_dict(),
                 "lower_stack": self.lower_stack.state_dict(),
-                "rng": _rng_state(),
+                "rng": rng_state(),
             }),
             "history": self.history,
         }
@@ -471,10 +365,10 @@ class BiSSLTrainer:
         # Each rank resumes its own data position and random state (rank 0's for a single process
         # resuming a multi-rank run).
         ranks = state["ranks"]
-        mine = ranks[_rank()] if _rank() < len(ranks) else ranks[0]
+        mine = ranks[rank()] if rank() < len(ranks) else ranks[0]
         self.upper_stack.load_state_dict(mine["upper_stack"])
         self.lower_stack.load_state_dict(mine["lower_stack"])
-        _set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"])
         self.history = list(state["history"])
         self.alternation = int(state["alternation"])
 

@@ -27,7 +27,12 @@ from torch import Tensor
 
 from .tree import Params
 
-__all__ = ["AllReduceMean", "broadcast_from_main", "is_main_process", "world_size"]
+__all__ = ["AllReduceMean", "broadcast_from_main", "is_main_process", "rank", "world_size"]
+
+
+def rank() -> int:
+    """This process's rank (0 without an initialised process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
@@ -37,7 +42,7 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     """``True`` on rank 0, or without an initialised process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank() == 0
 
 
 def _buckets(tensors: list[Tensor], bucket_bytes: int) -> list[list[int]]:

@@ -26,6 +26,10 @@ On CPU that costs about 2.2-2.35x a gradient per product instead of 3.2-3.4x (an
 3.2-4.1x on a small GPT). The price is memory: the first-order graph, about two to three times the
 activation memory of one training step, stays alive until the operator is dropped.
 
+:meth:`HessianOperator.batched` answers ``k`` tangents stacked along a leading dimension at once:
+one backward pass with ``is_grads_batched=True`` through the kept graph, or one ``torch.func.vmap``
+of the product in the chosen mode, with the ``k`` products stacked the same way.
+
 Two hazards of differentiating real models are handled here:
 
 - **BatchNorm.** Inside every Hessian-vector product, modules wrapped by :func:`functional_module`
@@ -40,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -48,6 +51,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._products import (
+    RNGPin,
+    check_batched_tangents,
+    check_scalar,
+    check_tangent,
+    empty_batch,
+    lacks_forward_ad,
+    loop_products,
+    quiet_forward_ad,
+    warn_mode_fallback,
+    zeros_batch,
+)
 from .tree import Params
 
 __all__ = [
@@ -66,7 +81,6 @@ _IN_HVP: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "implicitbilevel_in_hvp", default=False
 )
 _FALLBACK_WARNED: set[tuple[int, str]] = set()
-_FORWARD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "forward grad")
 
 
 class HVPModeError(RuntimeError):
@@ -126,46 +140,21 @@ def functional_module(module: nn.Module, *, freeze_buffers: bool | None = None) 
     return call
 
 
-def _check_scalar(loss: Any) -> None:
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"the loss must return a scalar tensor, got {shape}; reduce it (e.g. .mean()) first"
-        )
-
-
-def _check_tangent(params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]) -> None:
-    if tangent.keys() != params.keys():
-        missing = sorted(set(params) - set(tangent))
-        extra = sorted(set(tangent) - set(params))
-        raise KeyError(
-            f"tangent names differ from the parameters: missing {missing}, extra {extra}"
-        )
-    for name, p in params.items():
-        if tangent[name].shape != p.shape:
-            raise ValueError(
-                f"tangent {name!r} has shape {tuple(tangent[name].shape)}, "
-                f"the parameter has {tuple(p.shape)}"
-            )
-
-
-def _lacks_forward_ad(err: BaseException) -> bool:
-    message = str(err).lower()
-    return isinstance(err, (RuntimeError, NotImplementedError)) and any(
-        hint in message for hint in _FORWARD_AD_HINTS
-    )
-
-
-def _forward_over_reverse(fn: Callable, params: Params, tangent: Params, args: tuple) -> Params:
+def _forward_over_reverse(
+    fn: Callable, params: Params, tangent: Params, args: tuple, k: int | None = None
+) -> Params:
     def gradient(p: Params) -> Params:
         return torch.func.grad(fn)(p, *args)
 
-    with warnings.catch_warnings():
-        # torch's first forward-mode call imports JIT-scripted decompositions, which warns about
-        # the deprecation of torch.jit.script; it is torch-internal and says nothing to the user.
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-        _, product = torch.func.jvp(gradient, (params,), (tangent,))
-    return product
+    def product(t: Params) -> Params:
+        return torch.func.jvp(gradient, (params,), (t,))[1]
+
+    with quiet_forward_ad():
+        if k is None:
+            return product(tangent)
+        # randomness="same": the primal pass is not batched, so dropout draws the single
+        # product's mask from the (pinned) generator, once for all k tangents.
+        return torch.func.vmap(product, randomness="same")(tangent)
 
 
 class _FirstOrderGraph:
@@ -186,9 +175,12 @@ class _FirstOrderGraph:
         self.curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.grads = [grads[i] for i in self.curved]
 
-    def product(self, tangent: Mapping[str, Tensor], retain_graph: bool) -> Params:
+    def product(
+        self, tangent: Mapping[str, Tensor], retain_graph: bool, k: int | None = None
+    ) -> Params:
+        """``H t`` by one backward pass; with ``k``, ``tangent`` is batched (``k`` stacked)."""
         if not self.grads:
-            return {n: torch.zeros_like(p) for n, p in zip(self.names, self.leaves)}
+            return {n: _zeros(p, k) for n, p in zip(self.names, self.leaves)}
         with _hvp_context():
             products = torch.autograd.grad(
                 self.grads,
@@ -196,24 +188,31 @@ class _FirstOrderGraph:
                 grad_outputs=[tangent[self.names[i]] for i in self.curved],
                 retain_graph=retain_graph,
                 allow_unused=True,
+                is_grads_batched=k is not None,
             )
         return {
-            n: p.detach() if p is not None else torch.zeros_like(leaf)
+            n: p.detach() if p is not None else _zeros(leaf, k)
             for n, p, leaf in zip(self.names, products, self.leaves)
         }
 
 
-def _reverse_over_reverse(fn: Callable, params: Params, tangent: Params, args: tuple) -> Params:
+def _zeros(like: Tensor, k: int | None) -> Tensor:
+    return torch.zeros_like(like) if k is None else zeros_batch(k, like)
+
+
+def _reverse_over_reverse(
+    fn: Callable, params: Params, tangent: Params, args: tuple, k: int | None = None
+) -> Params:
     # Plain autograd double backward rather than torch.func.vjp: it also runs legacy
     # autograd.Functions that functorch transforms reject, and its peak memory is lower.
-    return _FirstOrderGraph(fn, params, args).product(tangent, retain_graph=False)
+    return _FirstOrderGraph(fn, params, args).product(tangent, retain_graph=False, k=k)
 
 
 def _scalar_fn(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def checked(p: Params, *args: Any) -> Tensor:
         loss = fn(p, *args)
-        _check_scalar(loss)
+        check_scalar(loss)
         return loss
 
     return checked
@@ -229,17 +228,18 @@ def _warning_key(fn: Callable) -> tuple[int, str]:
 
 
 def _evaluate(
-    fn: Callable, params: Params, tangent: Params, args: tuple, mode: str
+    fn: Callable, params: Params, tangent: Params, args: tuple, mode: str, k: int | None = None
 ) -> tuple[Params, str]:
-    """One product in ``mode``; returns it and the mode actually used (``auto`` may fall back)."""
+    """One product in ``mode`` (``k`` stacked ones for a batched ``tangent``); returns it and the
+    mode actually used (``auto`` may fall back)."""
     with torch.no_grad(), _hvp_context():
         if mode == "reverse-over-reverse":
-            return _reverse_over_reverse(fn, params, tangent, args), mode
+            return _reverse_over_reverse(fn, params, tangent, args, k), mode
         try:
-            return _forward_over_reverse(fn, params, tangent, args), "forward-over-reverse"
+            return _forward_over_reverse(fn, params, tangent, args, k), "forward-over-reverse"
         except (RuntimeError, NotImplementedError) as err:
             if mode == "forward-over-reverse":
-                if not _lacks_forward_ad(err):
+                if not lacks_forward_ad(err):
                     raise
                 raise HVPModeError(
                     "an operation in the loss has no forward-mode AD rule, so the "
@@ -249,16 +249,8 @@ def _evaluate(
             # Not every forward-mode failure says so (torch 2.14's mse_loss raises "ZeroTensors
             # are immutable"): try double backward, and if that fails too its error is the
             # one that describes the loss.
-            product = _reverse_over_reverse(fn, params, tangent, args)
-            key = _warning_key(fn)
-            if key not in _FALLBACK_WARNED:
-                _FALLBACK_WARNED.add(key)
-                warnings.warn(
-                    f"forward-over-reverse HVP failed for {key[1]} ({err}); falling back "
-                    "to reverse-over-reverse for this loss",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            product = _reverse_over_reverse(fn, params, tangent, args, k)
+            warn_mode_fallback(_FALLBACK_WARNED, _warning_key(fn), "HVP", err)
             return product, "reverse-over-reverse"
 
 
@@ -284,7 +276,7 @@ def hvp(
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     params = {n: p.detach() for n, p in params.items()}
-    _check_tangent(params, tangent)
+    check_tangent(params, tangent)
     product, _ = _evaluate(_scalar_fn(fn), params, dict(tangent), args, mode)
     return product
 
@@ -301,6 +293,9 @@ class HessianOperator:
     construction is restored for every product, so dropout masks are identical across products and
     the operator stays one fixed symmetric matrix.
 
+    :meth:`batched` answers ``k`` tangents at once: through the kept graph one backward pass with
+    ``is_grads_batched=True``; without it one ``torch.func.vmap`` over the product in ``mode``.
+
     Args:
         fn: ``fn(params, *args) -> scalar tensor``.
         params: the point.
@@ -309,10 +304,17 @@ class HessianOperator:
         reuse: keep the first-order graph and reuse it for every product.
 
     Attributes:
+        names: the parameter names, in order.
+        params: the point, ``{name: Tensor}`` detached (do not modify it in place).
         loss: the loss value at ``params`` (kept-graph mode only; ``None`` otherwise).
-        calls: number of products evaluated so far.
+        calls: number of products evaluated so far (a batched call of ``k`` tangents counts ``k``).
         mode: the mode in use (``"kept-graph"`` when ``reuse=True``).
+        psd: ``False``: the exact Hessian of a non-convex loss can be indefinite.
+        memo: an empty dict at construction, for callers to cache what is derived from this one
+            operator (e.g. a low-rank approximation shared by several solves).
     """
+
+    psd = False
 
     def __init__(
         self,
@@ -329,37 +331,48 @@ class HessianOperator:
         self.names = list(params.keys())
         self.calls = 0
         self.loss: Tensor | None = None
-        self._params = {n: p.detach() for n, p in params.items()}
+        self.memo: dict[Any, Any] = {}
+        self.params = {n: p.detach() for n, p in params.items()}
         if reuse:
             self.mode = "kept-graph"
-            self._graph = _FirstOrderGraph(self._fn, self._params, args)
+            self._graph = _FirstOrderGraph(self._fn, self.params, args)
             self.loss = self._graph.loss
         else:
             self.mode = mode
-            self._rng_devices = sorted(
-                {p.device.index or 0 for p in self._params.values() if p.device.type == "cuda"}
-            )
-            with torch.random.fork_rng(devices=self._rng_devices):
-                self._cpu_rng = torch.random.get_rng_state()
-                self._cuda_rng = [torch.cuda.get_rng_state(d) for d in self._rng_devices]
+            self._pin = RNGPin(self.params.values())
 
-    @contextlib.contextmanager
-    def _pinned_rng(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=self._rng_devices):
-            torch.random.set_rng_state(self._cpu_rng)
-            for device, state in zip(self._rng_devices, self._cuda_rng):
-                torch.cuda.set_rng_state(state, device)
-            yield
+    def _product(self, tangent: Params, k: int | None = None) -> Params:
+        if self.mode == "kept-graph":
+            return self._graph.product(tangent, retain_graph=True, k=k)
+        with self._pin():
+            product, used = _evaluate(self._fn, self.params, tangent, self._args, self.mode, k)
+        if used == "reverse-over-reverse":
+            self.mode = used
+        return product
 
     def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
         """Return ``H @ tangent`` as a dict with the operator's parameter names."""
-        _check_tangent(self._params, tangent)
+        check_tangent(self.params, tangent)
         self.calls += 1
-        if self.mode != "kept-graph":
-            with self._pinned_rng():
-                product, used = _evaluate(
-                    self._fn, self._params, dict(tangent), self._args, self.mode
-                )
-            self.mode = "reverse-over-reverse" if used == "reverse-over-reverse" else self.mode
-            return product
-        return self._graph.product(tangent, retain_graph=True)
+        return self._product(dict(tangent))
+
+    def batched(self, tangents: Mapping[str, Tensor]) -> Params:
+        """Return ``[H t_1, ..., H t_k]`` stacked: ``out[name][i] = (H t_i)[name]``.
+
+        Args:
+            tangents: every entry of shape ``(k, *params[name].shape)``, the same ``k`` for all.
+
+        Equal to ``k`` calls of the operator (and counted as ``k`` in :attr:`calls`). When the
+        vectorised pass raises (an operation without a batching rule) the products are computed
+        one at a time, with a one-time ``RuntimeWarning`` that names the reason.
+        """
+        k = check_batched_tangents(self.params, tangents)
+        if k == 0:
+            return empty_batch(self.params)
+        tangents = dict(tangents)
+        try:
+            product = self._product(tangents, k)
+        except (RuntimeError, NotImplementedError) as err:
+            product = loop_products(self._product, tangents, k, _warning_key(self._fn), err)
+        self.calls += k
+        return product

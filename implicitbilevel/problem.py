@@ -18,9 +18,15 @@ With ``λ_damp = 0`` this is eq. 3.2-3.3 exactly (``G``'s Hessian is ``λ`` time
 the proximal regulariser ``r = ½‖θ_D − θ_P‖²`` the bracket is ``I + H/μ`` and the mixed term is
 ``+u`` (eq. 4.8-4.9); ``λ_damp > 0`` is the damped operator of Algorithm 3.
 
-- ``S`` = the coupled variables (default; the pretext head is held fixed, Prop. 4.2), or every
-  lower variable when the solver has ``include_uncoupled=True`` (concatenated head, Sec. 5.3.4,
-  Cor. 5.6: the bracket becomes ``diag(I, 0) + H_ω/μ``).
+- ``S`` = the coupled variables (``solve_over="coupled"``, default; the pretext head is held fixed,
+  Prop. 4.2), or every lower variable (``solve_over="all"``: the concatenated head, Sec. 5.3.4,
+  Cor. 5.6, where the bracket becomes ``diag(I, 0) + H_ω/μ``, indefinite in general, so the default
+  solver there is :class:`~implicitbilevel.MINRES`; ``head_damping = ε`` adds ``εI`` on the head
+  block).
+- ``∇²_yy ℓ`` is the exact Hessian (``curvature="hessian"``) or, for a lower loss given as
+  ``ℓ(y) = L(z(y))`` with ``L`` convex in the outputs ``z``, the generalised Gauss–Newton matrix
+  ``Jᵀ∇²L J`` (``curvature=GaussNewton(outputs, output_loss)``), positive semi-definite by
+  construction, so ``I + G/μ`` is positive definite and CG converges.
 - A learnable ``λ = σ(ρ)`` gets ``dF/dρ = −σ'(ρ)/μ · ⟨∇_y r, u⟩``, which for the proximal
   regulariser is eq. 5.6, ``σ'(ρ)/(σ(ρ)+λ_damp) ⟨θ_D − θ_P, u⟩``: one dot product on top of the
   solve.
@@ -40,11 +46,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .gauss_newton import GaussNewton, GaussNewtonOperator
 from .hessian import HessianOperator, HVPMode
 from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
 from .solvers import CG, LinearSolver, SolveInfo, SolverBreakdownError
-from .tree import Params, tree_axpy, tree_dot, tree_scale
+from .solvers.minres import MINRES
+from .system import IJSystem
+from .tree import Params, tree_axpy, tree_dot, tree_norm, tree_sub
 
 __all__ = [
     "BilevelProblem",
@@ -70,17 +79,32 @@ class UpperGradient:
         grads: ``dF/dx`` for every upper variable (same names as the upper dict).
         lam_grad: ``dF/dρ`` for a :class:`~implicitbilevel.LearnableLambda`, else ``None``.
         loss: ``f(x, y)``, detached.
-        ij: the implicit-Jacobian solution ``u`` over the solved lower variables.
+        u: the implicit-Jacobian solution over the solved lower variables.
         info: the linear solver's diagnostics.
         lam: the λ used.
+        rhs: the right-hand side ``v = ∇_{y_S} f`` of the solve.
+        system: the implicit-Jacobian operator ``A`` that was solved with.
     """
 
     grads: Params
     lam_grad: Tensor | None
     loss: Tensor
-    ij: Params
+    u: Params
     info: SolveInfo
     lam: float
+    rhs: Params
+    system: IJSystem
+
+    def true_relative_residual(self) -> float:
+        """``‖v − A u‖ / ‖v‖``, measured with one more product (0 when ``v = 0``).
+
+        Unlike ``info.relative_residual`` (what the solver tracks) this is measured, so it is
+        comparable across solvers; above 1, ``u`` is further from the solution than ``u = 0``.
+        """
+        rhs_norm = float(tree_norm(self.rhs))
+        if rhs_norm == 0:
+            return 0.0
+        return float(tree_norm(tree_sub(self.rhs, self.system(self.u)))) / rhs_norm
 
 
 @dataclass
@@ -144,8 +168,17 @@ class BilevelProblem:
             levels share.
         damping: ``λ_damp ≥ 0``; the implicit Jacobian is evaluated with ``μ = λ + λ_damp``
             (Algorithm 3; thesis default 10, 0 for the exact hypergradient).
-        ij: the linear solver for the implicit-Jacobian system (:class:`CG`, :class:`Neumann`,
-            :class:`ConcatenatedHeadCG`, :class:`Dense`).
+        ij: the linear solver for the implicit-Jacobian system (:class:`CG`,
+            :class:`~implicitbilevel.MINRES`, :class:`Neumann`, :class:`Dense`,
+            :class:`~implicitbilevel.NystromSolver`, or CG/MINRES with a
+            :class:`~implicitbilevel.NystromPreconditioner`). Default: ``CG()`` over the coupled
+            variables, ``MINRES()`` over all of them.
+        solve_over: ``"coupled"`` (Prop. 4.2, the pretext head held fixed) or ``"all"`` (the
+            concatenated head, Sec. 5.3.4).
+        head_damping: ``ε ≥ 0`` added on the head block with ``solve_over="all"`` (the system is
+            then ``diag(I, εI) + H_ω/μ``; 0 in the thesis).
+        curvature: ``"hessian"`` (exact) or a :class:`~implicitbilevel.GaussNewton` splitting the
+            lower loss into outputs and a convex output loss (positive semi-definite curvature).
         hvp_mode: how Hessian-vector products of ``ℓ`` are formed when not reusing a graph.
         reuse_graph: build the first-order graph of ``ℓ`` once per solve (or per
             :meth:`lower_hessian`) and reuse it for every product (faster, more memory; see
@@ -168,6 +201,9 @@ class BilevelProblem:
         regularizer: BaseRegularizer | None = None,
         damping: float = 0.0,
         ij: LinearSolver | None = None,
+        solve_over: Literal["coupled", "all"] = "coupled",
+        head_damping: float = 0.0,
+        curvature: Literal["hessian"] | GaussNewton = "hessian",
         hvp_mode: HVPMode = "auto",
         reuse_graph: bool = True,
         on_breakdown: Literal["raise", "warn", "ignore"] = "raise",
@@ -181,11 +217,27 @@ class BilevelProblem:
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping (λ_damp) must be a finite number >= 0, got {damping!r}")
         self.damping = float(damping)
-        self.ij = CG() if ij is None else ij
-        if not isinstance(self.ij, LinearSolver):
+        if solve_over not in ("coupled", "all"):
+            raise ValueError(f"solve_over must be 'coupled' or 'all', got {solve_over!r}")
+        self.solve_over = solve_over
+        if not (isinstance(head_damping, (int, float)) and math.isfinite(head_damping)
+                and head_damping >= 0):
+            raise ValueError(f"head_damping must be a finite number >= 0, got {head_damping!r}")
+        if head_damping and solve_over != "all":
+            raise ValueError("head_damping applies to the head block, which is only solved over "
+                             "with solve_over='all'")
+        self.head_damping = float(head_damping)
+        if not (curvature == "hessian" or isinstance(curvature, GaussNewton)):
+            raise TypeError("curvature must be 'hessian' or a GaussNewton(outputs, output_loss), "
+                            f"got {curvature!r}")
+        self.curvature = curvature
+        if ij is None:
+            ij = CG() if solve_over == "coupled" else MINRES()
+        if not isinstance(ij, LinearSolver):
             raise TypeError(
-                f"ij must be a LinearSolver (CG, Neumann, ...), got {type(ij).__name__}"
+                f"ij must be a LinearSolver (CG, MINRES, Neumann, ...), got {type(ij).__name__}"
             )
+        self.ij = ij
         if on_breakdown not in ("raise", "warn", "ignore"):
             raise ValueError(
                 f"on_breakdown must be 'raise', 'warn' or 'ignore', got {on_breakdown!r}"
@@ -212,7 +264,7 @@ class BilevelProblem:
         return self._solve_names(self.regularizer.coupled_names(upper, lower), lower)
 
     def _solve_names(self, coupled: list[str], lower: Mapping[str, Tensor]) -> list[str]:
-        if self.ij.include_uncoupled:
+        if self.solve_over == "all":
             known = set(coupled)
             return coupled + [n for n in lower if n not in known]
         return coupled
@@ -239,8 +291,10 @@ class BilevelProblem:
 
     def lower_hessian(
         self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor], batch: Any
-    ) -> HessianOperator:
-        """The operator ``z ↦ ∇²_yy ℓ(y) z`` over :meth:`solve_names` at ``lower`` and ``batch``.
+    ) -> HessianOperator | GaussNewtonOperator:
+        """The curvature ``z ↦ ∇²_yy ℓ(y) z`` over :meth:`solve_names` at ``lower`` and ``batch``.
+
+        The exact Hessian, or the Gauss–Newton matrix with ``curvature=GaussNewton(...)``.
 
         Build it once and pass it to :meth:`upper_grad` for every upper step that shares the lower
         point and batch (in BiSSL: all ``N_U`` steps of an alternation). With ``reuse_graph`` it
@@ -252,10 +306,22 @@ class BilevelProblem:
         def loss_over_solved(sub: Params, batch_: Any) -> Tensor:
             return self.lower_loss({**fixed, **sub}, batch_)
 
-        operator = HessianOperator(
-            loss_over_solved, {n: fixed[n] for n in names}, batch,
-            mode=self.hvp_mode, reuse=self.reuse_graph,
-        )
+        point = {n: fixed[n] for n in names}
+        operator: HessianOperator | GaussNewtonOperator
+        if isinstance(self.curvature, GaussNewton):
+            outputs = self.curvature.outputs
+
+            def outputs_over_solved(sub: Params, batch_: Any) -> Any:
+                return outputs({**fixed, **sub}, batch_)
+
+            operator = GaussNewtonOperator(
+                outputs_over_solved, self.curvature.output_loss, point, batch,
+                mode=self.hvp_mode, reuse=self.reuse_graph,
+            )
+        else:
+            operator = HessianOperator(
+                loss_over_solved, point, batch, mode=self.hvp_mode, reuse=self.reuse_graph
+            )
         if self.check_finite and operator.loss is not None:
             self._require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
@@ -270,7 +336,7 @@ class BilevelProblem:
         lower_batch: Any = None,
         *,
         t: int = 0,
-        lower_hessian: HessianOperator | None = None,
+        lower_hessian: HessianOperator | GaussNewtonOperator | None = None,
     ) -> UpperGradient:
         """The hypergradient ``dF/dx`` (eq. 4.9 / Cor. 5.6) and, for a learnable λ, ``dF/dρ``.
 
@@ -306,19 +372,8 @@ class BilevelProblem:
         grad_x = {n: grads[("x", n)] for n in x}
         v = {n: grads[("y", n)] for n in names}
 
-        uncoupled = names[len(coupled):]  # _solve_names lists the coupled names first
-        head_damping = self.ij.head_damping
-
-        def matvec(z: Params) -> Params:
-            out = tree_scale(self.reducer(lower_hessian(z)), 1.0 / mu)
-            reg = self.regularizer.lower_hvp(x, y, z)
-            torch._foreach_add_([out[n] for n in reg], list(reg.values()))
-            if uncoupled and head_damping:
-                torch._foreach_add_([out[n] for n in uncoupled], [z[n] for n in uncoupled],
-                                    alpha=head_damping)
-            return out
-
-        u, info = self.ij(matvec, v)
+        system = self.system(x, y, lower_hessian, mu, coupled)
+        u, info = self.ij(system, v)
         self._handle_breakdown(info, t)
         if self.check_finite:
             self._require_finite(tree_dot(u, u), "implicit-Jacobian solution", t)
@@ -330,7 +385,31 @@ class BilevelProblem:
             reg_grad = self.regularizer.lower_grad(x, y)
             inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u}, u)
             lam_grad = (-self.lam.derivative() / mu * inner).to(self.lam.rho.dtype)
-        return UpperGradient(grad_x, lam_grad, loss.detach(), u, info, lam)
+        return UpperGradient(grad_x, lam_grad, loss.detach(), u, info, lam, v, system)
+
+    def system(
+        self,
+        upper: Mapping[str, Tensor],
+        lower: Mapping[str, Tensor],
+        lower_hessian: HessianOperator | GaussNewtonOperator,
+        mu: float,
+        coupled: list[str] | None = None,
+    ) -> IJSystem:
+        """The implicit-Jacobian operator ``A = ∇²_yy r + (∇²_yy ℓ)/μ`` over the solved names."""
+        if coupled is None:
+            coupled = self.regularizer.coupled_names(upper, lower)
+        names = lower_hessian.names
+        uncoupled = names[len(coupled):]  # _solve_names lists the coupled names first
+        if self.regularizer.identity_lower_hessian:
+            identity, lower_hvp = coupled, None
+        else:
+            identity = None
+
+            def lower_hvp(z: Params) -> Params:
+                return self.regularizer.lower_hvp(upper, lower, z)
+
+        return IJSystem(lower_hessian, mu, identity=identity, lower_hvp=lower_hvp,
+                        ridge=self.head_damping, ridge_names=uncoupled, reducer=self.reducer)
 
     def _average(self, grads: dict, loss: Tensor) -> tuple[dict, Tensor]:
         """Average gradients and the loss across ranks in one collective call."""

@@ -28,6 +28,9 @@ __all__ = ["BaseRegularizer", "ProximalL2", "Regularizer"]
 class BaseRegularizer(abc.ABC):
     """The derivatives of ``r(x, y)`` that :class:`~implicitbilevel.BilevelProblem` needs."""
 
+    identity_lower_hessian: bool = False
+    """Whether ``∇²_yy r = I`` on the coupled names (then the IJ system there is ``I + H/μ``)."""
+
     @abc.abstractmethod
     def coupled_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
         """Names of the lower variables ``r`` depends on (validated against both dicts)."""
@@ -63,6 +66,8 @@ class ProximalL2(BaseRegularizer):
         names: the coupled (backbone) parameter names; ``None`` couples every name present in both
             the upper and the lower dict.
     """
+
+    identity_lower_hessian = True
 
     def __init__(self, names: Iterable[str] | None = None) -> None:
         self.names = None if names is None else list(dict.fromkeys(names))

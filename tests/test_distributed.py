@@ -98,7 +98,7 @@ def _gradient_worker(rank, world, port, out_path):
         low = problem.lower_grad(upper, lower, (x_p[shard_p],))
         if rank == 0:
             torch.save({"upper": up.grads, "lower": low.grads, "upper_loss": up.loss,
-                        "lower_loss": low.loss, "ij": up.ij}, out_path)
+                        "lower_loss": low.loss, "ij": up.u}, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -118,7 +118,7 @@ def test_two_rank_hypergradient_equals_single_process_full_batch(tmp_path):
         assert torch.allclose(distributed["upper"][name], g, rtol=1e-10, atol=1e-12), name
     for name, g in low.grads.items():
         assert torch.allclose(distributed["lower"][name], g, rtol=1e-10, atol=1e-12), name
-    for name, g in up.ij.items():
+    for name, g in up.u.items():
         assert torch.allclose(distributed["ij"][name], g, rtol=1e-10, atol=1e-12), name
     assert float(distributed["upper_loss"]) == pytest.approx(float(up.loss), rel=1e-12)
     assert float(distributed["lower_loss"]) == pytest.approx(float(low.loss), rel=1e-12)

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from implicitbilevel import (
     CG,
+    MINRES,
     BilevelProblem,
-    ConcatenatedHeadCG,
     CosineDecay,
     Dense,
     HVPModeError,
@@ -115,12 +115,14 @@ def test_strategies_match_closed_form(seed, dim, head, lam, damping, dtype):
     strategies = {
         "cg": (CG(max_iter=4 * (dim + head) + 20, tol=1e-12), expected),
         "dense": (Dense(), expected),
-        "concat": (ConcatenatedHeadCG(max_iter=8 * (dim + head) + 40, tol=1e-12), expected_concat),
-        "concat-dense": (Dense(include_uncoupled=True), expected_concat),
+        "concat": (CG(max_iter=8 * (dim + head) + 40, tol=1e-12), expected_concat),
+        "concat-minres": (MINRES(max_iter=8 * (dim + head) + 40, tol=1e-12), expected_concat),
+        "concat-dense": (Dense(), expected_concat),
     }
     for name, (ij, reference) in strategies.items():
+        over = "all" if name.startswith("concat") else "coupled"
         problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=lam, damping=damping,
-                                 regularizer=ProximalL2(["th"]), ij=ij)
+                                 regularizer=ProximalL2(["th"]), ij=ij, solve_over=over)
         out = problem.upper_grad(upper, lower, None, None)
         err = (out.grads["th"] - reference).norm() / reference.norm()
         assert err < _tol(dtype) * (10 if name.startswith("concat") else 1), (name, float(err))
@@ -159,24 +161,34 @@ def test_concatenated_head_reduces_to_plain_cg_for_a_decoupled_head():
     plain = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1, damping=1.0,
                            regularizer=ProximalL2(["th"]), ij=CG(max_iter=50, tol=1e-13))
     concat = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1, damping=1.0,
-                            regularizer=ProximalL2(["th"]),
-                            ij=ConcatenatedHeadCG(max_iter=50, tol=1e-13))
+                            regularizer=ProximalL2(["th"]), solve_over="all",
+                            ij=CG(max_iter=50, tol=1e-13))
     g_plain = plain.upper_grad(upper, lower, None, None)
     g_concat = concat.upper_grad(upper, lower, None, None)
     assert torch.allclose(g_plain.grads["th"], g_concat.grads["th"], rtol=1e-10, atol=1e-12)
-    assert set(g_concat.ij) == {"th", "head_p"}
-    assert set(g_plain.ij) == {"th"}
+    assert set(g_concat.u) == {"th", "head_p"}
+    assert set(g_plain.u) == {"th"}
 
 
-def test_concatenated_head_reports_indefinite_head_block():
+def test_concatenated_head_indefinite_head_block_cg_breaks_minres_solves():
     dim, head = 4, 2
     q, pre, down, upper, lower = _quadratic(7, dim, head, 3, torch.float64)
     q[dim:, dim:] = -torch.eye(head, dtype=torch.float64)  # H_φφ indefinite
-    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1, damping=0.0,
-                             regularizer=ProximalL2(["th"]), ij=ConcatenatedHeadCG(max_iter=30))
+    mu = 0.1
+    cg = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
+                        regularizer=ProximalL2(["th"]), ij=CG(max_iter=30), solve_over="all")
     with pytest.raises(SolverBreakdownError, match="non-positive curvature") as info:
-        problem.upper_grad(upper, lower, None, None)
+        cg.upper_grad(upper, lower, None, None)
     assert info.value.info.breakdown is not None
+    # MINRES is the default over all lower variables and solves the indefinite system exactly.
+    minres = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
+                            regularizer=ProximalL2(["th"]), solve_over="all")
+    minres.ij.max_iter, minres.ij.tol = 40, 1e-13
+    assert type(minres.ij).__name__ == "MINRES"
+    expected = _closed_form(q, dim, down, upper, lower, mu, concat=True)
+    out = minres.upper_grad(upper, lower, None, None)
+    assert out.info.breakdown is None
+    assert (out.grads["th"] - expected).norm() / expected.norm() < 1e-9
 
 
 def test_head_damping_adds_a_ridge_on_the_head_block():
@@ -184,8 +196,8 @@ def test_head_damping_adds_a_ridge_on_the_head_block():
     q, pre, down, upper, lower = _quadratic(11, dim, head, 3, torch.float64)
     mu = 0.3
     problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
-                             regularizer=ProximalL2(["th"]),
-                             ij=ConcatenatedHeadCG(max_iter=60, tol=1e-13, head_damping=eps))
+                             regularizer=ProximalL2(["th"]), solve_over="all",
+                             head_damping=eps, ij=CG(max_iter=60, tol=1e-13))
     a = q / mu
     a[:dim, :dim] += torch.eye(dim, dtype=torch.float64)
     a[dim:, dim:] += eps * torch.eye(head, dtype=torch.float64)
@@ -336,7 +348,7 @@ def test_learnable_lambda_damped_formula():
     out = problem.upper_grad(net.upper, net.lower, None, None)
     rho = learnable.rho.detach()
     sigma, dsigma = torch.nn.functional.softplus(rho), torch.sigmoid(rho)
-    u = out.ij["w"]
+    u = out.u["w"]
     expected = dsigma / (sigma + 10.0) * ((net.upper["w"] - net.lower["w"]) * u).sum()
     assert float(out.lam_grad) == pytest.approx(float(expected), rel=1e-10)
 

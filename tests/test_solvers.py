@@ -20,7 +20,7 @@ Checked:
   and the divergence report otherwise;
 - warm starts need fewer iterations on a perturbed system than a cold start;
 - breakdown reports (non-positive curvature, non-finite values) without raising, ``b = 0``,
-  ``Dense``'s ``max_dim`` refusal, constructor validation, ``ConcatenatedHeadCG`` and
+  ``Dense``'s ``max_dim`` refusal, constructor validation and
   ``SolveInfo.relative_residual``.
 """
 
@@ -34,7 +34,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from implicitbilevel.solvers import CG, ConcatenatedHeadCG, Dense, Neumann, SolveInfo
+from implicitbilevel.solvers import CG, Dense, Neumann, SolveInfo
 
 SETTINGS = settings(max_examples=25, deadline=None)
 DTYPES = [torch.float32, torch.float64]
@@ -562,7 +562,8 @@ def test_dense_singular_matrix_is_reported():
         lambda: CG(max_iter=-1),
         lambda: CG(tol=-1e-3),
         lambda: CG(atol=-1.0),
-        lambda: ConcatenatedHeadCG(max_iter=-2),
+        lambda: CG(max_iter=2.5),
+        lambda: Neumann(max_iter=3.0),
         lambda: Neumann(max_iter=-1),
         lambda: Neumann(tol=-0.1),
         lambda: Neumann(alpha=0.0),
@@ -583,23 +584,6 @@ def test_nan_tolerance_is_rejected():
 def test_dense_negative_max_dim_is_rejected():
     with pytest.raises(ValueError):
         Dense(max_dim=-1)
-
-
-def test_concatenated_head_cg_flags():
-    assert ConcatenatedHeadCG().include_uncoupled is True
-    assert CG().include_uncoupled is False
-    assert Dense().include_uncoupled is False
-    assert isinstance(ConcatenatedHeadCG(), CG)
-    # It solves like CG.
-    rng = np.random.default_rng(2)
-    a, _ = ij_system(9, 1.0, 0.0, rng, kappa=10.0)
-    shapes = split_shapes(9, rng)
-    b = rng.standard_normal(9)
-    x, info = ConcatenatedHeadCG(max_iter=30, tol=1e-12)(
-        make_matvec(a, shapes, torch.float64), to_tree(b, shapes, torch.float64)
-    )
-    assert info.converged
-    assert rel_err(to_flat(x), np.linalg.solve(a, b)) < 1e-9
 
 
 def test_solve_info_relative_residual():

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
+from implicitbilevel import BilevelProblem, GaussNewton, ProximalL2, functional_module
 from recipes.common import warmup_cosine
+from recipes.common.ij import problem_options
 
 from .config import BiSSLStageConfig
 from .finetune import adam_param_groups
@@ -33,9 +34,13 @@ from .tasks import TaskSpec
 
 def make_losses(
     downstream: GPTDownstreamModel, pretext: GPTPretextModel, spec: TaskSpec, nu: float
-) -> tuple[Any, Any]:
-    """``(downstream_loss(params, batch), pretext_loss(params, batch))`` as pure functions of
-    parameter dicts, for :class:`~implicitbilevel.BilevelProblem`."""
+) -> tuple[Any, Any, GaussNewton]:
+    """``(downstream_loss(params, batch), pretext_loss(params, batch), gauss_newton)`` as pure
+    functions of parameter dicts, for :class:`~implicitbilevel.BilevelProblem`.
+
+    ``gauss_newton`` splits the pretext loss into the LM logits (outputs) and the next-token
+    cross-entropy (convex in the logits), for ``bissl.curvature=gauss-newton``.
+    """
     down_fn = functional_module(downstream)
     pre_fn = functional_module(pretext)
 
@@ -46,7 +51,7 @@ def make_losses(
     def pretext_loss(params: dict[str, Tensor], batch: Tensor) -> Tensor:
         return next_token_loss(pre_fn(params, batch), batch)
 
-    return downstream_loss, pretext_loss
+    return downstream_loss, pretext_loss, GaussNewton(pre_fn, next_token_loss)
 
 
 def build_problem(
@@ -64,7 +69,7 @@ def build_problem(
     """
     from implicitbilevel.bissl import bissl_upper_loss
 
-    downstream_loss, pretext_loss = make_losses(downstream, pretext, spec, nu)
+    downstream_loss, pretext_loss, gauss_newton = make_losses(downstream, pretext, spec, nu)
     backbone = backbone_names(downstream)
     pretext_names = {n for n, _ in pretext.named_parameters()}
     if set(backbone) != pretext_names:
@@ -74,10 +79,8 @@ def build_problem(
         lower_loss=pretext_loss,
         regularizer=ProximalL2(backbone),
         lam=settings.lam,
-        damping=settings.damping,
-        ij=CG(max_iter=settings.cg_iters),
-        on_breakdown=settings.on_breakdown,
         reducer=reducer,
+        **problem_options(settings, gauss_newton),
     )
 
 

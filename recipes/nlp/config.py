@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.common import field
+from recipes.common.ij import IJSettings
 
 from .tasks import TASKS
 
@@ -76,12 +77,11 @@ class FinetuneConfig:
 
 
 @dataclass
-class BiSSLStageConfig:
-    """The BiSSL stage (Sec. 7.1.3; damping, CG and clipping as Sec. 6.1.3)."""
+class BiSSLStageConfig(IJSettings):
+    """The BiSSL stage (Sec. 7.1.3; damping, IJ and clipping as Sec. 6.1.3; IJ fields from
+    ``IJSettings``)."""
 
     lam: float = field(0.1, gt=0.0)
-    damping: float = field(10.0, ge=0.0)
-    cg_iters: int = field(5, ge=1)
     alternations: int = field(200, ge=1, doc="T")
     lower_steps: int = field(20, ge=1, doc="N_L")
     upper_steps: int = field(4, ge=1, doc="N_U")
@@ -92,7 +92,6 @@ class BiSSLStageConfig:
     upper_warmup_fraction: float = field(0.002, ge=0.0, lt=1.0)
     grad_clip: float = field(10.0, gt=0.0)
     checkpoint_every: int = field(10, ge=1, doc="alternations between trainer checkpoints")
-    on_breakdown: str = field("warn", choices=("raise", "warn", "ignore"))
 
 
 @dataclass

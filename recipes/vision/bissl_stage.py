@@ -17,28 +17,25 @@ import torch
 import torch.nn.functional as F
 
 from implicitbilevel import (
-    CG,
     BilevelProblem,
-    ConcatenatedHeadCG,
     CosineDecay,
     CosineIncrease,
-    Dense,
     ExponentialIncrease,
+    GaussNewton,
     LearnableLambda,
-    LinearSolver,
-    Neumann,
     ProximalL2,
     functional_module,
 )
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 from implicitbilevel.optim import LARS, lars_param_groups
 from recipes.common import warmup_cosine
+from recipes.common.ij import problem_options
 
 from .config import BiSSLStageConfig
-from .losses import nt_xent
+from .losses import nt_xent_logits, nt_xent_targets
 from .models import Downstream, Pretext
 
-__all__ = ["build_ij", "build_lambda", "run_bissl"]
+__all__ = ["build_lambda", "run_bissl"]
 
 
 def build_lambda(cfg: BiSSLStageConfig) -> float | Any:
@@ -52,19 +49,6 @@ def build_lambda(cfg: BiSSLStageConfig) -> float | Any:
     if sched in kinds:
         return kinds[sched](cfg.lam_min, cfg.lam_max, cfg.alternations)
     return ExponentialIncrease(cfg.lam_min, cfg.lam_max, cfg.alternations, alpha=cfg.lam_alpha)
-
-
-def build_ij(cfg: BiSSLStageConfig) -> LinearSolver:
-    """The implicit-Jacobian solver named by ``cfg.ij``."""
-    if cfg.ij == "cg":
-        return CG(max_iter=cfg.cg_iters)
-    if cfg.ij == "cg-blockwise":
-        return CG(max_iter=cfg.cg_iters, blockwise=True)
-    if cfg.ij == "neumann":
-        return Neumann(max_iter=cfg.cg_iters, alpha=cfg.neumann_alpha)
-    if cfg.ij == "concat-cg":
-        return ConcatenatedHeadCG(max_iter=cfg.cg_iters, head_damping=cfg.head_damping)
-    return Dense()
 
 
 def run_bissl(
@@ -97,9 +81,15 @@ def run_bissl(
     pre_fn = functional_module(pretext)
     down_fn = functional_module(downstream)
 
-    def pretext_loss(params: dict, batch: Any) -> torch.Tensor:
+    def pretext_logits(params: dict, batch: Any) -> torch.Tensor:
         v1, v2 = batch
-        return nt_xent(pre_fn(params, v1), pre_fn(params, v2), tau=temperature)
+        return nt_xent_logits(pre_fn(params, v1), pre_fn(params, v2), tau=temperature)
+
+    def logits_loss(logits: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(logits, nt_xent_targets(logits))
+
+    def pretext_loss(params: dict, batch: Any) -> torch.Tensor:  # NT-Xent, eq. 2.1
+        return logits_loss(pretext_logits(params, batch), batch)
 
     def downstream_loss(params: dict, batch: Any) -> torch.Tensor:
         x, y = batch
@@ -112,10 +102,8 @@ def run_bissl(
         lower_loss=pretext_loss,
         regularizer=ProximalL2(backbone),
         lam=lam,
-        damping=cfg.damping,
-        ij=build_ij(cfg),
-        on_breakdown=cfg.on_breakdown,  # type: ignore[arg-type]
         reducer=reducer,
+        **problem_options(cfg, GaussNewton(pretext_logits, logits_loss)),
     )
     upper_opt = torch.optim.SGD(
         downstream.parameters(), lr=upper_lr, momentum=momentum, weight_decay=upper_weight_decay

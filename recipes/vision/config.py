@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.common import field
+from recipes.common.ij import IJSettings
 
 __all__ = [
     "BiSSLStageConfig",
@@ -98,8 +99,8 @@ class WarmupConfig:
 
 
 @dataclass
-class BiSSLStageConfig:
-    """BiSSL (Algorithm 2, Sec. 6.1.3, chapter 5 variants)."""
+class BiSSLStageConfig(IJSettings):
+    """BiSSL (Algorithm 2, Sec. 6.1.3, chapter 5 variants); IJ fields from ``IJSettings``."""
 
     lam: float = field(0.001, gt=0.0, doc="constant λ; initial λ when learnable")
     lam_schedule: str = field(
@@ -110,12 +111,6 @@ class BiSSLStageConfig:
     lam_max: float = field(0.001, gt=0.0)
     lam_alpha: float = field(10.0, gt=0.0, doc="α of the exponential increase")
     lam_lr: float = field(0.01, gt=0.0, doc="upper-level lr of ρ for a learnable λ")
-    damping: float = field(10.0, ge=0.0, doc="λ_damp")
-    ij: str = field("cg", choices=("cg", "cg-blockwise", "neumann", "concat-cg", "dense"))
-    cg_iters: int = field(5, ge=1, doc="N_c")
-    neumann_alpha: float = field(1.0, gt=0.0)
-    head_damping: float = field(0.0, ge=0.0, doc="ridge on the head block of concat-cg")
-    on_breakdown: str = field("warn", choices=("raise", "warn", "ignore"))
     alternations: int = field(500, ge=1, doc="T")
     lower_steps: int = field(20, ge=1, doc="N_L")
     upper_steps: int = field(8, ge=1, doc="N_U")

@@ -31,7 +31,7 @@ def _rel(a, b):
 
 def test_pretext_hvp_modes_agree_and_are_symmetric():
     spec, down, pre = _setup("sst2")
-    _, pretext_loss = make_losses(down, pre, spec, nu=0.5)
+    _, pretext_loss, _ = make_losses(down, pre, spec, nu=0.5)
     params = {n: p.detach() for n, p in pre.named_parameters()}
     chunks = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
@@ -51,7 +51,7 @@ def test_pretext_hvp_modes_agree_and_are_symmetric():
 @pytest.mark.parametrize("task", ["rte", "stsb"])
 def test_downstream_hvp_modes_agree(task):
     spec, down, pre = _setup(task)
-    down_loss, _ = make_losses(down, pre, spec, nu=0.5)
+    down_loss, _, _ = make_losses(down, pre, spec, nu=0.5)
     params = {n: p.detach() for n, p in down.named_parameters()}
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, V + 3, (3, spec.num_views, 9), generator=g)

@@ -62,10 +62,11 @@ def test_all_stages_write_results_and_plots(tiny_run):
     [
         ["bissl.lam_schedule=learnable", "bissl.damping=0"],
         ["bissl.ij=neumann", "bissl.neumann_alpha=0.5"],
-        ["bissl.ij=concat-cg", "bissl.head_damping=1.0", "bissl.on_breakdown=ignore"],
+        ["bissl.ij=minres", "bissl.solve_over=all", "bissl.head_damping=1.0"],
+        ["bissl.ij=nystrom-pcg", "bissl.curvature=gauss-newton", "bissl.nystrom_rank=4"],
         ["bissl.lam_schedule=cosine-increase", "bissl.lam_max=0.01", "bissl.ij=cg-blockwise"],
     ],
-    ids=["learnable-lambda", "neumann", "concat-head", "cosine-schedule"],
+    ids=["learnable-lambda", "neumann", "concat-head", "gauss-newton-nystrom", "cosine-schedule"],
 )
 def test_bissl_variants_run(tiny_run, variant):
     out, args = tiny_run

@@ -1,0 +1,169 @@
+"""Machinery shared by the curvature operators: batched tangents, RNG pinning, the loop fallback.
+
+A *batched* tangent dict carries ``k`` tangents stacked along a new leading dimension: its entry
+``name`` has shape ``(k, *params[name].shape)``. The operators answer it with the ``k`` products
+stacked the same way, ``out[name][i] = (A t_i)[name]``, in one vectorised pass when every operation
+has a batching rule and with ``k`` single products otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .tree import Params
+
+_BATCHED_FALLBACK_WARNED: set[tuple[int, str]] = set()
+_FORWARD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "forward grad")
+
+
+def check_scalar(loss: Any) -> None:
+    """Raise unless ``loss`` is a 0-dim tensor."""
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"the loss must return a scalar tensor, got {shape}; reduce it (e.g. .mean()) first"
+        )
+
+
+def check_tangent(params: Mapping[str, Tensor], tangent: Mapping[str, Tensor]) -> None:
+    """Raise unless ``tangent`` has exactly the names and shapes of ``params``."""
+    if tangent.keys() != params.keys():
+        missing = sorted(set(params) - set(tangent))
+        extra = sorted(set(tangent) - set(params))
+        raise KeyError(
+            f"tangent names differ from the parameters: missing {missing}, extra {extra}"
+        )
+    for name, p in params.items():
+        if tangent[name].shape != p.shape:
+            raise ValueError(
+                f"tangent {name!r} has shape {tuple(tangent[name].shape)}, "
+                f"the parameter has {tuple(p.shape)}"
+            )
+
+
+def lacks_forward_ad(err: BaseException) -> bool:
+    """Whether ``err`` says that an operation has no forward-mode AD rule."""
+    message = str(err).lower()
+    return isinstance(err, (RuntimeError, NotImplementedError)) and any(
+        hint in message for hint in _FORWARD_AD_HINTS
+    )
+
+
+def warn_mode_fallback(
+    warned: set[tuple[int, str]], key: tuple[int, str], what: str, err: BaseException
+) -> None:
+    """Warn once per ``key`` that ``auto`` fell back from forward mode to reverse mode."""
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(
+            f"forward-over-reverse {what} failed for {key[1]} ({err}); falling back "
+            "to reverse-over-reverse for this loss",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def quiet_forward_ad() -> Iterator[None]:
+    """Silence the torch-internal deprecation warning of the first forward-mode call."""
+    with warnings.catch_warnings():
+        # torch's first forward-mode call imports JIT-scripted decompositions, which warns about
+        # the deprecation of torch.jit.script; it is torch-internal and says nothing to the user.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        yield
+
+
+def check_batched_tangents(params: Mapping[str, Tensor], tangents: Mapping[str, Tensor]) -> int:
+    """Validate ``tangents`` against ``params`` and return the number ``k`` of stacked tangents."""
+    if tangents.keys() != params.keys():
+        missing = sorted(set(params) - set(tangents))
+        extra = sorted(set(tangents) - set(params))
+        raise KeyError(
+            f"batched tangent names differ from the parameters: missing {missing}, extra {extra}"
+        )
+    sizes: dict[str, int] = {}
+    for name, p in params.items():
+        t = tangents[name]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"batched tangent {name!r} is a {type(t).__name__}, not a Tensor")
+        if t.ndim != p.ndim + 1 or t.shape[1:] != p.shape:
+            raise ValueError(
+                f"batched tangent {name!r} has shape {tuple(t.shape)}; it must be "
+                f"(k, *{tuple(p.shape)}): stack the k tangents along a new leading dimension "
+                "(torch.stack), or call the operator itself for a single tangent"
+            )
+        sizes[name] = t.shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"batched tangents disagree on the leading dimension k: {sizes}; every name must "
+            "carry the same number of stacked tangents"
+        )
+    return next(iter(sizes.values()), 0)
+
+
+def unstack(tangents: Mapping[str, Tensor], i: int) -> Params:
+    """The ``i``-th tangent of a batched tangent dict (views, no copies)."""
+    return {n: t[i] for n, t in tangents.items()}
+
+
+def empty_batch(params: Mapping[str, Tensor]) -> Params:
+    """The answer to ``k = 0`` stacked tangents: zero-length stacks shaped like ``params``."""
+    return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
+
+
+def zeros_batch(k: int, like: Tensor) -> Tensor:
+    """``k`` stacked zero products for a parameter the operator does not couple to anything."""
+    return like.new_zeros((k, *like.shape))
+
+
+def loop_products(
+    single: Callable[[Params], Params],
+    tangents: Mapping[str, Tensor],
+    k: int,
+    key: tuple[int, str],
+    err: BaseException,
+) -> Params:
+    """The ``k`` products one at a time, after the vectorised pass raised ``err``.
+
+    Warns once per ``key`` (the function's identity and name), and only when the single products
+    succeed: if they fail too, their error is the one that describes the problem.
+    """
+    singles = [single(unstack(tangents, i)) for i in range(k)]
+    out = {n: torch.stack([s[n] for s in singles]) for n in tangents}
+    if key not in _BATCHED_FALLBACK_WARNED:
+        _BATCHED_FALLBACK_WARNED.add(key)
+        warnings.warn(
+            f"the vectorised batched product failed for {key[1]} ({type(err).__name__}: {err}); "
+            "computing the products one at a time for this function instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return out
+
+
+class RNGPin:
+    """The random-number state at construction, restored around every evaluation.
+
+    Entering ``pin()`` sets the CPU (and, for CUDA tensors, the device) generators to the captured
+    state and restores the caller's state on exit, so every evaluation draws the same dropout masks
+    and the global random stream does not move.
+    """
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        self.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self._cpu = torch.random.get_rng_state()
+        self._cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.random.set_rng_state(self._cpu)
+            for device, state in zip(self.devices, self._cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield

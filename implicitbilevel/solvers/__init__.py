@@ -1,0 +1,39 @@
+"""Linear solvers over parameter dicts: ``A x = b`` given only ``matvec(v) = A v``.
+
+Every solver has the same shape, ``solver(matvec, b, x0=None) -> (x, SolveInfo)``, so swapping one
+for another is changing one name. The matrix is never a type, only a callable; :class:`Dense`
+materialises it column by column for small problems and reference checks.
+
+In a bilevel problem the system is the implicit-Jacobian system of thesis eq. 4.8-4.9 (Algorithm 3):
+
+.. math::
+    \\Big(I + \\tfrac{1}{\\lambda + \\lambda_{damp}} \\nabla^2_\\theta \\mathcal{L}^P\\Big) u = v,
+
+but the solvers are generic: which system is solved is the problem's choice
+(:class:`~implicitbilevel.BilevelProblem`'s ``solve_over`` and ``head_damping``).
+
+==================  ===============================================  ============================
+solver              system                                           products per solve
+==================  ===============================================  ============================
+:class:`CG`         symmetric positive definite                      ``max_iter``
+:class:`MINRES`     symmetric, possibly indefinite                   ``max_iter``
+:class:`Neumann`    eigenvalues of ``αA`` in ``(0, 2)``              ``max_iter``
+:class:`Dense`      any non-singular (small)                         one per unknown
+==================  ===============================================  ============================
+"""
+
+from .base import LinearSolver, MatVec, Preconditioner, SolveInfo, SolverBreakdownError
+from .cg import CG
+from .dense import Dense
+from .neumann import Neumann
+
+__all__ = [
+    "CG",
+    "Dense",
+    "LinearSolver",
+    "MatVec",
+    "Neumann",
+    "Preconditioner",
+    "SolveInfo",
+    "SolverBreakdownError",
+]

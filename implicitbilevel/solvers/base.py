@@ -1,0 +1,99 @@
+"""The solver protocol: ``solver(matvec, b, x0=None) -> (x, SolveInfo)`` over parameter dicts.
+
+A solver only solves ``A x = b`` given ``matvec(v) = A v``; which system is solved (over the coupled
+lower variables or all of them, with or without a ridge on the head block) is decided by
+:class:`~implicitbilevel.BilevelProblem`, as a ridge is a matvec wrapper in JAXopt. Solvers that
+use curvature built once and reused (the randomized Nyström solvers) read it from the system object
+the problem passes as ``matvec`` (:class:`~implicitbilevel.system.IJSystem`).
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..tree import Params, tree_dot
+
+__all__ = ["LinearSolver", "MatVec", "Preconditioner", "SolveInfo", "SolverBreakdownError"]
+
+MatVec = Callable[[Params], Params]
+"""``v ↦ A v`` over parameter dicts."""
+
+Preconditioner = Callable[[MatVec], Callable[[Params], Params]]
+"""Given the system's ``matvec``, return ``r ↦ M⁻¹ r`` for a symmetric positive definite ``M``."""
+
+
+@dataclass
+class SolveInfo:
+    """Diagnostics of one linear solve.
+
+    Attributes:
+        iterations: matrix-vector products spent (for :class:`Dense`, the columns materialised;
+            for solvers that reuse curvature, the products of the solve itself, not of building it).
+        residual_norm: ``||b - A x||_2`` as the solver tracks it (CG: the recursive residual;
+            MINRES: its residual recurrence; Neumann: the residual of the series one term shorter,
+            an upper bound when it contracts; Dense: exact; Nyström-Woodbury: not tracked, ``nan``
+            unless measured).
+        rhs_norm: ``||b||_2``.
+        converged: whether ``residual_norm <= max(tol * rhs_norm, atol)``, where the threshold is
+            never below ``10·eps·rhs_norm`` (the dtype's rounding floor).
+        breakdown: ``None``, or why the solver stopped early (non-positive curvature, non-finite
+            values, a diverging series, a singular matrix).
+    """
+
+    iterations: int
+    residual_norm: float
+    rhs_norm: float
+    converged: bool
+    breakdown: str | None = None
+
+    @property
+    def relative_residual(self) -> float:
+        """``residual_norm / rhs_norm`` (0 when ``b = 0``)."""
+        return self.residual_norm / self.rhs_norm if self.rhs_norm > 0 else 0.0
+
+
+class SolverBreakdownError(RuntimeError):
+    """A linear solve broke down; ``info`` holds its diagnostics."""
+
+    def __init__(self, message: str, info: SolveInfo) -> None:
+        super().__init__(message)
+        self.info = info
+
+
+class LinearSolver(abc.ABC):
+    """Base of the solvers: ``solver(matvec, b, x0=None) -> (x, SolveInfo)``."""
+
+    @abc.abstractmethod
+    def __call__(
+        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    ) -> tuple[Params, SolveInfo]:
+        """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
+
+
+def threshold(tol: float, atol: float, rhs_norm: float, dtype: torch.dtype) -> float:
+    """The convergence threshold, never below the rounding floor ``10·eps·||b||``."""
+    return max(tol * rhs_norm, atol, 10 * torch.finfo(dtype).eps * rhs_norm)
+
+
+def list_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``⟨a, b⟩`` of two tensor lists in the same order."""
+    return tree_dot(dict(enumerate(a)), dict(enumerate(b)))  # type: ignore[arg-type]
+
+
+def dtype_of(tree: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype of the first tensor (float32 for an empty dict)."""
+    return next(iter(tree.values())).dtype if tree else torch.float32
+
+
+def validate(max_iter: int, tol: float, atol: float) -> None:
+    """Reject a non-integer or negative ``max_iter`` and negative or NaN tolerances."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    if not (tol >= 0 and atol >= 0):  # also rejects NaN
+        raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")

@@ -1,0 +1,294 @@
+"""MINRES over parameter dicts (Paige & Saunders 1975), optionally preconditioned.
+
+Solves ``A x = b`` for symmetric, possibly indefinite ``A``. In BiSSL ``A = I + H/μ`` (eq. 4.8-4.9,
+Algorithm 3) is positive definite only where the curvature ``H`` is positive semi-definite or small
+against ``μ``; MINRES needs symmetry only, so it solves the system where :class:`~.CG` breaks down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..tree import Params, tree_clone, tree_norm, tree_zeros_like
+from .base import (
+    LinearSolver,
+    MatVec,
+    Preconditioner,
+    SolveInfo,
+    dtype_of,
+    list_dot,
+    threshold,
+    validate,
+)
+
+__all__ = ["MINRES"]
+
+# The Lanczos process terminates when ``β_{k+1} <= _TINY·eps·||T e_k||``: the next Lanczos vector
+# would be rounding noise.
+_TINY = 10.0
+# The residual ``r`` is in A's numerical null space when ``||A r|| <= eps^_SINGULAR·||T||·||r||``
+# (``eps^(2/3)``: 4e-11 in float64, 2e-5 in float32). Since ``||A r|| >= ||r|| / ||A⁻¹||``, a
+# consistent system is flagged only if its condition number exceeds ``eps^(-2/3)``.
+_SINGULAR = 2.0 / 3.0
+
+
+@dataclass
+class MINRES(LinearSolver):
+    """MINRES for ``A x = b``, ``A`` symmetric and possibly indefinite (Paige & Saunders 1975).
+
+    The ``k``-th iterate minimises ``||b − A x||_2`` over ``x ∈ x0 + K_k(A, r0)``, ``r0 = b − A x0``
+    (with a preconditioner: ``||b − A x||_{M⁻¹}`` over ``x0 + K_k(M⁻¹A, M⁻¹r0)``), by the Lanczos
+    process on ``A`` and a QR factorisation of its tridiagonal matrix updated with one Givens
+    rotation per step. The minimised residual norm ``φ_k`` is therefore **non-increasing** in ``k``
+    and available from the rotations without forming ``b − A x_k``. Per step: one product, one
+    inner product, one norm and seven fused in-place vector updates (three Lanczos vectors, two
+    search directions, the iterate).
+
+    Why it suits the implicit-Jacobian system ``I + H/μ`` on real networks: away from a minimum of
+    the lower-level loss the Hessian ``H`` has negative eigenvalues, and once one is below ``−μ``
+    the system is indefinite (CG then meets non-positive curvature and stops); the
+    concatenated-head system ``diag(I, 0) + H_ω/μ`` of thesis Sec. 5.3.4 is indefinite even near a
+    minimum, as ``H_ω`` couples the head to the backbone. MINRES needs only symmetry, and its
+    residual never grows, so truncating it after a few products (the thesis's ``N_c = 5``) is safe.
+
+    Stops after ``max_iter`` products; when the residual is at most
+    ``max(tol·||b||, atol, 10·eps·||b||)`` (converged); when the Lanczos process terminates
+    (``β_{k+1} = 0`` to working precision: the Krylov space is invariant and the iterate is the
+    exact solution there, converged); or on a breakdown, which returns the last good iterate and
+    the reason (nothing is silently repaired): non-finite values, a preconditioner that is not
+    positive definite (``rᵀM⁻¹r <= 0`` for ``r ≠ 0``), or a singular system found by the recurrence
+    (the Krylov space is invariant, ``A`` is singular on it and the residual is not zero: ``b`` is
+    not in the range of ``A``; the returned iterate is then a least-squares solution). Before the
+    Krylov space becomes invariant a singular, inconsistent system shows only as a residual that
+    stops decreasing. On a singular consistent system from ``x0 = 0`` MINRES converges to the
+    minimum-norm solution.
+
+    Args:
+        max_iter: maximum matrix-vector products, including the one for ``r0 = b − A x0`` when
+            ``x0`` is given or warm-started (``max_iter − 1`` Lanczos steps remain then).
+        tol: relative residual tolerance; ``0`` runs ``max_iter`` products unless the residual
+            reaches the rounding floor ``10·eps·||b||`` or the Lanczos process terminates first.
+        atol: absolute residual tolerance.
+        warm_start: start from the previous call's solution when ``x0`` is not given and the
+            parameter names match (useful when consecutive systems are close).
+        preconditioner: ``None``, or a :data:`~implicitbilevel.solvers.Preconditioner`: called
+            with the system's ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive
+            definite ``M`` (it need not approximate ``A``, which may be indefinite; ``M ≈ |A|``
+            is the ideal). Costs one application per step, two more vector updates and a norm.
+
+    Returns ``(x, SolveInfo)``; ``SolveInfo`` holds ``iterations`` (products spent, including the
+    one for ``r0``), ``residual_norm``, ``rhs_norm = ||b||_2``, ``converged`` and ``breakdown``.
+    ``residual_norm`` is, without a preconditioner, the recurrence's ``φ_k``, equal to
+    ``||b − A x_k||_2`` in exact arithmetic (non-increasing). With a preconditioner the recurrence
+    gives ``φ_k = ||b − A x_k||_{M⁻¹}`` (non-increasing); ``residual_norm`` is instead the 2-norm
+    of the residual vector updated by ``r_k = s_k² r_{k−1} − c_k φ_k M v_{k+1}`` (no extra product;
+    equal to ``||b − A x_k||_2`` in exact arithmetic, not necessarily monotone), and the stopping
+    test uses it, so ``tol`` means the same with and without a preconditioner. With ``x0`` and
+    ``max_iter = 0`` nothing is measured: ``x0`` is returned with ``residual_norm = nan``.
+    """
+
+    max_iter: int = 5
+    tol: float = 0.0
+    atol: float = 0.0
+    warm_start: bool = False
+    preconditioner: Preconditioner | None = None
+    _previous: Params | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self.max_iter, self.tol, self.atol)
+
+    def __call__(
+        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    ) -> tuple[Params, SolveInfo]:
+        """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
+        b = dict(b)
+        if x0 is None and self.warm_start and self._previous is not None:
+            if self._previous.keys() == b.keys():
+                x0 = self._previous
+        apply = None if self.preconditioner is None else self.preconditioner(matvec)
+        x, info = _minres(matvec, b, x0, self.max_iter, self.tol, self.atol, apply)
+        if self.warm_start:
+            self._previous = tree_clone(x)
+        return x, info
+
+
+def _minres(
+    matvec: MatVec, b: Params, x0: Mapping[str, Tensor] | None, max_iter: int, tol: float,
+    atol: float, precondition: Callable[[Params], Params] | None = None,
+) -> tuple[Params, SolveInfo]:
+    keys = list(b.keys())
+    if not keys:
+        return {}, SolveInfo(0, 0.0, 0.0, True)
+    dtype = dtype_of(b)
+    eps = torch.finfo(dtype).eps
+    rhs_norm = float(tree_norm(b))
+    stop_at = threshold(tol, atol, rhs_norm, dtype)
+    x = tree_zeros_like(b) if x0 is None else tree_clone({k: x0[k] for k in keys})
+    xs = [x[k] for k in keys]
+    if not math.isfinite(rhs_norm):
+        return x, SolveInfo(0, math.inf, rhs_norm, False, "non-finite right-hand side b")
+    if rhs_norm == 0.0:  # x = 0 is the (minimum-norm) solution, whatever x0 is
+        return tree_zeros_like(b), SolveInfo(0, 0.0, 0.0, True)
+
+    products = 0
+    if x0 is None:
+        r0 = [b[k].detach() for k in keys]  # read only: never updated in place
+    elif max_iter == 0:
+        return x, SolveInfo(0, math.nan, rhs_norm, False)
+    else:
+        ax = matvec(dict(zip(keys, xs)))
+        products = 1
+        r0 = torch._foreach_sub([b[k].detach() for k in keys], [ax[k] for k in keys])
+
+    def info(residual: float, converged: bool, breakdown: str | None = None) -> SolveInfo:
+        return SolveInfo(products, residual, rhs_norm, converged, breakdown)
+
+    residual = r0_norm = _norm(r0)
+    if not math.isfinite(residual):
+        return x, info(math.inf, False, "non-finite initial residual b − A x0")
+    if residual <= stop_at:
+        return x, info(residual, True)
+
+    def preconditioned(vector: list[Tensor]) -> list[Tensor]:
+        z = precondition(dict(zip(keys, vector)))  # type: ignore[misc]
+        return [z[k] for k in keys]
+
+    # Lanczos on A (with a preconditioner: on M⁻¹A in the M-inner product). u_k = M v_k; without
+    # a preconditioner u_k and v_k are the same tensors. beta is β_k, the norm of z_k = β_k u_k.
+    r_track: list[Tensor] | None = None  # the residual vector, tracked only when preconditioned
+    if precondition is None:
+        beta = residual
+        v = u = torch._foreach_div(r0, beta)
+    else:
+        q = preconditioned(r0)
+        beta_sq = float(list_dot(r0, q))
+        if not math.isfinite(beta_sq):
+            return x, info(residual, False, "non-finite preconditioned residual M⁻¹r0")
+        if beta_sq <= 0.0:
+            return x, info(residual, False, _not_pd(beta_sq, 0))
+        beta = math.sqrt(beta_sq)
+        v = torch._foreach_div(q, beta)  # before touching r0: q may alias it
+        u = torch._foreach_div(r0, beta)
+        r_track = torch._foreach_clone(r0)
+    u_prev: list[Tensor] | None = None
+    ws, ws_old = [torch.zeros_like(t) for t in xs], [torch.zeros_like(t) for t in xs]
+    # QR of the tridiagonal T_k by Givens rotations (c, s); phibar is φ_k (the M⁻¹-norm residual).
+    phibar = beta
+    c, s = -1.0, 0.0
+    dbar = eps_next = 0.0
+    t_norm = 0.0  # max column norm of T so far, an estimate of ||A|| (M-scaled)
+    breakdown = None
+    converged = False
+    step = 0
+    while products < max_iter:
+        step += 1
+        av = matvec(dict(zip(keys, v)))
+        products += 1
+        avs = [av[k] for k in keys]
+        # p = σ·P holds A v_k − β_k u_{k−1}, in place in u_{k−1}'s buffer (σ saves a scaling pass).
+        if u_prev is None:
+            p, sigma = torch._foreach_clone(avs), 1.0
+        else:
+            p, sigma = u_prev, -beta
+            torch._foreach_add_(p, avs, alpha=-1.0 / beta)
+        alpha = sigma * float(list_dot(v, p))
+        if not math.isfinite(alpha):
+            breakdown = f"non-finite values in A v at iteration {step}"
+            break
+        torch._foreach_add_(p, u, alpha=-alpha / sigma)  # now σ·P = z_{k+1} = β_{k+1} u_{k+1}
+        if precondition is None:
+            q = p
+            beta_next = abs(sigma) * _norm(p)
+        else:
+            q = preconditioned(p)  # M⁻¹P
+            beta_sq = sigma * sigma * float(list_dot(p, q))
+            if not math.isfinite(beta_sq):
+                breakdown = f"non-finite preconditioned vector at iteration {step}"
+                break
+            if beta_sq < 0.0 or (beta_sq == 0.0 and _norm(p) > 0.0):
+                breakdown = _not_pd(beta_sq, step)
+                break
+            beta_next = math.sqrt(beta_sq)
+        if not math.isfinite(beta_next):
+            breakdown = f"non-finite values in A v at iteration {step}"
+            break
+        column = math.sqrt((beta * beta if u_prev is not None else 0.0) + alpha * alpha
+                           + beta_next * beta_next)
+        t_norm = max(t_norm, column)
+        terminated = beta_next <= _TINY * eps * column
+        # Rotate T's new column by the previous rotation, then annihilate β_{k+1} by a new one.
+        eps_k = eps_next
+        delta = c * dbar + s * alpha
+        gbar = s * dbar - c * alpha
+        eps_next = s * beta_next
+        dbar = -c * beta_next
+        # ||A r_{k−1}|| = φ_{k−1}·hypot(γ̄_k, δ̄_{k+1}) (M-norms with a preconditioner): a residual
+        # in A's numerical null space, not small (else the solve had stopped), means b is not in
+        # A's range, and x_{k−1} is a least-squares solution. γ̄_k = 0 at termination is this case.
+        root = math.hypot(gbar, dbar)
+        if root <= eps**_SINGULAR * t_norm:
+            breakdown = (
+                f"singular system at iteration {step}: the residual ({residual:.3g}) lies in the "
+                f"numerical null space of A (||A r||/||r|| = {root:.3g}, ||A|| ≈ {t_norm:.3g}), "
+                "so b is not in the range of A; x is the last iterate, a least-squares solution"
+            )
+            break
+        gamma = math.hypot(gbar, beta_next)  # >= root > 0
+        c, s = gbar / gamma, beta_next / gamma
+        phi, phibar = c * phibar, s * phibar
+        # w_k = (v_k − ε_k w_{k−2} − δ_k w_{k−1}) / γ_k, in place in w_{k−2}'s buffer.
+        torch._foreach_mul_(ws_old, -eps_k / gamma)
+        torch._foreach_add_(ws_old, ws, alpha=-delta / gamma)
+        torch._foreach_add_(ws_old, v, alpha=1.0 / gamma)
+        ws, ws_old = ws_old, ws
+        if precondition is None:
+            # ||x_k − x0|| <= 2·||r0||/σ_min(A) for every k, so a step longer than
+            # 4·||r0||/(eps^(2/3)·||T||) proves cond(A) > eps^(-2/3): A is numerically singular and
+            # the step would only amplify rounding (the recurrence alone misses this once the
+            # Lanczos vectors have lost orthogonality).
+            step_norm = abs(phi) * _norm(ws)
+            if step_norm > 4.0 * r0_norm / (eps**_SINGULAR * t_norm):
+                breakdown = (
+                    f"numerically singular system at iteration {step}: the step would move x by "
+                    f"{step_norm:.3g}, more than A allows unless cond(A) > eps^(-2/3) "
+                    f"(||r0|| = {r0_norm:.3g}, ||A|| ≈ {t_norm:.3g}); b is (nearly) outside the "
+                    "range of A; x is the last iterate"
+                )
+                break
+        torch._foreach_add_(xs, ws, alpha=phi)
+        if r_track is None:
+            residual = phibar
+        else:
+            # r_k = s² r_{k−1} − c φ_k u_{k+1}, u_{k+1} = (σ/β_{k+1}) P.
+            torch._foreach_mul_(r_track, s * s)
+            if beta_next > 0.0:
+                torch._foreach_add_(r_track, p, alpha=-c * phibar * sigma / beta_next)
+            residual = _norm(r_track)
+        if terminated or residual <= stop_at:
+            converged = True
+            break
+        if products >= max_iter:
+            break
+        scale = sigma / beta_next
+        if precondition is not None:
+            v = torch._foreach_mul(q, scale)  # before scaling P: q may alias it
+        torch._foreach_mul_(p, scale)
+        if precondition is None:
+            v = p
+        u_prev, u = u, p
+        beta = beta_next
+    return x, info(residual, converged, breakdown)
+
+
+def _norm(vector: list[Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector))))
+
+
+def _not_pd(value: float, step: int) -> str:
+    return (f"the preconditioner is not positive definite (rᵀM⁻¹r = {value:.3g} for r ≠ 0 at "
+            f"iteration {step})")

@@ -1,0 +1,116 @@
+"""The implicit-Jacobian settings of the BiSSL stage, shared by the vision and GPT recipes.
+
+One config block and one builder, so every solver and curvature option exists in both recipes:
+
+===================  ==========================================================================
+``bissl.ij``         solver
+===================  ==========================================================================
+``cg``               conjugate gradients (thesis Algorithm 1), ``cg_iters`` products
+``cg-blockwise``     the original BiSSL code's per-tensor CG variant, for reproducing its numbers
+``minres``           MINRES: symmetric, possibly indefinite systems, ``cg_iters`` products
+``neumann``          truncated Neumann series (Sec. 9.1), ``cg_iters`` products, step
+                     ``neumann_alpha``
+``nystrom-pcg``      CG preconditioned by a rank-``nystrom_rank`` randomized Nyström
+                     approximation of the curvature, built once per alternation
+``nystrom-minres``   MINRES with the same preconditioner
+``nystrom``          the Woodbury inverse of ``I + Ĥ/μ``: no products per solve
+``dense``            exact (small models only)
+===================  ==========================================================================
+
+``bissl.curvature``: ``hessian`` (exact) or ``gauss-newton`` (``Jᵀ∇²L J`` of the pretext loss split
+into outputs and a convex output loss; positive semi-definite, so CG converges).
+``bissl.solve_over``: ``coupled`` (Prop. 4.2) or ``all`` (the concatenated head, Sec. 5.3.4), with
+``bissl.head_damping`` on the head block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from implicitbilevel import (
+    CG,
+    MINRES,
+    Dense,
+    GaussNewton,
+    LinearSolver,
+    Neumann,
+    NystromPreconditioner,
+    NystromSolver,
+)
+
+from .config import field
+
+__all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "problem_options"]
+
+IJ_SOLVERS = ("cg", "cg-blockwise", "minres", "neumann", "nystrom-pcg", "nystrom-minres",
+              "nystrom", "dense")
+
+
+@dataclass
+class IJSettings:
+    """Implicit-Jacobian fields of a BiSSL stage config (``bissl.*`` in both recipes)."""
+
+    damping: float = field(10.0, ge=0.0, doc="λ_damp: the IJ system uses μ = λ + λ_damp")
+    ij: str = field("cg", choices=IJ_SOLVERS, doc="the IJ solver (see recipes.common.ij)")
+    cg_iters: int = field(5, ge=1, doc="N_c: curvature products per solve")
+    neumann_alpha: float = field(1.0, gt=0.0, doc="step α of the Neumann series")
+    nystrom_rank: int = field(20, ge=1, doc="rank of the Nyström curvature (nystrom-*)")
+    warm_start: bool = field(False, doc="start each solve from the previous one (cg, minres)")
+    curvature: str = field("hessian", choices=("hessian", "gauss-newton"))
+    solve_over: str = field("coupled", choices=("coupled", "all"),
+                            doc="all: the concatenated head (Sec. 5.3.4)")
+    head_damping: float = field(0.0, ge=0.0, doc="ridge on the head block (solve_over=all)")
+    on_breakdown: str = field("warn", choices=("raise", "warn", "ignore"))
+
+
+def build_solver(s: IJSettings) -> LinearSolver:
+    """The linear solver named by ``s.ij``."""
+    n = s.cg_iters
+    if s.ij == "cg":
+        return CG(max_iter=n, warm_start=s.warm_start)
+    if s.ij == "cg-blockwise":
+        return CG(max_iter=n, blockwise=True)
+    if s.ij == "minres":
+        return MINRES(max_iter=n, warm_start=s.warm_start)
+    if s.ij == "neumann":
+        return Neumann(max_iter=n, alpha=s.neumann_alpha)
+    if s.ij == "nystrom-pcg":
+        return CG(max_iter=n, warm_start=s.warm_start,
+                  preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
+    if s.ij == "nystrom-minres":
+        return MINRES(max_iter=n, warm_start=s.warm_start,
+                      preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
+    if s.ij == "nystrom":
+        return NystromSolver(rank=s.nystrom_rank)
+    if s.ij == "dense":
+        return Dense()
+    raise ValueError(f"bissl.ij: unknown solver {s.ij!r}; choose one of {list(IJ_SOLVERS)}")
+
+
+def problem_options(s: IJSettings, gauss_newton: GaussNewton | None) -> dict[str, Any]:
+    """Keyword arguments of :class:`~implicitbilevel.BilevelProblem` for these settings.
+
+    ``gauss_newton`` is the recipe's split of its pretext loss (outputs, convex output loss); it is
+    used when ``s.curvature == "gauss-newton"``.
+    """
+    if s.curvature == "gauss-newton":
+        if gauss_newton is None:
+            raise ValueError("bissl.curvature=gauss-newton needs the pretext loss's output split")
+        curvature: Any = gauss_newton
+    else:
+        curvature = "hessian"
+    if s.head_damping and s.solve_over != "all":
+        raise ValueError("bissl.head_damping applies only with bissl.solve_over=all")
+    if s.ij.startswith("nystrom") and s.solve_over == "all":
+        raise ValueError(f"bissl.ij={s.ij} assumes the system I + H/μ over the coupled names; "
+                         "use bissl.solve_over=coupled, or bissl.ij=minres for the concatenated "
+                         "head")
+    return {
+        "damping": s.damping,
+        "ij": build_solver(s),
+        "solve_over": s.solve_over,
+        "head_damping": s.head_damping,
+        "curvature": curvature,
+        "on_breakdown": s.on_breakdown,
+    }
