@@ -109,6 +109,7 @@ def _cg(
         x = tree_clone(x0)
         r = tree_sub(b, matvec(x))
     keys = list(b.keys())
+    iterations = 0 if x0 is None else 1  # the product of the initial residual counts
     xs, rs_ = [x[k] for k in keys], [r[k] for k in keys]
 
     def preconditioned(residual: list[Tensor]) -> list[Tensor]:
@@ -124,8 +125,7 @@ def _cg(
     rz = float(list_dot(rs_, zs))
     rs = rz if precondition is None else float(list_dot(rs_, rs_))
     breakdown = None
-    iterations = 0
-    for k in range(max_iter):
+    for k in range(max_iter - iterations):
         if not (math.isfinite(rs) and math.isfinite(rz)):
             breakdown = f"non-finite residual at iteration {k}"
             break

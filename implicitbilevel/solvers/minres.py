@@ -2,7 +2,8 @@
 
 Solves ``A x = b`` for symmetric, possibly indefinite ``A``. In BiSSL ``A = I + H/μ`` (eq. 4.8-4.9,
 Algorithm 3) is positive definite only where the curvature ``H`` is positive semi-definite or small
-against ``μ``; MINRES needs symmetry only, so it solves the system where :class:`~.CG` breaks down.
+against ``μ``; MINRES needs symmetry only, so it solves the system where
+:class:`~implicitbilevel.CG` breaks down.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from .base import (
 
 __all__ = ["MINRES"]
 
-# The Lanczos process terminates when ``β_{k+1} <= _TINY·eps·||T e_k||``: the next Lanczos vector
-# would be rounding noise.
-_TINY = 10.0
 # The residual ``r`` is in A's numerical null space when ``||A r|| <= eps^_SINGULAR·||T||·||r||``
 # (``eps^(2/3)``: 4e-11 in float64, 2e-5 in float32). Since ``||A r|| >= ||r|| / ||A⁻¹||``, a
 # consistent system is flagged only if its condition number exceeds ``eps^(-2/3)``.
@@ -58,38 +56,60 @@ class MINRES(LinearSolver):
 
     Stops after ``max_iter`` products; when the residual is at most
     ``max(tol·||b||, atol, 10·eps·||b||)`` (converged); when the Lanczos process terminates
-    (``β_{k+1} = 0`` to working precision: the Krylov space is invariant and the iterate is the
-    exact solution there, converged); or on a breakdown, which returns the last good iterate and
-    the reason (nothing is silently repaired): non-finite values, a preconditioner that is not
-    positive definite (``rᵀM⁻¹r <= 0`` for ``r ≠ 0``), or a singular system found by the recurrence
-    (the Krylov space is invariant, ``A`` is singular on it and the residual is not zero: ``b`` is
-    not in the range of ``A``; the returned iterate is then a least-squares solution). Before the
-    Krylov space becomes invariant a singular, inconsistent system shows only as a residual that
-    stops decreasing. On a singular consistent system from ``x0 = 0`` MINRES converges to the
-    minimum-norm solution.
+    (``β_{k+1} = 0``: the Krylov space is invariant and the iterate is the exact solution there, so
+    ``φ_k = 0``; converged, not a breakdown; a ``β_{k+1}`` at rounding level only makes the next
+    Lanczos vector noise, which does no harm, and the residual test decides); or on a breakdown,
+    which returns the last good iterate with the reason (nothing is silently repaired):
+
+    - non-finite values (in ``b``, ``A v`` or ``M⁻¹r``);
+    - a preconditioner that is not positive definite (``rᵀM⁻¹r < 0``, or ``= 0`` for ``r ≠ 0``);
+    - a singular system: the recurrence finds the residual in ``A``'s numerical null space,
+      ``||A r_{k−1}|| = φ_{k−1}·hypot(γ̄_k, δ̄_{k+1}) <= eps^(2/3)·||T||·||r_{k−1}||`` (at an
+      invariant Krylov space this is ``γ̄_k = 0`` with ``φ_{k−1} ≠ 0``), so ``b`` is not in the
+      range of ``A`` and ``x_{k−1}`` is a least-squares solution (in the ``M⁻¹``-norm with a
+      preconditioner); or an iterate farther from ``x0`` than
+      ``d = (||r0|| + max_j ||r_j||)/(eps^(2/3)·||A||)``, or a step longer than ``2d``, which no
+      system with ``cond(A) <= eps^(-2/3)`` needs (this catches the same case once the Lanczos
+      vectors have lost orthogonality and ``γ̄_k`` no longer vanishes; the iterate before is
+      returned, a least-squares solution perhaps only to a few digits, and its residual, from the
+      recurrence, may understate the true one). ``||T||``, the largest column norm of the
+      Lanczos tridiagonal, estimates ``||A||`` (the preconditioned operator's) from the Krylov
+      space seen so far; the step test bounds ``||A||_2`` below by ``||T||`` or, with a
+      preconditioner, by ``max_k ||A v_k|| / ||v_k||``. A consistent system is never flagged
+      unless ``cond(A) > eps^(-2/3)``; on a singular consistent one, MINRES from ``x0 = 0``
+      converges to the minimum-norm solution.
 
     Args:
         max_iter: maximum matrix-vector products, including the one for ``r0 = b − A x0`` when
             ``x0`` is given or warm-started (``max_iter − 1`` Lanczos steps remain then).
         tol: relative residual tolerance; ``0`` runs ``max_iter`` products unless the residual
-            reaches the rounding floor ``10·eps·||b||`` or the Lanczos process terminates first.
+            reaches the rounding floor ``10·eps·||b||`` first (as it does when the Lanczos
+            process terminates).
         atol: absolute residual tolerance.
         warm_start: start from the previous call's solution when ``x0`` is not given and the
             parameter names match (useful when consecutive systems are close).
         preconditioner: ``None``, or a :data:`~implicitbilevel.solvers.Preconditioner`: called
             with the system's ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive
             definite ``M`` (it need not approximate ``A``, which may be indefinite; ``M ≈ |A|``
-            is the ideal). Costs one application per step, two more vector updates and a norm.
+            is the ideal). Costs per step one application, an inner product in place of the
+            norm, three more vector updates (the 2-norm residual) and three norms (that residual,
+            ``||A v_k||`` and ``||v_k||``, for the singularity test).
 
     Returns ``(x, SolveInfo)``; ``SolveInfo`` holds ``iterations`` (products spent, including the
     one for ``r0``), ``residual_norm``, ``rhs_norm = ||b||_2``, ``converged`` and ``breakdown``.
-    ``residual_norm`` is, without a preconditioner, the recurrence's ``φ_k``, equal to
-    ``||b − A x_k||_2`` in exact arithmetic (non-increasing). With a preconditioner the recurrence
-    gives ``φ_k = ||b − A x_k||_{M⁻¹}`` (non-increasing); ``residual_norm`` is instead the 2-norm
-    of the residual vector updated by ``r_k = s_k² r_{k−1} − c_k φ_k M v_{k+1}`` (no extra product;
-    equal to ``||b − A x_k||_2`` in exact arithmetic, not necessarily monotone), and the stopping
-    test uses it, so ``tol`` means the same with and without a preconditioner. With ``x0`` and
-    ``max_iter = 0`` nothing is measured: ``x0`` is returned with ``residual_norm = nan``.
+    Without a preconditioner ``residual_norm`` is the recurrence's ``φ_k``, equal to
+    ``||b − A x_k||_2`` in exact arithmetic and non-increasing in ``k``; in floating point it can
+    drift below the true residual by about ``eps·cond(A)·||A||·||x||`` once the residual is that
+    small. With a preconditioner the recurrence's ``φ_k`` is ``||b − A x_k||_{M⁻¹}``
+    (non-increasing); ``residual_norm`` is instead ``||r_k||_2`` for the residual vector updated
+    by ``r_k = s_k² r_{k−1} − c_k φ_k M v_{k+1}`` (``c_k, s_k`` the ``k``-th rotation; no extra
+    product, one vector update and a norm per step), which equals ``||b − A x_k||_2`` in exact
+    arithmetic but need not decrease monotonically; the stopping test uses it, so ``tol`` means
+    the same with and without a preconditioner. With ``x0`` and ``max_iter = 0`` nothing is
+    measured: ``x0`` is returned with ``residual_norm = nan``.
+
+    Reference: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
+    equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
     """
 
     max_iter: int = 5
@@ -170,23 +190,29 @@ def _minres(
         if not math.isfinite(beta_sq):
             return x, info(residual, False, "non-finite preconditioned residual M⁻¹r0")
         if beta_sq <= 0.0:
-            return x, info(residual, False, _not_pd(beta_sq, 0))
+            return x, info(residual, False, _not_pd(beta_sq, products))
         beta = math.sqrt(beta_sq)
         v = torch._foreach_div(q, beta)  # before touching r0: q may alias it
         u = torch._foreach_div(r0, beta)
         r_track = torch._foreach_clone(r0)
     u_prev: list[Tensor] | None = None
-    ws, ws_old = [torch.zeros_like(t) for t in xs], [torch.zeros_like(t) for t in xs]
+    # Search directions w_{k−1}, w_{k−2} (allocated at the first two steps: w_0 = w_{−1} = 0) and
+    # upper bounds on their norms (without a preconditioner, where ||v_k|| = 1).
+    ws: list[Tensor] | None = None
+    ws_old: list[Tensor] | None = None
+    omega = omega_old = 0.0
     # QR of the tridiagonal T_k by Givens rotations (c, s); phibar is φ_k (the M⁻¹-norm residual).
     phibar = beta
     c, s = -1.0, 0.0
     dbar = eps_next = 0.0
     t_norm = 0.0  # max column norm of T so far, an estimate of ||A|| (M-scaled)
+    # For the step-length test: a lower bound on ||A||_2, the 2-norm of v_k, the largest residual.
+    a_norm, v_norm, r_max = 0.0, 1.0, residual
+    x0_norm = 0.0 if x0 is None else _norm(xs)
+    x_bound = x0_norm  # an upper bound on ||x_k||
     breakdown = None
     converged = False
-    step = 0
     while products < max_iter:
-        step += 1
         av = matvec(dict(zip(keys, v)))
         products += 1
         avs = [av[k] for k in keys]
@@ -196,9 +222,19 @@ def _minres(
         else:
             p, sigma = u_prev, -beta
             torch._foreach_add_(p, avs, alpha=-1.0 / beta)
-        alpha = sigma * float(list_dot(v, p))
+        if precondition is None:
+            alpha = sigma * float(list_dot(v, p))
+        else:
+            # ||A v_k||_2 / ||v_k||_2 <= ||A||_2 for the step-length test below (one host sync).
+            norms = torch._foreach_norm([*avs, *v])
+            alpha, av_norm, v_norm = torch.stack([
+                list_dot(v, p), torch.linalg.vector_norm(torch.stack(norms[:len(keys)])),
+                torch.linalg.vector_norm(torch.stack(norms[len(keys):]))]).tolist()
+            alpha *= sigma
+            if math.isfinite(av_norm) and v_norm > 0.0:
+                a_norm = max(a_norm, av_norm / v_norm)
         if not math.isfinite(alpha):
-            breakdown = f"non-finite values in A v at iteration {step}"
+            breakdown = f"non-finite values in A v at iteration {products}"
             break
         torch._foreach_add_(p, u, alpha=-alpha / sigma)  # now σ·P = z_{k+1} = β_{k+1} u_{k+1}
         if precondition is None:
@@ -208,19 +244,18 @@ def _minres(
             q = preconditioned(p)  # M⁻¹P
             beta_sq = sigma * sigma * float(list_dot(p, q))
             if not math.isfinite(beta_sq):
-                breakdown = f"non-finite preconditioned vector at iteration {step}"
+                breakdown = f"non-finite preconditioned vector M⁻¹z at iteration {products}"
                 break
             if beta_sq < 0.0 or (beta_sq == 0.0 and _norm(p) > 0.0):
-                breakdown = _not_pd(beta_sq, step)
+                breakdown = _not_pd(beta_sq, products)
                 break
             beta_next = math.sqrt(beta_sq)
         if not math.isfinite(beta_next):
-            breakdown = f"non-finite values in A v at iteration {step}"
+            breakdown = f"non-finite values in A v at iteration {products}"
             break
         column = math.sqrt((beta * beta if u_prev is not None else 0.0) + alpha * alpha
                            + beta_next * beta_next)
         t_norm = max(t_norm, column)
-        terminated = beta_next <= _TINY * eps * column
         # Rotate T's new column by the previous rotation, then annihilate β_{k+1} by a new one.
         eps_k = eps_next
         delta = c * dbar + s * alpha
@@ -233,43 +268,72 @@ def _minres(
         root = math.hypot(gbar, dbar)
         if root <= eps**_SINGULAR * t_norm:
             breakdown = (
-                f"singular system at iteration {step}: the residual ({residual:.3g}) lies in the "
-                f"numerical null space of A (||A r||/||r|| = {root:.3g}, ||A|| ≈ {t_norm:.3g}), "
-                "so b is not in the range of A; x is the last iterate, a least-squares solution"
+                f"singular system at iteration {products}: the residual ({residual:.3g}) lies in "
+                f"the numerical null space of A (||A r||/||r|| = {root:.3g}, ||A|| ≈ "
+                f"{t_norm:.3g}), so b is not in the range of A; x is the last iterate, a "
+                "least-squares solution"
             )
             break
         gamma = math.hypot(gbar, beta_next)  # >= root > 0
         c, s = gbar / gamma, beta_next / gamma
         phi, phibar = c * phibar, s * phibar
         # w_k = (v_k − ε_k w_{k−2} − δ_k w_{k−1}) / γ_k, in place in w_{k−2}'s buffer.
-        torch._foreach_mul_(ws_old, -eps_k / gamma)
-        torch._foreach_add_(ws_old, ws, alpha=-delta / gamma)
-        torch._foreach_add_(ws_old, v, alpha=1.0 / gamma)
-        ws, ws_old = ws_old, ws
-        if precondition is None:
-            # ||x_k − x0|| <= 2·||r0||/σ_min(A) for every k, so a step longer than
-            # 4·||r0||/(eps^(2/3)·||T||) proves cond(A) > eps^(-2/3): A is numerically singular and
-            # the step would only amplify rounding (the recurrence alone misses this once the
-            # Lanczos vectors have lost orthogonality).
-            step_norm = abs(phi) * _norm(ws)
-            if step_norm > 4.0 * r0_norm / (eps**_SINGULAR * t_norm):
-                breakdown = (
-                    f"numerically singular system at iteration {step}: the step would move x by "
-                    f"{step_norm:.3g}, more than A allows unless cond(A) > eps^(-2/3) "
-                    f"(||r0|| = {r0_norm:.3g}, ||A|| ≈ {t_norm:.3g}); b is (nearly) outside the "
-                    "range of A; x is the last iterate"
-                )
-                break
-        torch._foreach_add_(xs, ws, alpha=phi)
+        if ws is None:
+            ws = torch._foreach_div(v, gamma)
+        elif ws_old is None:
+            ws_old, ws = ws, torch._foreach_add(v, ws, alpha=-delta)
+            torch._foreach_div_(ws, gamma)
+        else:
+            torch._foreach_mul_(ws_old, -eps_k / gamma)
+            torch._foreach_add_(ws_old, ws, alpha=-delta / gamma)
+            torch._foreach_add_(ws_old, v, alpha=1.0 / gamma)
+            ws, ws_old = ws_old, ws
+        omega, omega_old = (v_norm + abs(eps_k) * omega_old + abs(delta) * omega) / gamma, omega
         if r_track is None:
-            residual = phibar
+            new_residual = phibar
         else:
             # r_k = s² r_{k−1} − c φ_k u_{k+1}, u_{k+1} = (σ/β_{k+1}) P.
             torch._foreach_mul_(r_track, s * s)
             if beta_next > 0.0:
                 torch._foreach_add_(r_track, p, alpha=-c * phibar * sigma / beta_next)
-            residual = _norm(r_track)
-        if terminated or residual <= stop_at:
+            new_residual = _norm(r_track)
+            r_max = max(r_max, new_residual)
+        # Every ||x_j − x0||_2 <= (||r0|| + ||r_j||)/σ_min(A), so an iterate farther than
+        # d_max = (||r0|| + max_j ||r_j||)/(eps^(2/3)·||A||) from x0, or a step longer than 2·d_max,
+        # proves cond(A) > eps^(-2/3): A is numerically singular, b (nearly) outside its range, and
+        # x only grows, amplifying rounding (the recurrence misses this once the Lanczos vectors
+        # have lost orthogonality). ||A|| is bounded below by ||T|| (no preconditioner; there
+        # ||v_k|| = 1 and ||r_j|| <= ||r0||) or by max ||A v_k||/||v_k||. omega and x_bound bound
+        # ||w_k|| and ||x_k|| by the triangle inequality; only when a bound exceeds its limit is
+        # the norm computed, so a well-conditioned solve pays nothing for the test.
+        a_low = t_norm if precondition is None else a_norm
+        r_high = r0_norm if precondition is None else r_max
+        d_max = (r0_norm + r_high) / (eps**_SINGULAR * a_low) if a_low > 0.0 else math.inf
+        if abs(phi) * omega > 2.0 * d_max:
+            omega = _norm(ws)
+        growth = None
+        if abs(phi) * omega > 2.0 * d_max:
+            growth = f"the step would move x by {abs(phi) * omega:.3g}"
+        else:
+            torch._foreach_add_(xs, ws, alpha=phi)
+            x_bound += abs(phi) * omega
+            if x_bound > x0_norm + d_max:
+                x_bound = _norm(xs)
+            if x_bound > x0_norm + d_max:
+                torch._foreach_add_(xs, ws, alpha=-phi)  # back to x_{k−1}: |φ|·||w|| <= 2·d_max
+                growth = f"x would move {x_bound - x0_norm:.3g} or more from x0"
+        if growth is not None:
+            breakdown = (
+                f"numerically singular system at iteration {products}: {growth}, more than A "
+                f"allows unless cond(A) > eps^(-2/3) (||r0|| = {r0_norm:.3g}, ||A|| >= "
+                f"{a_low:.3g}); b is (nearly) outside the range of A; x is the last iterate, whose "
+                "residual (from the recurrence) may understate the true one"
+            )
+            break
+        residual = new_residual
+        # β_{k+1} = 0 (the Lanczos process terminated: K_k is invariant and x_k exact there) gives
+        # s = 0, so φ_k = 0 and the solve stops here: the normalisation below never divides by 0.
+        if residual <= stop_at:
             converged = True
             break
         if products >= max_iter:
@@ -289,6 +353,6 @@ def _norm(vector: list[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector))))
 
 
-def _not_pd(value: float, step: int) -> str:
+def _not_pd(value: float, products: int) -> str:
     return (f"the preconditioner is not positive definite (rᵀM⁻¹r = {value:.3g} for r ≠ 0 at "
-            f"iteration {step})")
+            f"iteration {products})")
