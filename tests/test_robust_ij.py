@@ -1,16 +1,16 @@
-"""Implicit-Jacobian solves where the textbook assumptions fail: indefinite systems on a real network.
+"""Implicit-Jacobian solves where the textbook assumptions fail: indefinite systems, real network.
 
-A small conv net with train-mode BatchNorm (tanh, smooth pretext loss, float64) at the thesis's
-μ = λ + λ_damp = 10.001:
+A small conv net with train-mode BatchNorm (tanh, smooth pretext loss, float64):
 
-- the concatenated-head system ``diag(I, 0) + H_ω/μ`` (eq. 5.14) is indefinite (its dense matrix has
-  negative eigenvalues, asserted); CG stops on non-positive curvature, while MINRES — the default for
-  ``solve_over="all"`` — matches the dense block solve, built independently with
-  ``torch.autograd.functional.hessian`` over the flattened ω, to 1e-8 relative;
-- a BiSSL trainer run (undamped, μ = 1) where plain CG breaks down: the robust configurations (MINRES on the exact
-  Hessian; CG and Nyström-preconditioned CG on the Gauss–Newton curvature) log a measured relative
-  residual ``‖v − A u‖/‖v‖ ≤ 0.1`` at every alternation and no breakdown, and the logged residual
-  equals a dense recomputation.
+- at the thesis's μ = λ + λ_damp = 10.001 the concatenated-head system ``diag(I, 0) + H_ω/μ``
+  (eq. 5.14) is indefinite (its dense matrix has negative eigenvalues, asserted); CG stops on
+  non-positive curvature, while MINRES, the default for ``solve_over="all"``, matches the dense
+  block solve, built independently with ``torch.autograd.functional.hessian`` over the flattened ω,
+  to 1e-8 relative;
+- a BiSSL trainer run (undamped, μ = 1) where plain CG breaks down: the robust configurations
+  (MINRES on the exact Hessian; CG and Nyström-preconditioned CG on the Gauss–Newton curvature) log
+  a measured relative residual ``‖v − A u‖/‖v‖ ≤ 0.1`` at every alternation and no breakdown, and
+  the logged residual equals a dense recomputation.
 """
 
 from __future__ import annotations
