@@ -9,21 +9,25 @@ What it does beyond the algorithm's loop, following the thesis's setup (Sec. 6.1
 
 - **Batch stacks.** Each level draws from its own stack of batches (one pass over its loader),
   regenerated only when the remaining batches cannot complete a stage, so data is not reshuffled
-  between alternations. One lower batch is drawn per alternation for the implicit-Jacobian
+  between alternations; a shorter loader is cycled, and a trailing partial batch is never used
+  (:class:`BatchStack`). One lower batch is drawn per alternation for the implicit-Jacobian
   Hessian and shared by all ``N_U`` upper steps, whose first-order graph is built once.
 - **Clipping, schedules, λ.** Gradient-norm clipping per level (10 in the thesis), learning-rate
-  schedulers stepped once per step, ``λ(t)`` evaluated once per alternation, a learnable λ updated
-  by the upper optimiser (register ``problem.lam.rho`` with it, as the thesis does).
+  schedulers stepped once per step, ``λ(t)`` evaluated once per alternation. The problem's own
+  parameters (``problem.params``: a learnable λ's ``ρ``) are upper-level parameters like any
+  other: updated by the upper optimiser (register them with it, as the thesis does), clipped
+  with the upper gradient, checkpointed and broadcast with the upper parameters.
 - **Logging.** One JSON line per alternation in ``out_dir/metrics.jsonl``: both losses, λ, solver
   iterations, the solver's residual and the measured one (``ij_relative_residual``), gradient
   norms, breakdowns, curvature products and the time spent building reused curvature, wall time; a
   progress bar when ``tqdm`` is installed.
 - **Checkpoints.** At alternation boundaries, atomically, in ``out_dir/checkpoint.pt``: parameters,
   module buffers, optimiser and scheduler states, random-number states and the positions in the
-  batch stacks, so ``run(resume=True)`` after a kill continues exactly where the run stopped.
-- **Replicas.** In a multi-rank run every rank starts from rank 0's parameters, buffers and λ
-  (as ``DistributedDataParallel`` does), so stages run before BiSSL need not be bit-identical
-  across ranks.
+  batch stacks (:class:`~implicitbilevel.run_state.RunState`), so ``run(resume=True)`` after a
+  kill continues exactly where the run stopped.
+- **Replicas.** In a multi-rank run every rank starts from rank 0's parameters (the problem's
+  included) and buffers (as ``DistributedDataParallel`` does), so stages run before BiSSL need
+  not be bit-identical across ranks.
 - **Failures.** A non-finite loss, gradient or solution stops the run with an error naming the
   level, alternation, step and quantity; the last checkpoint is the last good state.
 """
@@ -34,45 +38,27 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from .batch_stack import BatchStack
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import broadcast_from_main, is_main_process, rank, world_size
+from .batch_stack import BatchStack, to_device
+from .bissl_objective import bissl_upper_loss
+from .checkpoint import CheckpointError, load_checkpoint
+from .distributed import is_main_process
+from .gradients import LAM_RHO
 from .problem import BilevelProblem, NonFiniteError, assign_grads
-from .run_state import gather_per_rank, rng_state, set_rng_state
-from .schedules import LearnableLambda
+from .run_state import RunState, save_on_main
 from .tree import Params
 
 __all__ = ["BatchStack", "BiSSLConfig", "BiSSLTrainer", "bissl_upper_loss"]
 
-
-def bissl_upper_loss(
-    downstream_loss: Callable[[Params, Any], Tensor], backbone_names: Iterable[str]
-) -> Callable[[Params, Params, Any], Tensor]:
-    """The BiSSL upper objective ``f(x, y) = L^D(θ_P, φ_D) + L^D(θ_D, φ_D)`` (eq. 4.4).
-
-    Args:
-        downstream_loss: ``L^D(params, batch) -> scalar`` over the downstream model's parameter
-            names (backbone and head).
-        backbone_names: the backbone names; the first term evaluates the downstream model with the
-            lower-level backbone ``θ_P`` substituted for ``θ_D`` under these names.
-    """
-    names = list(backbone_names)
-
-    def upper_loss(upper: Params, lower: Params, batch: Any) -> Tensor:
-        substituted = dict(upper)
-        substituted.update({n: lower[n] for n in names})
-        return downstream_loss(substituted, batch) + downstream_loss(upper, batch)
-
-    return upper_loss
+_FORMAT = "implicitbilevel.bissl/2"
+_FORMAT_V1 = "implicitbilevel.bissl/1"  # a learnable λ's ρ under "lam_rho", apart from upper_params
 
 
 @dataclass
@@ -112,19 +98,6 @@ class BiSSLConfig:
             raise ValueError(f"BiSSLConfig.autocast must be None or 'bf16', got {self.autocast!r}")
 
 
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
-        return type(batch)(moved) if isinstance(batch, list) else tuple(moved)
-    return batch
-
-
 def _grad_norm(params: Mapping[str, Tensor]) -> Tensor:
     grads = [p.grad for p in params.values() if p.grad is not None]
     if not grads:
@@ -140,8 +113,9 @@ class BiSSLTrainer:
             :class:`~implicitbilevel.ProximalL2` over the backbone names).
         upper_params: θ_D ∪ φ_D, the live tensors the upper optimiser updates.
         lower_params: θ_P ∪ φ_P, the live tensors the lower optimiser updates.
-        upper_optimizer: optimiser over the upper parameters (and ``problem.lam.rho`` when λ is
-            learnable).
+        upper_optimizer: optimiser over the upper parameters and the problem's own parameters
+            (``problem.params``: ``ρ`` of a learnable λ); the trainer refuses one that misses a
+            problem parameter.
         lower_optimizer: optimiser over the lower parameters.
         upper_data: re-iterable with a length (a ``DataLoader``) of downstream batches.
         lower_data: the same for pretext batches.
@@ -152,6 +126,14 @@ class BiSSLTrainer:
         out_dir: where ``metrics.jsonl`` and ``checkpoint.pt`` go (``None``: neither).
         modules: modules whose full ``state_dict`` (buffers such as BatchNorm statistics included)
             is checkpointed, by name.
+
+    Attributes:
+        optimised_upper: ``{**upper_params, **problem.params}``, everything the upper optimiser
+            updates; gradients are assigned, clipped, checkpointed and broadcast over it as one.
+        run_state: the :class:`~implicitbilevel.run_state.RunState` behind :meth:`state_dict`,
+            :meth:`load_state_dict` and the broadcast from rank 0.
+        history: the per-alternation metrics so far.
+        alternation: the next alternation ``t`` to run.
     """
 
     def __init__(
@@ -178,28 +160,41 @@ class BiSSLTrainer:
         self.lower_optimizer = lower_optimizer
         self.upper_scheduler = upper_scheduler
         self.lower_scheduler = lower_scheduler
-        self.config = config or BiSSLConfig()
+        self.config = BiSSLConfig() if config is None else config
         self.device = torch.device(device) if device is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.modules = dict(modules or {})
+        self.modules = {} if modules is None else dict(modules)
         self.upper_stack = BatchStack(upper_data)
         self.lower_stack = BatchStack(lower_data)
         self.history: list[dict[str, Any]] = []
         self.alternation = 0
         self._validate()
+        # Everything the upper optimiser updates: the upper variables and the problem's own.
+        self.optimised_upper: Params = {**self.upper_params, **problem.params}
+        self.run_state = RunState(
+            params={"upper_params": self.optimised_upper, "lower_params": self.lower_params},
+            optimizers={"upper_optimizer": upper_optimizer, "lower_optimizer": lower_optimizer},
+            schedulers={"upper_scheduler": upper_scheduler, "lower_scheduler": lower_scheduler},
+            stacks={"upper_stack": self.upper_stack, "lower_stack": self.lower_stack},
+            modules=self.modules,
+        )
 
     # -- set-up ------------------------------------------------------------------------------
 
     def _validate(self) -> None:
         self.problem.regularizer.coupled_names(self.upper_params, self.lower_params)
-        if isinstance(self.problem.lam, LearnableLambda):
-            rho = self.problem.lam.rho
-            optimised = {id(p) for g in self.upper_optimizer.param_groups for p in g["params"]}
-            if id(rho) not in optimised:
+        own = self.problem.params
+        clash = sorted(set(own) & set(self.upper_params))
+        if clash:
+            raise ValueError(f"upper_params must not contain the problem's own parameters {clash}"
+                             " (problem.params); the trainer adds them")
+        optimised = {id(p) for g in self.upper_optimizer.param_groups for p in g["params"]}
+        for name, p in own.items():
+            if id(p) not in optimised:
                 raise ValueError(
-                    "λ is learnable but problem.lam.rho is not in the upper optimiser; add it, "
-                    "e.g. "
-                    "upper_optimizer.add_param_group({'params': problem.lam.parameters()})"
+                    f"the problem parameter {name!r} (problem.params) is not in the upper "
+                    "optimiser; add it, e.g. upper_optimizer.add_param_group("
+                    "{'params': list(problem.params.values())})"
                 )
 
     @property
@@ -232,7 +227,7 @@ class BiSSLTrainer:
         self.lower_stack.reserve(cfg.lower_steps + 1)
         for n in range(cfg.lower_steps):
             step = f"alternation {t}, lower step {n}"
-            batch = _to_device(self.lower_stack.next(), self.device)
+            batch = to_device(self.lower_stack.next(), self.device)
             try:
                 with self._autocast():
                     out = self.problem.lower_grad(self.upper_params, self.lower_params, batch, t=t)
@@ -254,7 +249,7 @@ class BiSSLTrainer:
     def _upper_stage(self, t: int) -> dict[str, float]:
         cfg = self.config
         problem = self.problem
-        lower_batch = _to_device(self.lower_stack.next(), self.device)
+        lower_batch = to_device(self.lower_stack.next(), self.device)
         try:
             with self._autocast():
                 hessian = problem.lower_hessian(self.upper_params, self.lower_params, lower_batch)
@@ -262,25 +257,20 @@ class BiSSLTrainer:
             raise NonFiniteError(f"upper level, alternation {t}, Hessian: {err}") from err
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
-        learnable = isinstance(problem.lam, LearnableLambda)
         true_residual = math.nan
         for n in range(cfg.upper_steps):
             step = f"alternation {t}, upper step {n}"
-            batch = _to_device(self.upper_stack.next(), self.device)
+            batch = to_device(self.upper_stack.next(), self.device)
             try:
                 with self._autocast():
                     out = problem.upper_grad(self.upper_params, self.lower_params, batch, t=t,
                                              lower_hessian=hessian)
             except NonFiniteError as err:
                 raise NonFiniteError(f"upper level, {step}: {err}") from err
-            assign_grads(self.upper_params, out.grads)
-            norms.append(self._clip(self.upper_params, "upper", step))
-            if learnable:
-                assert out.lam_grad is not None
-                if not bool(torch.isfinite(out.lam_grad)):
-                    raise NonFiniteError(f"upper level, {step}: non-finite λ gradient")
-                problem.lam.rho.grad = out.lam_grad.detach().clone()
+            if out.lam_grad is not None:  # logged unclipped (clipping scales it in place)
                 lam_grads.append(float(out.lam_grad))
+            assign_grads(self.optimised_upper, out.grads)
+            norms.append(self._clip(self.optimised_upper, "upper", step))
             self.upper_optimizer.step()
             if self.upper_scheduler is not None:
                 self.upper_scheduler.step()
@@ -302,73 +292,35 @@ class BiSSLTrainer:
             "hessian_products": hessian.calls,
             "curvature_build_seconds": hessian.memo.get("build_seconds", 0.0),
         }
-        if learnable:
+        if lam_grads:
             metrics["lam_grad"] = lam_grads[-1]
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly (tensors and plain containers only)."""
-        state: dict[str, Any] = {
-            "format": "implicitbilevel.bissl/1",
+        """Everything needed to continue the run exactly (tensors and plain containers only).
+
+        The upper parameters include the problem's own (``problem.params``). Every rank must call
+        it in a multi-rank run.
+        """
+        return {
+            "format": _FORMAT,
             "alternation": self.alternation,
             "config": asdict(self.config),
-            "upper_params": {n: p.detach().clone() for n, p in self.upper_params.items()},
-            "lower_params": {n: p.detach().clone() for n, p in self.lower_params.items()},
-            "modules": {name: m.state_dict() for name, m in self.modules.items()},
-            "upper_optimizer": self.upper_optimizer.state_dict(),
-            "lower_optimizer": self.lower_optimizer.state_dict(),
-            "ranks": gather_per_rank({
-                "upper_stack": self.upper_stack.state_dict(),
-                "lower_stack": self.lower_stack.state_dict(),
-                "rng": rng_state(),
-            }),
+            **self.run_state.state_dict(),
             "history": self.history,
         }
-        for name in ("upper_scheduler", "lower_scheduler"):
-            scheduler = getattr(self, name)
-            if scheduler is not None:
-                state[name] = scheduler.state_dict()
-        if isinstance(self.problem.lam, LearnableLambda):
-            state["lam_rho"] = self.problem.lam.rho.detach().clone()
-        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` into the live parameters, optimisers and stacks."""
-        if state.get("format") != "implicitbilevel.bissl/1":
+        if state.get("format") == _FORMAT_V1:
+            state = _from_v1(state)
+        if state.get("format") != _FORMAT:
             raise CheckpointError(
                 f"not a BiSSL trainer checkpoint (format {state.get('format')!r})"
             )
-        levels = (("upper_params", self.upper_params), ("lower_params", self.lower_params))
-        for key, params in levels:
-            saved = state[key]
-            if saved.keys() != params.keys():
-                raise CheckpointError(f"checkpoint {key} names differ from this run's parameters")
-            with torch.no_grad():
-                for n, p in params.items():
-                    if saved[n].shape != p.shape:
-                        raise CheckpointError(f"checkpoint {key}[{n!r}] has shape "
-                                              f"{tuple(saved[n].shape)}, expected {tuple(p.shape)}")
-                    p.copy_(saved[n])
-        for name, module in self.modules.items():
-            module.load_state_dict(state["modules"][name])
-        self.upper_optimizer.load_state_dict(state["upper_optimizer"])
-        self.lower_optimizer.load_state_dict(state["lower_optimizer"])
-        for name in ("upper_scheduler", "lower_scheduler"):
-            scheduler = getattr(self, name)
-            if scheduler is not None:
-                scheduler.load_state_dict(state[name])
-        if "lam_rho" in state and isinstance(self.problem.lam, LearnableLambda):
-            with torch.no_grad():
-                self.problem.lam.rho.copy_(state["lam_rho"])
-        # Each rank resumes its own data position and random state (rank 0's for a single process
-        # resuming a multi-rank run).
-        ranks = state["ranks"]
-        mine = ranks[rank()] if rank() < len(ranks) else ranks[0]
-        self.upper_stack.load_state_dict(mine["upper_stack"])
-        self.lower_stack.load_state_dict(mine["lower_stack"])
-        set_rng_state(mine["rng"])
+        self.run_state.load_state_dict(state)
         self.history = list(state["history"])
         self.alternation = int(state["alternation"])
 
@@ -379,24 +331,7 @@ class BiSSLTrainer:
         """
         if self.checkpoint_path is None:
             return
-        state = self.state_dict()
-        if is_main_process():
-            save_checkpoint(state, self.checkpoint_path)
-        if world_size() > 1:
-            dist.barrier()
-
-    def _replicated_tensors(self) -> list[Tensor]:
-        """Every tensor that must be identical on all ranks, once each, in a fixed order."""
-        tensors: dict[int, Tensor] = {}
-        for t in [*self.upper_params.values(), *self.lower_params.values()]:
-            tensors.setdefault(id(t), t)
-        for name in sorted(self.modules):
-            for t in self.modules[name].state_dict(keep_vars=True).values():
-                if isinstance(t, Tensor):
-                    tensors.setdefault(id(t), t)
-        if isinstance(self.problem.lam, LearnableLambda):
-            tensors.setdefault(id(self.problem.lam.rho), self.problem.lam.rho)
-        return list(tensors.values())
+        save_on_main(self.state_dict(), self.checkpoint_path)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -411,8 +346,7 @@ class BiSSLTrainer:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_state_dict(load_checkpoint(self.checkpoint_path))
-        if world_size() > 1:
-            broadcast_from_main(self._replicated_tensors())
+        self.run_state.broadcast()
         log = None
         if self.out_dir is not None and is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -444,6 +378,15 @@ class BiSSLTrainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+
+def _from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint of format 1 in format 2: a learnable λ's ``ρ`` joins the upper parameters."""
+    upgraded = {k: v for k, v in state.items() if k != "lam_rho"}
+    if "lam_rho" in state:
+        upgraded["upper_params"] = {**state["upper_params"], LAM_RHO: state["lam_rho"]}
+    upgraded["format"] = _FORMAT
+    return upgraded
 
 
 def _progress(enabled: bool, total: int, initial: int) -> Any:

@@ -27,12 +27,16 @@ the proximal regulariser ``r = ½‖θ_D − θ_P‖²`` the bracket is ``I + H/
   ``ℓ(y) = L(z(y))`` with ``L`` convex in the outputs ``z``, the generalised Gauss–Newton matrix
   ``Jᵀ∇²L J`` (``curvature=GaussNewton(outputs, output_loss)``), positive semi-definite by
   construction, so ``I + G/μ`` is positive definite and CG converges.
-- A learnable ``λ = σ(ρ)`` gets ``dF/dρ = −σ'(ρ)/μ · ⟨∇_y r, u⟩``, which for the proximal
-  regulariser is eq. 5.6, ``σ'(ρ)/(σ(ρ)+λ_damp) ⟨θ_D − θ_P, u⟩``: one dot product on top of the
-  solve.
+- A learnable ``λ = σ(ρ)`` makes ``ρ`` a parameter of the problem itself (:attr:`params`,
+  ``{"lam.rho": ρ}``), optimised with the upper level. Its gradient, returned in the upper
+  gradient dict under ``"lam.rho"``, is ``dF/dρ = −σ'(ρ)/ν · ⟨∇_y r, u⟩`` with the same ``u``
+  and ``ν = λ + λ_damp^ρ`` (the learnable λ's own damping, by default ``λ_damp``); for the
+  proximal regulariser that is eq. 5.6, ``σ'(ρ)/(σ(ρ)+λ_damp^ρ) ⟨θ_D − θ_P, u⟩``: one dot
+  product on top of the solve.
 
 The lower-level gradient is ``∇_y ℓ + λ ∇_y r`` (Algorithm 2 line 6: ``∇_θ L^P + λ(θ_P − θ_D)``).
-Both gradients come back as dicts with the names of the inputs, ready for ``torch.optim``.
+Both gradients come back as dicts with the names of the inputs (the upper one also with the
+problem's own :attr:`~BilevelProblem.params`), ready for ``torch.optim``.
 """
 
 from __future__ import annotations
@@ -40,20 +44,30 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .gauss_newton import GaussNewton, GaussNewtonOperator
+from .gradients import (
+    LAM_RHO,
+    LowerGradient,
+    NonFiniteError,
+    UpperGradient,
+    assign_grads,
+    check_loss,
+    grads_of,
+    leaves,
+    require_finite,
+)
 from .hessian import HessianOperator, HVPMode
 from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
 from .solvers import CG, LinearSolver, SolveInfo, SolverBreakdownError
 from .solvers.minres import MINRES
 from .system import IJSystem
-from .tree import Params, tree_axpy, tree_dot, tree_norm, tree_sub
+from .tree import Params, tree_axpy, tree_dot
 
 __all__ = [
     "BilevelProblem",
@@ -67,93 +81,6 @@ UpperLoss = Callable[[Params, Params, Any], Tensor]
 LowerLoss = Callable[[Params, Any], Tensor]
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite."""
-
-
-@dataclass
-class UpperGradient:
-    """The upper-level hypergradient and what was computed on the way.
-
-    Attributes:
-        grads: ``dF/dx`` for every upper variable (same names as the upper dict).
-        lam_grad: ``dF/dρ`` for a :class:`~implicitbilevel.LearnableLambda`, else ``None``.
-        loss: ``f(x, y)``, detached.
-        u: the implicit-Jacobian solution over the solved lower variables.
-        info: the linear solver's diagnostics.
-        lam: the λ used.
-        rhs: the right-hand side ``v = ∇_{y_S} f`` of the solve.
-        system: the implicit-Jacobian operator ``A`` that was solved with.
-    """
-
-    grads: Params
-    lam_grad: Tensor | None
-    loss: Tensor
-    u: Params
-    info: SolveInfo
-    lam: float
-    rhs: Params
-    system: IJSystem
-
-    def true_relative_residual(self) -> float:
-        """``‖v − A u‖ / ‖v‖``, measured with one more product (0 when ``v = 0``).
-
-        Unlike ``info.relative_residual`` (what the solver tracks) this is measured, so it is
-        comparable across solvers; above 1, ``u`` is further from the solution than ``u = 0``.
-        """
-        rhs_norm = float(tree_norm(self.rhs))
-        if rhs_norm == 0:
-            return 0.0
-        return float(tree_norm(tree_sub(self.rhs, self.system(self.u)))) / rhs_norm
-
-
-@dataclass
-class LowerGradient:
-    """The lower-level gradient ``∇_y ℓ + λ ∇_y r`` and the loss terms.
-
-    Attributes:
-        grads: the gradient for every lower variable (same names as the lower dict).
-        loss: ``ℓ(y)``, detached.
-        regularizer: ``r(x, y)``, detached.
-        lam: the λ used.
-    """
-
-    grads: Params
-    loss: Tensor
-    regularizer: Tensor
-    lam: float
-
-
-def _leaves(params: Mapping[str, Tensor]) -> Params:
-    return {n: p.detach().requires_grad_(True) for n, p in params.items()}
-
-
-def _check_loss(loss: Any, which: str) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"the {which} loss must return a scalar tensor, got {shape}; reduce it "
-                         "(e.g. .mean()) first")
-    return loss
-
-
-def _grads(loss: Tensor, leaves: Mapping[str, Tensor]) -> Params:
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return {
-        n: g if g is not None else torch.zeros_like(p)
-        for (n, p), g in zip(leaves.items(), grads)
-    }
-
-
-def assign_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> None:
-    """Write ``grads`` into ``params[name].grad`` so a ``torch.optim`` optimiser can step.
-
-    Names in ``params`` without a gradient get ``None`` (the optimiser skips them).
-    """
-    for name, p in params.items():
-        g = grads.get(name)
-        p.grad = None if g is None else g.detach().to(p.dtype)
-
-
 class BilevelProblem:
     """A bilevel problem whose hypergradient is computed by implicit differentiation.
 
@@ -163,11 +90,14 @@ class BilevelProblem:
             ``L^D(θ_P, φ_D) + L^D(θ_D, φ_D)`` from the downstream loss.
         lower_loss: ``ℓ(lower, batch) -> scalar`` (BiSSL: the pretext loss ``L^P(θ_P, φ_P)``).
         lam: λ > 0 as a float, a :class:`~implicitbilevel.LambdaSchedule` evaluated at the
-            alternation ``t``, or a :class:`~implicitbilevel.LearnableLambda`.
+            alternation ``t``, or a :class:`~implicitbilevel.LearnableLambda` (whose ``ρ`` then
+            becomes the problem parameter ``"lam.rho"``, see ``params`` below).
         regularizer: the coupling ``r(x, y)``; default :class:`ProximalL2` over every name the two
             levels share.
         damping: ``λ_damp ≥ 0``; the implicit Jacobian is evaluated with ``μ = λ + λ_damp``
-            (Algorithm 3; thesis default 10, 0 for the exact hypergradient).
+            (Algorithm 3; thesis default 10, 0 for the exact hypergradient). A learnable λ's
+            gradient uses it too unless the :class:`~implicitbilevel.LearnableLambda` has a
+            ``damping`` of its own.
         ij: the linear solver for the implicit-Jacobian system (:class:`CG`,
             :class:`~implicitbilevel.MINRES`, :class:`Neumann`, :class:`Dense`,
             :class:`~implicitbilevel.NystromSolver`, or CG/MINRES with a
@@ -190,6 +120,8 @@ class BilevelProblem:
         reducer: averages batch-dependent dicts across data-parallel ranks (gradients of ``ℓ`` and
             ``f``, every Hessian-vector product, the loss values), e.g.
             :class:`~implicitbilevel.distributed.AllReduceMean`. ``None``: a single process.
+
+    The problem's own upper-level parameters (a learnable λ's ``ρ``) are :attr:`params`.
     """
 
     def __init__(
@@ -250,6 +182,19 @@ class BilevelProblem:
 
     # -- λ -----------------------------------------------------------------------------------
 
+    @property
+    def params(self) -> Params:
+        """The problem's own upper-level parameters by name: ``{"lam.rho": ρ}`` for a learnable
+        λ, ``{}`` otherwise.
+
+        :meth:`upper_grad` returns their gradients in ``UpperGradient.grads`` under these names,
+        next to the upper variables', so ``{**upper, **problem.params}`` is everything the upper
+        optimiser updates (register these tensors with it), clips, checkpoints and broadcasts.
+        """
+        if isinstance(self.lam, LearnableLambda):
+            return {LAM_RHO: self.lam.rho}
+        return {}
+
     def lam_at(self, t: int = 0) -> float:
         """λ at alternation ``t`` (the current value for a learnable λ)."""
         value = self.lam(t)
@@ -275,15 +220,15 @@ class BilevelProblem:
         """``∇_y ℓ(y) + λ ∇_y r(x, y)`` for every lower variable (Algorithm 2, lines 5-6)."""
         lam = self.lam_at(t)
         self.regularizer.coupled_names(upper, lower)  # fail on a bad coupling before any pass
-        leaves = _leaves(lower)
+        y_leaves = leaves(lower)
         with torch.enable_grad():
-            loss = _check_loss(self.lower_loss(leaves, batch), "lower")
-            grads = _grads(loss, leaves)
+            loss = check_loss(self.lower_loss(y_leaves, batch), "lower")
+            grads = grads_of(loss, y_leaves)
         grads, loss = self._average(grads, loss)
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
         if self.check_finite:
-            self._require_finite(loss, "lower-level loss", t)
+            require_finite(loss, "lower-level loss", t)
         # Out of place: autograd may hand back expanded (stride-0) gradients.
         grads.update(tree_axpy(lam, self.regularizer.lower_grad(x, y), grads))
         reg_value = self.regularizer.value(x, y).detach()
@@ -323,7 +268,7 @@ class BilevelProblem:
                 loss_over_solved, point, batch, mode=self.hvp_mode, reuse=self.reuse_graph
             )
         if self.check_finite and operator.loss is not None:
-            self._require_finite(operator.loss, "lower-level loss on the Hessian batch")
+            require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
 
     # -- the upper level ---------------------------------------------------------------------
@@ -340,8 +285,11 @@ class BilevelProblem:
     ) -> UpperGradient:
         """The hypergradient ``dF/dx`` (eq. 4.9 / Cor. 5.6) and, for a learnable λ, ``dF/dρ``.
 
+        ``dF/dρ`` (eq. 5.6) is in the returned ``grads`` under ``"lam.rho"``, the name of ``ρ`` in
+        :attr:`params`.
+
         Args:
-            upper: the upper variables ``x`` (θ_D, φ_D).
+            upper: the upper variables ``x`` (θ_D, φ_D), without the problem's own :attr:`params`.
             lower: the lower variables ``y`` at (approximately) the lower solution (θ_P, φ_P).
             upper_batch: the batch for ``f``.
             lower_batch: the batch for ``ℓ``'s Hessian (unused when ``lower_hessian`` is given).
@@ -350,6 +298,11 @@ class BilevelProblem:
         """
         lam = self.lam_at(t)
         mu = lam + self.damping
+        clash = sorted(set(upper) & set(self.params))
+        if clash:
+            raise ValueError(f"the upper variables must not contain the problem's own parameters "
+                             f"{clash} (problem.params): their gradients are returned under "
+                             "these names")
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
         coupled = self.regularizer.coupled_names(x, y)
@@ -360,15 +313,15 @@ class BilevelProblem:
             raise ValueError("lower_hessian was built over other lower variables than this "
                              "problem solves over; rebuild it with problem.lower_hessian(...)")
 
-        x_leaves = _leaves(x)
-        y_leaves = _leaves({n: y[n] for n in names})
+        x_leaves = leaves(x)
+        y_leaves = leaves({n: y[n] for n in names})
         with torch.enable_grad():
-            loss = _check_loss(self.upper_loss(x_leaves, {**y, **y_leaves}, upper_batch), "upper")
-            grads = _grads(loss, {**{("x", n): p for n, p in x_leaves.items()},
+            loss = check_loss(self.upper_loss(x_leaves, {**y, **y_leaves}, upper_batch), "upper")
+            grads = grads_of(loss, {**{("x", n): p for n, p in x_leaves.items()},
                                   **{("y", n): p for n, p in y_leaves.items()}})
         grads, loss = self._average(grads, loss)
         if self.check_finite:
-            self._require_finite(loss, "upper-level loss", t)
+            require_finite(loss, "upper-level loss", t)
         grad_x = {n: grads[("x", n)] for n in x}
         v = {n: grads[("y", n)] for n in names}
 
@@ -376,16 +329,17 @@ class BilevelProblem:
         u, info = self.ij(system, v)
         self._handle_breakdown(info, t)
         if self.check_finite:
-            self._require_finite(tree_dot(u, u), "implicit-Jacobian solution", t)
+            require_finite(tree_dot(u, u), "implicit-Jacobian solution", t)
 
         grad_x.update(tree_axpy(-1.0, self.regularizer.mixed_vjp(x, y, u), grad_x))
 
-        lam_grad = None
         if isinstance(self.lam, LearnableLambda):
+            # eq. 5.6: −σ'(ρ)/(σ(ρ) + λ_damp^ρ) ⟨∇_y r, u⟩, u from the solve above (damped with μ).
             reg_grad = self.regularizer.lower_grad(x, y)
             inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u}, u)
-            lam_grad = (-self.lam.derivative() / mu * inner).to(self.lam.rho.dtype)
-        return UpperGradient(grad_x, lam_grad, loss.detach(), u, info, lam, v, system)
+            scale = self.lam.gradient_scale(self.damping)
+            grad_x[LAM_RHO] = (-scale * inner).to(self.lam.rho.dtype)
+        return UpperGradient(grad_x, loss.detach(), u, info, lam, v, system)
 
     def system(
         self,
@@ -431,10 +385,3 @@ class BilevelProblem:
         if self.on_breakdown == "raise":
             raise SolverBreakdownError(message, info)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-    @staticmethod
-    def _require_finite(value: Tensor, what: str, t: int | None = None) -> None:
-        value = value.detach()
-        if not bool(torch.isfinite(value)):
-            where = "" if t is None else f" at alternation {t}"
-            raise NonFiniteError(f"non-finite {what} ({float(value)}){where}")

@@ -130,14 +130,34 @@ def _inverse_softplus(y: float) -> float:
 class LearnableLambda:
     """λ as an upper-level parameter: ``λ = softplus(ρ)`` (Definition 5.1).
 
-    Register ``rho`` with an upper-level optimiser; :class:`~implicitbilevel.BilevelProblem` returns
-    ``dF/dρ = σ'(ρ)/(σ(ρ) + λ_damp) · ⟨θ_D − θ_P, v_IJ⟩`` (eq. 5.6), where ``v_IJ`` is the
-    implicit-Jacobian vector product it already computed for θ_D.
+    ``ρ`` is a parameter of the :class:`~implicitbilevel.BilevelProblem` holding this λ:
+    ``problem.params == {"lam.rho": rho}``, and ``problem.upper_grad`` returns ``dF/dρ`` in
+    ``UpperGradient.grads["lam.rho"]``. Register ``rho`` with the upper-level optimiser
+    (:meth:`parameters`); the BiSSL trainer clips, checkpoints and broadcasts it with the upper
+    parameters.
+
+    The gradient is eq. 5.6 with its own damping. Two dampings enter it, at different places:
+
+    .. math::
+
+        \\frac{dF}{d\\rho} = \\frac{\\sigma'(\\rho)}{\\sigma(\\rho) + \\lambda_{damp}^{\\rho}}
+        \\,\\langle \\theta_D - \\theta_P,\\, u \\rangle, \\qquad
+        \\Big(I + \\tfrac{1}{\\sigma(\\rho) + \\lambda_{damp}} H\\Big)\\, u
+        = \\nabla_{\\theta} \\mathcal{L}^D(\\theta_P, \\phi_D),
+
+    (for a general regulariser ``⟨θ_D − θ_P, u⟩`` is ``−⟨∇_y r, u⟩``). ``λ_damp`` is the
+    problem's ``damping``: it damps the implicit-Jacobian system of Algorithm 3, whose solution
+    ``u`` (the θ_D part of the hypergradient) this gradient reuses. ``λ_damp^ρ`` is this object's
+    ``damping``: it damps only the prefactor ``1/σ(ρ)`` of eq. 5.5-5.6. With both 0 this is the
+    exact ``dF/dρ``; ``damping=None`` uses the problem's ``λ_damp`` for both, as the thesis does
+    (Sec. 5.2.2). ``damping=0`` with a damped solve is the "learnable λ with λ_damp = 0" setting
+    of Sec. 6.4.2 (Table F.8) without giving up the damped implicit-Jacobian solve.
 
     Args:
         init: the initial λ (> 0); ``ρ`` starts at ``softplus⁻¹(init)``.
         dtype: dtype of ``ρ``.
         device: device of ``ρ`` (put it where the parameters are).
+        damping: ``λ_damp^ρ ≥ 0`` in the prefactor of eq. 5.6; ``None``: the problem's damping.
     """
 
     def __init__(
@@ -145,8 +165,16 @@ class LearnableLambda:
         init: float,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        *,
+        damping: float | None = None,
     ) -> None:
         _check_positive("initial lambda", init)
+        if damping is not None and not (
+            isinstance(damping, (int, float)) and not isinstance(damping, bool)
+            and math.isfinite(damping) and damping >= 0
+        ):
+            raise ValueError(f"damping must be None or a finite number >= 0, got {damping!r}")
+        self.damping = None if damping is None else float(damping)
         rho = torch.tensor(_inverse_softplus(float(init)), dtype=dtype, device=device)
         self.rho = nn.Parameter(rho)
 
@@ -157,6 +185,15 @@ class LearnableLambda:
     def derivative(self) -> Tensor:
         """``σ'(ρ) = sigmoid(ρ)``."""
         return torch.sigmoid(self.rho.detach())
+
+    def gradient_scale(self, problem_damping: float) -> Tensor:
+        """``σ'(ρ) / (σ(ρ) + λ_damp^ρ)``, the prefactor of eq. 5.6 (no graph).
+
+        Args:
+            problem_damping: the problem's ``λ_damp``, used when this λ's ``damping`` is ``None``.
+        """
+        damping = problem_damping if self.damping is None else self.damping
+        return self.derivative() / (self.value() + damping)
 
     def __call__(self, t: int = 0) -> float:
         """Return the current λ as a float (``t`` is accepted for schedule compatibility)."""

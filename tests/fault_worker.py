@@ -1,8 +1,11 @@
-"""A small BiSSL run used by the fault-tolerance tests: ``python fault_worker.py OUT [--resume]``.
+"""A small BiSSL run used by the fault-tolerance tests:
+``python fault_worker.py OUT [--resume] [--learnable]``.
 
-It trains a BatchNorm model pair with shuffled loaders for ``ALTERNATIONS`` alternations,
-checkpointing after every one, sleeping briefly per alternation so a test can kill it mid-run,
-and writes the final parameters and buffers to ``OUT/final.pt``.
+It trains a BatchNorm model pair with shuffled loaders (the upper one ending on a partial batch,
+which the batch stack skips) for ``ALTERNATIONS`` alternations, checkpointing after every one,
+sleeping briefly per alternation so a test can kill it mid-run, and writes the final parameters,
+buffers, λ's ρ and the upper optimiser's state to ``OUT/final.pt``. With ``--learnable`` λ is a
+:class:`~implicitbilevel.LearnableLambda` trained by the upper optimiser.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
+from implicitbilevel import CG, BilevelProblem, LearnableLambda, ProximalL2, functional_module
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 
 ALTERNATIONS = 8
 
 
-def main(out: Path, resume: bool) -> None:
+def main(out: Path, resume: bool, learnable: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -47,13 +50,15 @@ def main(out: Path, resume: bool) -> None:
         return ((run(pre, "proj", p, noisy) - x) ** 2).mean()
 
     names = [n for n, _ in down.named_parameters() if n.startswith("backbone.")]
-    problem = BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=0.1,
+    lam = LearnableLambda(0.1, damping=0.0) if learnable else 0.1
+    problem = BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=lam,
                              damping=10.0, regularizer=ProximalL2(names), ij=CG(max_iter=3))
     g = torch.Generator().manual_seed(1)
-    upper_data = TensorDataset(torch.randn(40, 5, generator=g),
-                               torch.randint(0, 3, (40,), generator=g))
+    upper_data = TensorDataset(torch.randn(44, 5, generator=g),
+                               torch.randint(0, 3, (44,), generator=g))
     lower_data = TensorDataset(torch.randn(56, 5, generator=g))
-    upper_opt = torch.optim.SGD(down.parameters(), lr=0.05, momentum=0.9)
+    upper_opt = torch.optim.SGD([*down.parameters(), *problem.params.values()], lr=0.05,
+                                momentum=0.9)
     lower_opt = torch.optim.SGD(pre.parameters(), lr=0.05, momentum=0.9)
     trainer = BiSSLTrainer(
         problem, dict(down.named_parameters()), dict(pre.named_parameters()), upper_opt, lower_opt,
@@ -71,8 +76,10 @@ def main(out: Path, resume: bool) -> None:
 
     trainer.save = slow_save
     trainer.run(resume=resume)
-    torch.save({"down": down.state_dict(), "pre": pre.state_dict()}, out / "final.pt")
+    torch.save({"down": down.state_dict(), "pre": pre.state_dict(),
+                "problem": {n: p.detach() for n, p in problem.params.items()},
+                "upper_opt": upper_opt.state_dict()["state"]}, out / "final.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), "--resume" in sys.argv[2:])
+    main(Path(sys.argv[1]), "--resume" in sys.argv[2:], "--learnable" in sys.argv[2:])

@@ -4,12 +4,17 @@
 - Batch stacks regenerate only when a stage cannot be completed from the remaining batches.
 - The λ the trainer uses is the schedule's value at each alternation.
 - A run stopped after alternation k and resumed ends bit-identical to an uninterrupted run.
-- Learnable λ, non-finite losses, corrupt checkpoints and bad configurations.
+- Batch stacks on a loader with fewer batches than a stage: full batches only, a new shuffled pass
+  whenever one is exhausted (Sec. 6.1.3).
+- Learnable λ: ρ's gradient clipped with the upper level's (against a hand computation), and ρ and
+  its optimiser state restored bit-identically on resume.
+- Non-finite losses, corrupt checkpoints and bad configurations.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -134,6 +139,79 @@ def test_batch_stack_rejects_empty_or_unsized_data():
         BatchStack(iter([1, 2]))
 
 
+def _indices(batch):
+    (idx,) = batch
+    return idx.tolist()
+
+
+def test_batch_stack_skips_a_trailing_partial_batch_and_cycles_short_loaders():
+    # 10 examples in batches of 4: two full batches per pass, the 2-example remainder never used.
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=4)
+    stack = BatchStack(loader)
+    assert stack.size == 2
+    stack.reserve(8)
+    taken = [_indices(stack.next()) for _ in range(8)]
+    assert taken == [[0, 1, 2, 3], [4, 5, 6, 7]] * 4
+    assert stack.passes == 4
+    # A loader with enough full batches: the pass still ends before its partial batch.
+    stack = BatchStack(DataLoader(TensorDataset(torch.arange(11)), batch_size=4))
+    stack.reserve(2)
+    assert [_indices(stack.next()) for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    stack.reserve(2)
+    assert stack.passes == 2 and _indices(stack.next()) == [0, 1, 2, 3]
+    # Sizes: full batches only; drop_last and exact multiples as the loader has them; a loader
+    # whose only batch is partial keeps it.
+    sizes = [BatchStack(DataLoader(TensorDataset(torch.arange(n)), batch_size=4, drop_last=drop))
+             .size for n, drop in [(11, True), (12, False), (13, False), (3, False)]]
+    assert sizes == [2, 3, 3, 1]
+    only = BatchStack(DataLoader(TensorDataset(torch.arange(3)), batch_size=4))
+    assert _indices(only.next()) == [0, 1, 2] and _indices(only.next()) == [0, 1, 2]
+
+
+def test_batch_stack_skipping_partial_batches_resumes_exactly():
+    def loader():
+        return DataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True)
+
+    torch.manual_seed(5)
+    stack = BatchStack(loader())
+    head = [_indices(stack.next()) for _ in range(3)]  # into the second pass
+    state, rng = stack.state_dict(), torch.random.get_rng_state()  # the trainer saves both
+    reference = [_indices(stack.next()) for _ in range(5)]
+    torch.manual_seed(99)
+    resumed = BatchStack(loader())
+    resumed.load_state_dict(state)
+    torch.random.set_rng_state(rng)
+    assert [_indices(resumed.next()) for _ in range(5)] == reference
+    assert all(len(b) == 4 for b in head + reference)
+
+
+def test_trainer_on_fewer_batches_than_upper_steps_uses_full_reshuffled_passes():
+    # Thesis Sec. 6.1.3: with fewer than N_U batches the data is reshuffled and the stack remade
+    # once fewer examples than a batch remain. 10 examples, batch size 4, N_U = 8.
+    pair = _Pair(alternations=2)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+    pair.upper_loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    pair.config.upper_steps = 8
+    used = []
+    original = pair.problem.upper_grad
+
+    def spy(upper, lower, batch, *args, **kwargs):
+        # Which of the 10 examples are in the batch, by their (distinct) feature rows.
+        used.append([int(torch.cdist(row[None], x).argmin()) for row in batch[0]])
+        assert torch.equal(batch[0], x[used[-1]])
+        return original(upper, lower, batch, *args, **kwargs)
+
+    pair.problem.upper_grad = spy
+    trainer = pair.trainer()
+    trainer.run()
+    assert len(used) == 2 * 8 and all(len(b) == 4 for b in used)
+    passes = [used[i] + used[i + 1] for i in range(0, len(used), 2)]  # 2 full batches a pass
+    assert trainer.upper_stack.passes == len(passes) == 8
+    assert all(len(set(p)) == 8 and set(p) <= set(range(10)) for p in passes)
+    assert all(a != b for a, b in zip(passes, passes[1:]))  # every pass reshuffled
+
+
 # -- a small BatchNorm model pair for the loop-level tests -----------------------------------------
 
 
@@ -252,7 +330,119 @@ def test_learnable_lambda_is_updated_and_must_be_optimised():
     pair = _Pair()
     pair.problem = BilevelProblem(pair.problem.upper_loss, pair.problem.lower_loss, lam=orphan,
                                   regularizer=pair.problem.regularizer)
-    with pytest.raises(ValueError, match="rho is not in the upper optimiser"):
+    with pytest.raises(ValueError, match=r"'lam.rho' \(problem.params\) is not in the upper opt"):
+        pair.trainer()
+
+
+def test_learnable_lambda_gradient_is_clipped_with_the_upper_level():
+    # One alternation of a linear-quadratic problem with a learnable λ, the gradient of the
+    # upper level and of ρ computed by hand; a small grad_clip must scale them all by one factor.
+    g = torch.Generator().manual_seed(2)
+    n, k = 4, 3
+    m = torch.randn(n, n, generator=g, dtype=D)
+    q = m @ m.T / n + 0.5 * torch.eye(n, dtype=D)
+    c = torch.randn(n, generator=g, dtype=D)
+    b_mat = torch.randn(k, n, generator=g, dtype=D)
+    target = torch.randn(k, generator=g, dtype=D)
+    lam0, damping, lam_damping, lr_lower, clip = 0.05, 2.0, 0.0, 0.3, 0.01
+
+    def pretext(p, batch):
+        return 0.5 * p["th"] @ q @ p["th"] + c @ p["th"]
+
+    def downstream(p, batch):
+        return 0.5 * ((b_mat @ p["th"] + p["bias"] - target) ** 2).sum()
+
+    theta0 = torch.randn(n, generator=g, dtype=D)
+    upper = {"th": theta0.clone().requires_grad_(),
+             "bias": torch.zeros(k, dtype=D).requires_grad_()}
+    lower0 = theta0 + 2.0 * torch.randn(n, generator=g, dtype=D)  # θ_P away from θ_D
+    lower = {"th": lower0.clone().requires_grad_()}
+    lam = LearnableLambda(lam0, dtype=D, damping=lam_damping)
+    problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=lam,
+                             damping=damping, regularizer=ProximalL2(["th"]), ij=Dense())
+    assert problem.params == {"lam.rho": lam.rho}
+    upper_opt = torch.optim.SGD([*upper.values(), lam.rho], lr=0.0)  # grads stay for inspection
+    ones = TensorDataset(torch.ones(1, 1, dtype=D))
+    trainer = BiSSLTrainer(
+        problem, upper, lower, upper_opt, torch.optim.SGD(list(lower.values()), lr=lr_lower),
+        DataLoader(ones, batch_size=1), DataLoader(ones, batch_size=1),
+        BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, grad_clip=clip, progress=False),
+    )
+    history = trainer.run()
+
+    # By hand: one clipped lower SGD step on G, then the upper gradient and eq. 5.6 at θ_P.
+    rho = float(lam.rho.detach())
+    sigma, dsigma = math.log1p(math.exp(rho)), 1.0 / (1.0 + math.exp(-rho))
+    lower_grad = q @ lower0 + c + sigma * (lower0 - theta0)
+    th_p = lower0 - lr_lower * lower_grad * min(1.0, clip / (float(lower_grad.norm()) + 1e-6))
+    residual_p = b_mat @ th_p - target
+    u = torch.linalg.solve(torch.eye(n, dtype=D) + q / (sigma + damping), b_mat.T @ residual_p)
+    residual_d = b_mat @ theta0 - target
+    raw = {"th": u + b_mat.T @ residual_d, "bias": residual_p + residual_d,
+           "rho": dsigma / (sigma + lam_damping) * (theta0 - th_p) @ u}
+    norm = math.sqrt(sum(float((v**2).sum()) for v in raw.values()))
+    assert float(raw["rho"]) ** 2 / norm**2 > 1e-3  # ρ matters for the norm
+    factor = clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient
+    assert factor < 0.1
+    assert torch.allclose(upper["th"].grad, raw["th"] * factor, rtol=1e-10, atol=0)
+    assert torch.allclose(upper["bias"].grad, raw["bias"] * factor, rtol=1e-10, atol=0)
+    assert float(lam.rho.grad) == pytest.approx(float(raw["rho"]) * factor, rel=1e-10)
+    assert history[0]["upper_grad_norm"] == pytest.approx(norm, rel=1e-10)
+    assert history[0]["lam_grad"] == pytest.approx(float(raw["rho"]), rel=1e-10)  # unclipped
+
+
+def test_learnable_lambda_resumes_bit_identical(tmp_path):
+    full = _Pair(out_dir=tmp_path / "full", learnable=LearnableLambda(0.05))
+    full.trainer().run()
+
+    cut = _Pair(out_dir=tmp_path / "cut", learnable=LearnableLambda(0.05))
+    cut.config.alternations = 2
+    cut.trainer().run()
+    saved = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert saved["upper_params"]["lam.rho"].dtype == torch.float32  # one entry, with θ_D, φ_D
+    assert "lam_rho" not in saved
+    # Different init and λ: everything must come from disk.
+    resumed = _Pair(seed=123, out_dir=tmp_path / "cut", learnable=LearnableLambda(0.7))
+    resumed.trainer().run(resume=True)
+
+    assert float(full.lam.rho.detach()) != pytest.approx(float(LearnableLambda(0.05).rho.detach()))
+    assert torch.equal(full.lam.rho.detach(), resumed.lam.rho.detach())
+    a, b = full.upper_opt.state_dict(), resumed.upper_opt.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    rho_index = len(list(full.downstream.parameters()))  # ρ's group comes last
+    assert rho_index in a["state"]
+    for i, entry in a["state"].items():
+        assert torch.equal(entry["momentum_buffer"], b["state"][i]["momentum_buffer"]), i
+    for module in ("downstream", "pretext"):
+        x, y = getattr(full, module).state_dict(), getattr(resumed, module).state_dict()
+        assert all(torch.equal(x[name], y[name]) for name in x), module
+
+
+def test_format_1_checkpoint_with_separate_lambda_loads(tmp_path):
+    # Format 1 kept ρ apart from the upper parameters under "lam_rho"; it still resumes.
+    pair = _Pair(learnable=LearnableLambda(0.05))
+    pair.config.alternations = 1
+    trainer = pair.trainer()
+    trainer.run()
+    state = trainer.state_dict()
+    old = {**state, "format": "implicitbilevel.bissl/1",
+           "upper_params": {n: t for n, t in state["upper_params"].items() if n != "lam.rho"},
+           "lam_rho": state["upper_params"]["lam.rho"]}
+    other = _Pair(seed=4, learnable=LearnableLambda(0.9))
+    other.config.alternations = 1
+    restored = other.trainer()
+    restored.load_state_dict(old)
+    assert torch.equal(other.lam.rho.detach(), pair.lam.rho.detach())
+    assert restored.alternation == 1
+    with pytest.raises(CheckpointError, match="format"):
+        restored.load_state_dict({**state, "format": "something/3"})
+
+
+def test_trainer_rejects_upper_params_named_like_problem_params():
+    learnable = LearnableLambda(0.05)
+    pair = _Pair(learnable=learnable)
+    pair.upper["lam.rho"] = learnable.rho
+    with pytest.raises(ValueError, match="must not contain the problem's own parameters"):
         pair.trainer()
 
 

@@ -3,8 +3,9 @@
 - The upper-level hypergradient (with its CG solve, every HVP averaged across ranks) and the
   lower-level gradient on two ranks with batch B each equal the single-process values on the 2B
   batch, to float64 tolerance.
-- A two-rank BiSSL trainer run completes; rank 0 alone writes the checkpoint, which loads and
-  resumes in a single process.
+- A two-rank BiSSL trainer run with a learnable λ completes, every rank starting from rank 0's
+  parameters and ρ; rank 0 alone writes the checkpoint, which loads and resumes in a single
+  process.
 - ``AllReduceMean`` packs tensors into buckets and is the identity without a process group.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
+from implicitbilevel import CG, BilevelProblem, LearnableLambda, ProximalL2, functional_module
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 from implicitbilevel.checkpoint import load_checkpoint
 from implicitbilevel.distributed import AllReduceMean, _buckets
@@ -44,7 +45,7 @@ def _models():
     return down, pre
 
 
-def _problem(down, pre, reducer):
+def _problem(down, pre, reducer, lam=0.05):
     def downstream_loss(p, batch):
         x, y = batch
         return nn.functional.cross_entropy(_call(down, "head", p, x), y)
@@ -54,7 +55,7 @@ def _problem(down, pre, reducer):
         return ((_call(pre, "proj", p, x) - x) ** 2).mean()
 
     names = [n for n, _ in down.named_parameters() if n.startswith("backbone.")]
-    return BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=0.05,
+    return BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=lam,
                           damping=1.0, regularizer=ProximalL2(names),
                           ij=CG(max_iter=6), reducer=reducer)
 
@@ -124,8 +125,11 @@ def test_two_rank_hypergradient_equals_single_process_full_batch(tmp_path):
     assert float(distributed["lower_loss"]) == pytest.approx(float(low.loss), rel=1e-12)
 
 
-def _trainer(down, pre, reducer, out_dir, alternations, distributed):
+def _trainer(down, pre, reducer, out_dir, alternations, distributed, rho_shift=0.0):
     upper, lower = dict(down.named_parameters()), dict(pre.named_parameters())
+    lam = LearnableLambda(0.05, dtype=D)  # ρ: an upper parameter, broadcast and checkpointed
+    with torch.no_grad():
+        lam.rho.add_(rho_shift)
     x_d, y_d, x_p = _data()
     sets = TensorDataset(x_d, y_d), TensorDataset(x_p)
     loaders = [
@@ -134,8 +138,9 @@ def _trainer(down, pre, reducer, out_dir, alternations, distributed):
         for ds in sets
     ]
     return BiSSLTrainer(
-        _problem(down, pre, reducer), upper, lower,
-        torch.optim.SGD(down.parameters(), lr=0.05), torch.optim.SGD(pre.parameters(), lr=0.05),
+        _problem(down, pre, reducer, lam), upper, lower,
+        torch.optim.SGD([*down.parameters(), lam.rho], lr=0.05),
+        torch.optim.SGD(pre.parameters(), lr=0.05),
         loaders[0], loaders[1],
         BiSSLConfig(alternations=alternations, lower_steps=2, upper_steps=2, progress=False),
         out_dir=out_dir, modules={"down": down, "pre": pre},
@@ -148,11 +153,18 @@ def _trainer_worker(rank, world, port, out_dir):
     try:
         torch.set_num_threads(1)
         down, pre = _models()
-        if rank == 1:  # the trainer starts every rank from rank 0's parameters
+        if rank == 1:  # the trainer starts every rank from rank 0's parameters, λ's ρ included
             with torch.no_grad():
                 for p in [*down.parameters(), *pre.parameters()]:
                     p.add_(1.0)
-        _trainer(down, pre, AllReduceMean(), out_dir, 3, distributed=True).run()
+        trainer = _trainer(down, pre, AllReduceMean(), out_dir, 3, distributed=True,
+                           rho_shift=float(rank))
+        trainer.run()
+        rho = trainer.problem.lam.rho.detach().reshape(1)
+        gathered = [torch.zeros_like(rho) for _ in range(world)]
+        dist.all_gather(gathered, rho)
+        assert torch.equal(gathered[0], gathered[1])
+        assert float(rho) != float(LearnableLambda(0.05, dtype=D).rho)  # it was trained
         # Parameters stay replicated: every rank applies the same averaged update.
         flat = torch.cat([p.detach().reshape(-1) for p in pre.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
@@ -170,10 +182,14 @@ def test_two_rank_trainer_run_checkpoint_loads_in_one_process(tmp_path):
     mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["alternation"] == 3 and len(state["ranks"]) == 2
+    assert state["upper_params"]["lam.rho"].dtype == D
     assert len((tmp_path / "metrics.jsonl").read_text().strip().splitlines()) == 3
 
     down, pre = _models()
     trainer = _trainer(down, pre, None, tmp_path, 4, distributed=False)
+    rho = trainer.problem.lam.rho
+    trainer.load_state_dict(state)
+    assert torch.equal(rho.detach(), state["upper_params"]["lam.rho"])
     history = trainer.run(resume=True)
     assert len(history) == 4 and trainer.alternation == 4
 

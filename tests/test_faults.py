@@ -1,6 +1,6 @@
-"""Fault tolerance: a training process killed with SIGKILL at a random alternation and resumed
-ends with exactly the parameters of an uninterrupted run; bf16 autocast keeps the hypergradient
-close to fp32."""
+"""Fault tolerance: a training process with a learnable λ killed with SIGKILL at a random
+alternation and resumed ends with exactly the parameters, ρ and upper optimiser state of an
+uninterrupted run; bf16 autocast keeps the hypergradient close to fp32."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def _lines(path: Path) -> int:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_sigkill_at_random_alternation_then_resume_matches_uninterrupted(tmp_path):
     reference = tmp_path / "reference"
-    done = _run(reference)
+    done = _run(reference, "--learnable")
     assert done.returncode == 0, done.stderr
 
     kill_after = random.Random(os.getpid()).randint(1, 6)
     victim = tmp_path / "victim"
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(victim)],
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(victim), "--learnable"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while _lines(victim / "metrics.jsonl") < kill_after and proc.poll() is None:
@@ -46,13 +46,17 @@ def test_sigkill_at_random_alternation_then_resume_matches_uninterrupted(tmp_pat
     assert proc.returncode == -signal.SIGKILL
     assert not (victim / "final.pt").exists()
 
-    resumed = _run(victim, "--resume")
+    resumed = _run(victim, "--resume", "--learnable")
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(reference / "final.pt", weights_only=True)
     b = torch.load(victim / "final.pt", weights_only=True)
-    for module in ("down", "pre"):
+    for module in ("down", "pre", "problem"):
         for name, tensor in a[module].items():
             assert torch.equal(tensor, b[module][name]), (kill_after, module, name)
+    assert list(a["problem"]) == ["lam.rho"]
+    assert a["upper_opt"].keys() == b["upper_opt"].keys()
+    for index, state in a["upper_opt"].items():
+        assert torch.equal(state["momentum_buffer"], b["upper_opt"][index]["momentum_buffer"])
 
 
 def test_bf16_autocast_hypergradient_close_to_fp32():

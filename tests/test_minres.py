@@ -124,7 +124,7 @@ def diagonal_preconditioner(d: np.ndarray, shapes, dtype=F64):
 def systems(draw, dtypes=(torch.float32, torch.float64), n_max: int = 40):
     n = draw(st.integers(1, n_max))
     dtype = draw(st.sampled_from(dtypes))
-    log_kappa = draw(st.floats(0.0, 3.0 if dtype == F64 else 2.0))
+    log_kappa = draw(st.floats(0.0, 3.0 if dtype == F64 else 2.0, allow_subnormal=False))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     a = from_spectrum(indefinite_spectrum(n, 10.0**log_kappa, rng), random_orthogonal(n, rng))
@@ -372,7 +372,7 @@ def test_warm_start_needs_fewer_iterations():
 
 
 @settings(max_examples=20, deadline=None)
-@given(systems(dtypes=(F64,), n_max=25), st.integers(1, 6), st.floats(0.0, 1.0))
+@given(systems(dtypes=(F64,), n_max=25), st.integers(1, 6), st.floats(0.0, 1.0, allow_subnormal=False))
 def test_preconditioned_iterates_minimize_the_m_inverse_norm(sys, k, log_spread):
     """``M⁻¹ = diag(d)``, ``d`` log-uniform in ``[10^-s, 10^s]``: the iterate after ``j`` products
     minimises ``||b − A x||_{M⁻¹}`` over ``K_j(M⁻¹A, M⁻¹b)``; that norm is non-increasing in ``j``;

@@ -6,7 +6,9 @@
 - A small tanh network whose lower level is solved to stationarity by Newton's method: the
   hypergradient against Theorem 3.2 evaluated with dense Hessians from
   ``torch.autograd.functional.hessian``, and against finite differences of ``F``.
-- Learnable λ (eq. 5.6, λ_damp = 0) against central finite differences through the exact solve.
+- Learnable λ (eq. 5.6, λ_damp = 0) against central finite differences through the exact solve,
+  and with the implicit-Jacobian damping and the λ-gradient damping set apart, against the closed
+  form of eq. 5.6 on a linear-quadratic problem.
 - The general regulariser path against the proximal fast path and the ridge closed form.
 - Every error the API promises.
 """
@@ -351,6 +353,91 @@ def test_learnable_lambda_damped_formula():
     u = out.u["w"]
     expected = dsigma / (sigma + 10.0) * ((net.upper["w"] - net.lower["w"]) * u).sum()
     assert float(out.lam_grad) == pytest.approx(float(expected), rel=1e-10)
+
+
+def _linear_quadratic(seed: int, n: int = 5, k: int = 3):
+    """Lower ``½θᵀQθ + cᵀθ``, upper ``½‖Bθ + b − a‖²``: every quantity has a closed form."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.float64
+    m = torch.randn(n, n, generator=g, dtype=d)
+    q = m @ m.T / n + 0.2 * torch.eye(n, dtype=d)
+    c, b_mat, a = (torch.randn(n, generator=g, dtype=d), torch.randn(k, n, generator=g, dtype=d),
+                   torch.randn(k, generator=g, dtype=d))
+
+    def pretext(p, batch):
+        return 0.5 * p["th"] @ q @ p["th"] + c @ p["th"]
+
+    def downstream(p, batch):
+        return 0.5 * ((b_mat @ p["th"] + p["bias"] - a) ** 2).sum()
+
+    upper = {"th": torch.randn(n, generator=g, dtype=d),
+             "bias": torch.randn(k, generator=g, dtype=d)}
+    return q, c, b_mat, a, pretext, downstream, upper
+
+
+@pytest.mark.parametrize("damping,lam_damping", [(10.0, 0.0), (10.0, 3.0), (0.0, 2.5), (0.5, 7.0),
+                                                 (4.0, None)])
+def test_learnable_lambda_separate_damping_matches_eq_5_6(damping, lam_damping):
+    # eq. 5.6 with the implicit Jacobian damped by λ_damp and the prefactor by λ_damp^ρ:
+    # dF/dρ = σ'(ρ)/(σ(ρ) + λ_damp^ρ) ⟨θ_D − θ_P, (I + Q/(σ(ρ) + λ_damp))⁻¹ Bᵀ(Bθ_P + b − a)⟩.
+    q, c, b_mat, a, pretext, downstream, upper = _linear_quadratic(seed=11)
+    n = q.shape[0]
+    lower = {"th": upper["th"] + torch.randn(n, generator=torch.Generator().manual_seed(3),
+                                             dtype=torch.float64)}
+    learnable = LearnableLambda(0.3, dtype=torch.float64, damping=lam_damping)
+    problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=learnable,
+                             damping=damping, regularizer=ProximalL2(["th"]), ij=Dense())
+    out = problem.upper_grad(upper, lower, None, None)
+
+    rho = float(learnable.rho.detach())
+    sigma, dsigma = math.log1p(math.exp(rho)), 1.0 / (1.0 + math.exp(-rho))
+    nu = sigma + (damping if lam_damping is None else lam_damping)
+    v = b_mat.T @ (b_mat @ lower["th"] + upper["bias"] - a)
+    u = torch.linalg.solve(torch.eye(n, dtype=torch.float64) + q / (sigma + damping), v)
+    expected = dsigma / nu * float((upper["th"] - lower["th"]) @ u)
+    assert set(out.grads) == {"th", "bias", "lam.rho"}
+    assert problem.params == {"lam.rho": learnable.rho}
+    assert float(out.grads["lam.rho"]) == pytest.approx(expected, rel=1e-12)
+    assert out.lam_grad is out.grads["lam.rho"]
+    torch.testing.assert_close(out.u["th"], u, rtol=1e-12, atol=1e-14)  # the damped solve
+
+
+def test_learnable_lambda_undamped_is_the_exact_derivative():
+    # Both dampings 0 (the first one set explicitly): dF/dρ of F(ρ) = L^D(θ_P*(σ(ρ))) through the
+    # closed-form lower solution θ_P*(λ) = (Q + λI)⁻¹(λθ_D − c), by central differences.
+    q, c, b_mat, a, pretext, downstream, upper = _linear_quadratic(seed=12)
+    eye = torch.eye(q.shape[0], dtype=torch.float64)
+    lam0 = 0.4
+
+    def solution(lam):
+        return torch.linalg.solve(q + lam * eye, lam * upper["th"] - c)
+
+    def total(rho):
+        th_p = solution(math.log1p(math.exp(rho)))
+        return float(downstream({"th": th_p, "bias": upper["bias"]}, None))
+
+    learnable = LearnableLambda(lam0, dtype=torch.float64, damping=0.0)
+    problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=learnable,
+                             damping=10.0, regularizer=ProximalL2(["th"]), ij=Dense())
+    exact = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext,
+                           lam=LearnableLambda(lam0, dtype=torch.float64, damping=0.0),
+                           damping=0.0, regularizer=ProximalL2(["th"]), ij=Dense())
+    lower = {"th": solution(lam0)}
+    rho, eps = float(learnable.rho.detach()), 1e-6
+    fd = (total(rho + eps) - total(rho - eps)) / (2 * eps)
+    assert float(exact.upper_grad(upper, lower, None, None).lam_grad) == pytest.approx(fd, rel=1e-7)
+    # With the solve damped (λ_damp = 10) and the prefactor not, the gradient is not exact.
+    damped = float(problem.upper_grad(upper, lower, None, None).lam_grad)
+    assert abs(damped - fd) > 1e-3 * abs(fd)
+
+
+def test_upper_variables_must_not_shadow_problem_parameters():
+    net = _TanhNet(seed=5)
+    learnable = LearnableLambda(0.2, dtype=torch.float64)
+    problem = net.problem(learnable, CG(max_iter=5))
+    with pytest.raises(ValueError, match="must not contain the problem's own parameters"):
+        problem.upper_grad({**net.upper, **problem.params}, net.lower, None, None)
+    assert net.problem(0.2, CG(max_iter=5)).params == {}
 
 
 def test_general_regularizer_matches_proximal_fast_path():

@@ -7,7 +7,8 @@
   ``α``); the value at a mid point against the closed forms written out here; ``t`` outside
   ``0..T−1`` raises; ``λ ≤ 0``, ``λ_max < λ_min``, ``T < 2`` and ``α ≤ 0`` raise ``ValueError``.
 - ``LearnableLambda(init)``: ``softplus(ρ) == init``, ``derivative() == sigmoid(ρ)`` and equals the
-  autograd derivative of softplus at ρ.
+  autograd derivative of softplus at ρ; ``gradient_scale`` is ``σ'(ρ)/(σ(ρ) + λ_damp^ρ)`` with its
+  own damping (an explicit 0 included) or the problem's when ``damping=None``.
 - ``as_lambda`` passes schedules through, wraps positive floats, and rejects 0, negatives, NaN,
   infinity, booleans and strings.
 """
@@ -222,6 +223,23 @@ def test_learnable_lambda_gradient_flows():
 def test_learnable_lambda_rejects(bad):
     with pytest.raises(ValueError):
         LearnableLambda(bad)
+
+
+@pytest.mark.parametrize("damping,expected_damping", [(None, 7.0), (0.0, 0.0), (0, 0.0),
+                                                       (2.5, 2.5)])
+def test_learnable_lambda_gradient_scale_uses_its_own_damping(damping, expected_damping):
+    # σ'(ρ)/(σ(ρ) + λ_damp^ρ), λ_damp^ρ = the problem's (7 here) only when damping is None.
+    lam = LearnableLambda(0.4, dtype=torch.float64, damping=damping)
+    rho = float(lam.rho.detach())
+    sigma, dsigma = math.log1p(math.exp(rho)), 1.0 / (1.0 + math.exp(-rho))
+    expected = dsigma / (sigma + expected_damping)
+    assert float(lam.gradient_scale(7.0)) == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, True, "1"])
+def test_learnable_lambda_rejects_bad_damping(bad):
+    with pytest.raises(ValueError, match="damping"):
+        LearnableLambda(0.5, damping=bad)
 
 
 def test_as_lambda_passthrough_and_float():
