@@ -156,7 +156,8 @@ class RNGPin:
     """
 
     def __init__(self, tensors: Iterable[Tensor]) -> None:
-        self.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self.devices = sorted({0 if t.device.index is None else t.device.index
+                               for t in tensors if t.device.type == "cuda"})
         self._cpu = torch.random.get_rng_state()
         self._cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
 
