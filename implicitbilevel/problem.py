@@ -42,13 +42,19 @@ problem's own :attr:`~BilevelProblem.params`), ready for ``torch.optim``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ._implicit import (
+    check_curvature,
+    check_policy,
+    check_solver,
+    curvature_operator,
+    implicit_step,
+)
 from .gauss_newton import GaussNewton, GaussNewtonOperator
 from .gradients import (
     LAM_RHO,
@@ -64,7 +70,7 @@ from .gradients import (
 from .hessian import HessianOperator, HVPMode
 from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
-from .solvers import CG, LinearSolver, SolveInfo, SolverBreakdownError
+from .solvers import CG, LinearSolver
 from .solvers.minres import MINRES
 from .system import IJSystem
 from .tree import Params, tree_axpy, tree_dot
@@ -109,7 +115,8 @@ class BilevelProblem:
             then ``diag(I, εI) + H_ω/μ``; 0 in the thesis).
         curvature: ``"hessian"`` (exact) or a :class:`~implicitbilevel.GaussNewton` splitting the
             lower loss into outputs and a convex output loss (positive semi-definite curvature).
-        hvp_mode: how Hessian-vector products of ``ℓ`` are formed when not reusing a graph.
+        hvp_mode: how curvature products are formed: for the exact Hessian when not reusing a
+            graph; for Gauss–Newton also how ``J t`` is taken on the kept graph.
         reuse_graph: build the first-order graph of ``ℓ`` once per solve (or per
             :meth:`lower_hessian`) and reuse it for every product (faster, more memory; see
             :mod:`implicitbilevel.hessian`).
@@ -159,21 +166,13 @@ class BilevelProblem:
             raise ValueError("head_damping applies to the head block, which is only solved over "
                              "with solve_over='all'")
         self.head_damping = float(head_damping)
-        if not (curvature == "hessian" or isinstance(curvature, GaussNewton)):
-            raise TypeError("curvature must be 'hessian' or a GaussNewton(outputs, output_loss), "
-                            f"got {curvature!r}")
+        check_curvature(curvature)
         self.curvature = curvature
         if ij is None:
             ij = CG() if solve_over == "coupled" else MINRES()
-        if not isinstance(ij, LinearSolver):
-            raise TypeError(
-                f"ij must be a LinearSolver (CG, MINRES, Neumann, ...), got {type(ij).__name__}"
-            )
+        check_solver(ij, "ij")
         self.ij = ij
-        if on_breakdown not in ("raise", "warn", "ignore"):
-            raise ValueError(
-                f"on_breakdown must be 'raise', 'warn' or 'ignore', got {on_breakdown!r}"
-            )
+        check_policy(on_breakdown)
         self.hvp_mode = hvp_mode
         self.reuse_graph = reuse_graph
         self.on_breakdown = on_breakdown
@@ -247,26 +246,10 @@ class BilevelProblem:
         """
         names = self.solve_names(upper, lower)
         fixed = {n: p.detach() for n, p in lower.items()}
-
-        def loss_over_solved(sub: Params, batch_: Any) -> Tensor:
-            return self.lower_loss({**fixed, **sub}, batch_)
-
-        point = {n: fixed[n] for n in names}
-        operator: HessianOperator | GaussNewtonOperator
-        if isinstance(self.curvature, GaussNewton):
-            outputs = self.curvature.outputs
-
-            def outputs_over_solved(sub: Params, batch_: Any) -> Any:
-                return outputs({**fixed, **sub}, batch_)
-
-            operator = GaussNewtonOperator(
-                outputs_over_solved, self.curvature.output_loss, point, batch,
-                mode=self.hvp_mode, reuse=self.reuse_graph,
-            )
-        else:
-            operator = HessianOperator(
-                loss_over_solved, point, batch, mode=self.hvp_mode, reuse=self.reuse_graph
-            )
+        operator = curvature_operator(
+            self.lower_loss, self.curvature, {n: fixed[n] for n in names}, (batch,),
+            embed=lambda sub: {**fixed, **sub}, mode=self.hvp_mode, reuse=self.reuse_graph,
+        )
         if self.check_finite and operator.loss is not None:
             require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
@@ -326,12 +309,13 @@ class BilevelProblem:
         v = {n: grads[("y", n)] for n in names}
 
         system = self.system(x, y, lower_hessian, mu, coupled)
-        u, info = self.ij(system, v)
-        self._handle_breakdown(info, t)
-        if self.check_finite:
-            require_finite(tree_dot(u, u), "implicit-Jacobian solution", t)
-
-        grad_x.update(tree_axpy(-1.0, self.regularizer.mixed_vjp(x, y, u), grad_x))
+        step = implicit_step(
+            system, v, self.ij, lambda u_: self.regularizer.mixed_vjp(x, y, u_),
+            on_breakdown=self.on_breakdown, check_finite=self.check_finite,
+            where="implicit-Jacobian solve", t=t, stacklevel=2,
+        )
+        u, info = step.u, step.info
+        grad_x.update(tree_axpy(-1.0, step.mixed, grad_x))
 
         if isinstance(self.lam, LearnableLambda):
             # eq. 5.6: −σ'(ρ)/(σ(ρ) + λ_damp^ρ) ⟨∇_y r, u⟩, u from the solve above (damped with μ).
@@ -372,16 +356,3 @@ class BilevelProblem:
         averaged = self.reducer({**grads, "__loss__": loss.detach()})
         loss = averaged.pop("__loss__")
         return averaged, loss
-
-    # -- checks ------------------------------------------------------------------------------
-
-    def _handle_breakdown(self, info: SolveInfo, t: int) -> None:
-        if info.breakdown is None or self.on_breakdown == "ignore":
-            return
-        message = (
-            f"implicit-Jacobian solve broke down at alternation {t} after {info.iterations} "
-            f"iterations: {info.breakdown}"
-        )
-        if self.on_breakdown == "raise":
-            raise SolverBreakdownError(message, info)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)

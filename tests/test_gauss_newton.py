@@ -5,17 +5,23 @@ into one float64 vector, ``J = ∂z/∂θ`` is materialised by ``torch.autograd.
 and ``∇²_z L`` by ``torch.autograd.functional.hessian``, and ``G = Jᵀ ∇²_z L J`` is multiplied
 out. Checked (relative error < 1e-10 throughout):
 
-- products through the kept graph and with ``reuse=False`` in every mode, for cross-entropy over
-  logits and for squared error, on a tanh MLP and on a conv net with train-mode BatchNorm (whose
-  running statistics no product touches);
+- products through the kept graph and with ``reuse=False``, each in every mode, for cross-entropy
+  over logits and for squared error, on a tanh MLP and on conv nets with train-mode BatchNorm
+  (whose running statistics no product touches);
+- the kept graph's forward-mode ``J t`` and its double-vjp ``J t`` give the same products (float64,
+  1e-12) on BatchNorm conv nets and under dropout; the forward-mode pass reproduces the kept
+  outputs bit for bit, draws nothing from the caller's random stream, and is not run at all in
+  ``"reverse-over-reverse"``;
 - the dense ``G`` is positive semi-definite while the exact Hessian of the same loss has a negative
   eigenvalue; for a linear model under squared error ``G`` equals the Hessian, and the product
   equals ``HessianOperator``'s;
 - batched products equal single products and the dense matrix (hypothesis over ``k`` and the
   tangents); the modes agree with each other; a subset of names gives the matching block;
 - dropout: every product of one operator uses the mask drawn at construction;
-- a legacy ``autograd.Function`` in the model: ``"auto"`` falls back once with a warning,
-  ``"forward-over-reverse"`` raises ``HVPModeError``;
+- a legacy ``autograd.Function`` in the model: ``"auto"`` falls back once with a warning (kept
+  graph and ``reuse=False``, single and batched products), ``"forward-over-reverse"`` raises
+  ``HVPModeError``; a Function with a forward-mode rule but no batching rule keeps forward mode
+  and computes batched products one at a time;
 - the :class:`GaussNewton` spec, the attributes (``loss``, ``calls``, ``mode``, ``psd``, ``memo``)
   and the errors (outputs that are not one float tensor, a non-scalar output loss, bad tangents,
   an invalid mode); zero curvature where the output loss is linear or a parameter is unused.
@@ -39,6 +45,7 @@ from implicitbilevel.gauss_newton import GaussNewton, GaussNewtonOperator
 from implicitbilevel.hessian import HessianOperator, HVPModeError, functional_module
 
 gn_module = importlib.import_module("implicitbilevel.gauss_newton")
+products_module = importlib.import_module("implicitbilevel._products")
 
 DT = torch.float64
 MODES = ["auto", "forward-over-reverse", "reverse-over-reverse"]
@@ -118,9 +125,9 @@ def assert_batched_matches(op, tangents: dict, matrix: torch.Tensor, params: dic
 
 
 def operators(outputs, output_loss, params, args):
-    yield GaussNewtonOperator(outputs, output_loss, params, *args)
-    for mode in MODES:
-        yield GaussNewtonOperator(outputs, output_loss, params, *args, mode=mode, reuse=False)
+    for reuse in (True, False):
+        for mode in MODES:
+            yield GaussNewtonOperator(outputs, output_loss, params, *args, mode=mode, reuse=reuse)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -302,7 +309,8 @@ def test_bn_products_match_dense_and_keep_running_stats(loss_name):
 # ----------------------------------------------------------------------------- dropout
 
 
-@pytest.mark.parametrize("reuse,mode", [(True, "auto")] + [(False, m) for m in MODES])
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 def test_dropout_operator_uses_the_mask_drawn_at_construction(reuse, mode):
     torch.manual_seed(31)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT)
@@ -325,6 +333,138 @@ def test_dropout_operator_uses_the_mask_drawn_at_construction(reuse, mode):
     hv = op(v)
     assert torch.equal(flat(hv), flat(op(v)))
     assert_batched_matches(op, random_tangent(params, 3, k=3), gn, params)
+
+
+# ----------------------------------------------------------------------------- kept graph: J t
+
+
+TIGHT = 1e-12
+
+
+class JvpSpy:
+    """Stands in for ``torch.func.jvp``: counts the calls and keeps the primal outputs."""
+
+    def __init__(self):
+        self.jvp = torch.func.jvp
+        self.calls = 0
+        self.primals = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        primal, tangent = self.jvp(*args, **kwargs)
+        self.primals.append(primal)
+        return primal, tangent
+
+
+def make_two_conv_bn_net() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).to(DT).train()
+
+
+def assert_same_products(op, ref_op, t: dict, tb: dict) -> None:
+    single, ref = op(t), ref_op(t)
+    assert flat(ref).norm() > 1e-3
+    assert rel_err(flat(single), flat(ref)) < TIGHT
+    batch, ref_batch = op.batched(tb), ref_op.batched(tb)
+    for i in range(next(iter(tb.values())).shape[0]):
+        assert rel_err(flat(row(batch, i)), flat(row(ref_batch, i))) < TIGHT
+
+
+@pytest.mark.parametrize("make_net,shape", [(make_bn_net, (4, 2, 4, 4)),
+                                            (make_two_conv_bn_net, (6, 3, 5, 5))])
+def test_kept_forward_mode_equals_double_vjp_on_bn_nets(monkeypatch, make_net, shape):
+    net = make_net()
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    gen = torch.Generator().manual_seed(8)
+    args = (torch.randn(*shape, generator=gen, dtype=DT),
+            torch.randint(0, 3, (shape[0],), generator=gen))
+    call = functional_module(net)
+
+    def outputs(p, x, y):
+        return call(p, x)
+
+    ref = copy.deepcopy(net)
+    for module in ref.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.track_running_stats = False
+    gn = dense_gn(lambda p, x, y: functional_call(ref, p, (x,)), cross_entropy, params, *args)
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    spy = JvpSpy()
+    monkeypatch.setattr(torch.func, "jvp", spy)
+    t, tb = random_tangent(params, 6), random_tangent(params, 7, k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no mode or batching fallback
+        double_vjp = GaussNewtonOperator(outputs, cross_entropy, params, *args,
+                                         mode="reverse-over-reverse")
+        assert_matches(double_vjp(t), t, gn, params)
+        assert spy.calls == 0
+        for mode in ("auto", "forward-over-reverse"):
+            op = GaussNewtonOperator(outputs, cross_entropy, params, *args, mode=mode)
+            calls = spy.calls
+            assert_same_products(op, double_vjp, t, tb)
+            assert spy.calls == calls + 2  # one jvp per call, the batched one under vmap
+            assert torch.equal(spy.primals[-2], op._graph.z.detach())  # the kept z, bit for bit
+            assert op._graph.mode == mode and op._graph._jtw is None  # no double-vjp graph
+            assert_matches(op(t), t, gn, params)
+    for n, b in net.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+def test_kept_forward_mode_equals_double_vjp_under_dropout(monkeypatch):
+    torch.manual_seed(41)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT)
+    call = functional_module(net.train())
+    gen = torch.Generator().manual_seed(42)
+    args = (torch.randn(10, 4, generator=gen, dtype=DT), torch.randint(0, 3, (10,), generator=gen))
+
+    def outputs(p, x, y):
+        return call(p, x)
+
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.manual_seed(99)
+    gn = dense_gn(outputs, cross_entropy, params, *args)
+    ops = {}
+    for mode in ("forward-over-reverse", "reverse-over-reverse"):
+        torch.manual_seed(99)  # the same mask as the dense reference
+        ops[mode] = GaussNewtonOperator(outputs, cross_entropy, params, *args, mode=mode)
+    spy = JvpSpy()
+    monkeypatch.setattr(torch.func, "jvp", spy)
+    stream = torch.get_rng_state()
+    forward, double_vjp = ops["forward-over-reverse"], ops["reverse-over-reverse"]
+    t, tb = random_tangent(params, 1), random_tangent(params, 2, k=3)
+    assert_same_products(forward, double_vjp, t, tb)
+    assert spy.calls == 2 and torch.equal(spy.primals[0], forward._graph.z.detach())
+    for op in ops.values():
+        assert_matches(op(t), t, gn, params)
+        assert_batched_matches(op, tb, gn, params)
+    assert torch.equal(torch.get_rng_state(), stream)  # the caller's stream did not move
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reverse_over_reverse_never_runs_forward_mode(monkeypatch, reuse):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("forward mode ran")
+
+    monkeypatch.setattr(torch.func, "jvp", forbidden)
+    net = make_bn_net()
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    gen = torch.Generator().manual_seed(9)
+    args = (torch.randn(4, 2, 4, 4, generator=gen, dtype=DT), torch.tensor([1, 0, 2, 0]))
+    call = functional_module(net)
+    ref = copy.deepcopy(net)
+    ref[1].track_running_stats = False
+    gn = dense_gn(lambda p, x, y: functional_call(ref, p, (x,)), squared_error, params, *args)
+    op = GaussNewtonOperator(lambda p, x, y: call(p, x), squared_error, params, *args,
+                             mode="reverse-over-reverse", reuse=reuse)
+    t = random_tangent(params, 10)
+    assert_matches(op(t), t, gn, params)
+    assert_batched_matches(op, random_tangent(params, 11, k=2), gn, params)
+    with pytest.raises(AssertionError, match="forward mode ran"):  # the patch is in place
+        GaussNewtonOperator(lambda p, x, y: call(p, x), squared_error, params, *args)(t)
 
 
 # ----------------------------------------------------------------------------- legacy Function
@@ -375,6 +515,80 @@ def test_legacy_function_auto_falls_back_once_and_forward_mode_raises(monkeypatc
         op(t)
     assert_matches(GaussNewtonOperator(legacy_outputs, cross_entropy, params, *args)(t), t, gn,
                    params)
+
+
+@pytest.mark.parametrize("batched_first", [False, True])
+def test_legacy_function_kept_graph_falls_back_once(monkeypatch, batched_first):
+    monkeypatch.setattr(gn_module, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(products_module, "_BATCHED_FALLBACK_WARNED", set())
+    params = make_mlp_params(5)
+    args = mlp_data(6)
+    gn = dense_gn(plain_outputs, squared_error, params, *args)
+    t, tb = random_tangent(params, 0), random_tangent(params, 1, k=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            op = GaussNewtonOperator(legacy_outputs, squared_error, params, *args)
+            if batched_first:
+                assert_batched_matches(op, tb, gn, params)
+            assert_matches(op(t), t, gn, params)
+            assert_batched_matches(op, tb, gn, params)
+            assert op.mode == "kept-graph" and op._graph.mode == "reverse-over-reverse"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "legacy_outputs" in messages[0]
+    assert "Gauss-Newton" in messages[0] and "reverse-over-reverse" in messages[0]
+    op = GaussNewtonOperator(legacy_outputs, squared_error, params, *args,
+                             mode="forward-over-reverse")
+    with pytest.raises(HVPModeError, match="reverse-over-reverse"):
+        op(t)
+    with pytest.raises(HVPModeError, match="reverse-over-reverse"):
+        op.batched(tb)
+
+
+class TanhWithoutVmap(torch.autograd.Function):
+    """tanh with a forward-mode rule but no batching rule: ``vmap`` over it raises.
+
+    (Its name must not mention forward mode: the error message quotes it.)
+    """
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (y,) = ctx.saved_tensors
+        return tangent * (1 - y * y)
+
+
+def unvmappable_outputs(p, x, y):
+    return TanhWithoutVmap.apply(x @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+
+
+def test_missing_batching_rule_keeps_forward_mode_and_loops(monkeypatch):
+    monkeypatch.setattr(gn_module, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(products_module, "_BATCHED_FALLBACK_WARNED", set())
+    params = make_mlp_params(7)
+    args = mlp_data(8)
+    gn = dense_gn(plain_outputs, cross_entropy, params, *args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = GaussNewtonOperator(unvmappable_outputs, cross_entropy, params, *args)
+        assert_batched_matches(op, random_tangent(params, 2, k=3), gn, params)
+        assert_batched_matches(op, random_tangent(params, 3, k=2), gn, params)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "one at a time" in messages[0]
+    assert op._graph.mode == "auto" and op._graph._jtw is None
 
 
 # ----------------------------------------------------------------------------- spec, attributes

@@ -372,7 +372,8 @@ def test_warm_start_needs_fewer_iterations():
 
 
 @settings(max_examples=20, deadline=None)
-@given(systems(dtypes=(F64,), n_max=25), st.integers(1, 6), st.floats(0.0, 1.0, allow_subnormal=False))
+@given(systems(dtypes=(F64,), n_max=25), st.integers(1, 6),
+       st.floats(0.0, 1.0, allow_subnormal=False))
 def test_preconditioned_iterates_minimize_the_m_inverse_norm(sys, k, log_spread):
     """``M⁻¹ = diag(d)``, ``d`` log-uniform in ``[10^-s, 10^s]``: the iterate after ``j`` products
     minimises ``||b − A x||_{M⁻¹}`` over ``K_j(M⁻¹A, M⁻¹b)``; that norm is non-increasing in ``j``;
