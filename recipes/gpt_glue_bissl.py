@@ -1,423 +1,190 @@
-"""GPT on GLUE: the conventional pipeline (Only FT) against BiSSL + FT (thesis chapter 7).
+"""GPT on GLUE: the conventional pipeline (Only-FT) against BiSSL + FT (thesis chapter 7).
 
     python recipes/gpt_glue_bissl.py
         the embedded default: a small GPT, a locally trained BPE, a template corpus and seven
-        synthetic GLUE-format tasks; nothing is downloaded (5 to 8 minutes on 2 CPU cores).
+        synthetic GLUE-format tasks; nothing is downloaded.
     python recipes/gpt_glue_bissl.py --config recipes/configs/gpt_glue_paper.yaml \\
-            model.pretrained=DIR data.glue=GLUE_DIR data.corpus=BOOKS_DIR
-        the paper setup (117M GPT, BooksCorpus, GLUE); ``key.sub=value`` overrides any setting.
-    torchrun --nproc_per_node 4 recipes/gpt_glue_bissl.py --config ... (same arguments)
-        the same pipeline on 4 processes (one per GPU; gloo on CPU).
+            --set model.pretrained=DIR --set data.glue=GLUE_DIR --set data.corpus=BOOKS_DIR
+        the paper setup (117M GPT, BooksCorpus, GLUE).
+    python recipes/gpt_glue_bissl.py bissl --resume      # continue a killed BiSSL stage
+    python recipes/gpt_glue_bissl.py sweep --param lam   # a Table 6.2 grid on every task
+    torchrun --nproc_per_node 4 recipes/gpt_glue_bissl.py ... (same arguments)
 
-Stages per task: grid search of the fine-tuning (lr, wd) and the multi-seed Only-FT retrain; head
-warm-up on a frozen backbone; BiSSL (library trainer); fine-tuning from the BiSSL backbone θ_P with
-the same seeds. Writes ``results.json`` and plots to ``out_dir`` and prints the table.
+Stages, per GLUE task (``<task>/`` in ``run.out_dir``): ``pretext`` (next-token pretraining of
+a freshly built GPT, or the pretrained weights), ``only-ft`` (the grid search of (lr, wd) and
+the multi-seed retrain), ``head-warmup`` (frozen backbone), ``bissl`` (Algorithm 2),
+``finetune`` (BiSSL+FT: the same search and retrain from θ_P, Sec. 7.2), then ``report``. The
+stage layer, CLI, result schema and sweeps are shared with the vision recipe
+(:mod:`recipes.common.pipeline`); this file holds what is GPT's own: tokenizer, tasks, models,
+losses, metrics and Adam.
 
-Under ``torchrun`` every rank runs the pipeline: pretraining and head warm-up identically on every
-rank, the grid-search trials and seed runs spread round-robin over the ranks (same results as one
-process), and BiSSL data-parallel (each rank a shard of both levels' batches, the configured batch
-sizes split across the ranks). Rank 0 alone prints and writes the results.
+Under ``torchrun`` BiSSL runs data-parallel (each rank a shard of both levels' batches), the
+search trials and seed runs are spread over the ranks (same results as one process), and
+``pretext`` and ``head-warmup`` run on rank 0; rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipes.common import (  # noqa: E402
-    DistributedContext,
-    aggregate,
-    broadcast_module,
-    config_to_dict,
-    format_table,
-    grid_search,
-    init_distributed,
-    load_config,
-    per_rank_batch_size,
-    plot_bars,
-    plot_curves,
-    retrain_over_seeds,
-    seed_everything,
-    write_json,
-)
-from recipes.nlp.bissl_stage import run_bissl  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from recipes.common.cli import main as cli_main  # noqa: E402
+from recipes.common.finetune import Objective  # noqa: E402
+from recipes.common.pipeline import Recipe  # noqa: E402
+from recipes.common.runtime import derive_seed  # noqa: E402
+from recipes.nlp.bissl_stage import bissl_losses  # noqa: E402
 from recipes.nlp.config import RecipeConfig  # noqa: E402
 from recipes.nlp.data import TaskData, load_task, make_tokenizer, pretext_loader  # noqa: E402
-from recipes.nlp.finetune import evaluate, finetune, task_loader  # noqa: E402
+from recipes.nlp.finetune import adam_param_groups, gpt_objective, task_loader  # noqa: E402
 from recipes.nlp.hub import resolve_pretrained  # noqa: E402
 from recipes.nlp.model import GPTDownstreamModel, GPTPretextModel, build_gpt  # noqa: E402
 from recipes.nlp.pretrain import pretrain  # noqa: E402
 from recipes.nlp.tokenizer import TextEncoder, bpe_from_json  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "gpt_glue_embedded.yaml"
-CURVES = ("upper_loss", "lower_loss", "regularizer", "solver_relative_residual", "upper_grad_norm")
 
 
-def downstream_model(
-    backbone, task: TaskData, cfg: RecipeConfig, seed: int, device: torch.device
-) -> GPTDownstreamModel:
-    """A fresh downstream model: a copy of ``backbone`` and a head φ_D initialised from ``seed``."""
-    torch.manual_seed(seed)
-    spec = task.spec
-    model = GPTDownstreamModel(
-        copy.deepcopy(backbone),
-        spec.num_special_tokens,
-        spec.num_outputs,
-        cfg.finetune.head_dropout,
-    )
-    return model.to(device)
+class GPTRecipe(Recipe):
+    """A GPT on GLUE tasks (the targets, one per task)."""
 
+    name = "gpt-glue"
+    config_class = RecipeConfig
+    backbone_prefix = "gpt."
 
-def train_and_test(
-    backbone,
-    task: TaskData,
-    cfg: RecipeConfig,
-    lr: float,
-    wd: float,
-    seed: int,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Fine-tune a fresh model from ``backbone``; best-validation weights, then the test score.
+    # -- tokenizer and data --------------------------------------------------------------------
 
-    Seeded only by ``seed``, so the result does not depend on which rank runs it or after what.
-    """
-    ft = cfg.finetune
-    model = downstream_model(backbone, task, cfg, seed, device)
-    result = finetune(
-        model,
-        task.spec,
-        task.train,
-        task.val,
-        lr=lr,
-        weight_decay=wd,
-        epochs=ft.epochs,
-        batch_size=ft.batch_size,
-        nu=ft.nu,
-        seed=seed,
-        warmup_fraction=ft.warmup_fraction,
-        evals_per_epoch=ft.evals_per_epoch,
-        checkpoint=checkpoint,
-        device=device,
-        desc=f"{task.spec.name} lr={lr:.2g}",
-        progress=progress,
-    )
-    return {"val": result.best_val, "test": evaluate(model, task.spec, task.test, device=device)}
-
-
-def search_and_retrain(
-    backbone,
-    task: TaskData,
-    cfg: RecipeConfig,
-    ctx: DistributedContext,
-    label: str,
-    out_dir: Path,
-    search: bool = True,
-    chosen: tuple[float, float] | None = None,
-) -> dict:
-    """Grid search (unless ``chosen`` is given) then retrain the best (lr, wd) over the seeds;
-    the trials and the seed runs are spread over the ranks of ``ctx``."""
-    ft, device, quiet = cfg.finetune, ctx.device, not ctx.is_main
-    trials = []
-    if search or chosen is None:
-        trials = grid_search(
-            lambda lr, wd: train_and_test(
-                backbone, task, cfg, lr, wd, ft.search_seed, device, progress=not quiet
-            ),
-            ft.lrs,
-            ft.weight_decays,
-            score_key="val",
-            desc=f"{task.spec.name} {label} grid",
-            shard=ctx.shard,
-            progress=not quiet,
-        )
-        chosen = (trials[0].lr, trials[0].wd)
-    lr, wd = chosen
-
-    def run(seed: int) -> dict[str, float]:
-        path = out_dir / "checkpoints" / f"{task.spec.name}_{label}_{seed}.pt"
-        return train_and_test(
-            backbone,
-            task,
-            cfg,
-            lr,
-            wd,
-            seed,
-            device,
-            path if ft.save_checkpoints else None,
-            progress=not quiet,
-        )
-
-    runs = retrain_over_seeds(
-        run, ft.seeds, desc=f"{task.spec.name} {label} seeds", shard=ctx.shard, progress=not quiet
-    )
-    return {
-        "lr": lr,
-        "weight_decay": wd,
-        "runs": runs,
-        "summary": aggregate(runs),
-        "grid": [{"lr": t.lr, "weight_decay": t.wd, **t.metrics} for t in trials],
-    }
-
-
-def bissl_batch_sizes(cfg: RecipeConfig, world_size: int) -> tuple[int, int]:
-    """Per-rank (upper, lower) batch sizes of the BiSSL stage: ``finetune.batch_size`` and
-    ``bissl.lower_batch_size`` split evenly over ``world_size`` ranks (``ValueError`` naming the
-    key otherwise)."""
-    return (
-        per_rank_batch_size(cfg.finetune.batch_size, world_size, "finetune.batch_size"),
-        per_rank_batch_size(cfg.bissl.lower_batch_size, world_size, "bissl.lower_batch_size"),
-    )
-
-
-def bissl_backbone(
-    gpt,
-    task: TaskData,
-    cfg: RecipeConfig,
-    lr: float,
-    wd: float,
-    lower_loader,
-    ctx: DistributedContext,
-    out_dir: Path,
-) -> tuple[object, list]:
-    """Head warm-up on a frozen backbone, then BiSSL; returns θ_P (a GPT) and the history.
-
-    The warm-up runs whole on every rank; BiSSL is data-parallel over the ranks of ``ctx``
-    (``lower_loader`` must already be this rank's shard).
-    """
-    ft, spec, device = cfg.finetune, task.spec, ctx.device
-    down = downstream_model(gpt, task, cfg, cfg.seed, device)
-    finetune(
-        down,
-        spec,
-        task.train,
-        task.val,
-        lr=lr,
-        weight_decay=wd,
-        epochs=spec.head_warmup_epochs,
-        batch_size=ft.batch_size,
-        nu=ft.nu,
-        seed=cfg.seed,
-        evals_per_epoch=ft.evals_per_epoch,
-        freeze_backbone=True,
-        device=device,
-        desc=f"{spec.name} head warm-up",
-        progress=ctx.is_main,
-    )
-    pretext = GPTPretextModel(copy.deepcopy(gpt)).to(device)
-    upper_batch, _ = bissl_batch_sizes(cfg, ctx.world_size)
-    upper_loader = task_loader(
-        task.train,
-        upper_batch,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=len(task.train) // ctx.world_size > upper_batch,
-        shard=ctx.shard,
-    )
-    history = run_bissl(
-        down,
-        pretext,
-        spec,
-        upper_loader,
-        lower_loader,
-        cfg.bissl,
-        upper_lr=lr,
-        upper_weight_decay=wd,
-        nu=ft.nu,
-        device=device,
-        out_dir=out_dir / "bissl" / spec.name,
-        reducer=ctx.reducer,
-        progress=ctx.is_main,
-    )
-    return pretext.gpt, history
-
-
-def shared_tokenizer(
-    cfg: RecipeConfig, ctx: DistributedContext, expected_vocab: int | None
-) -> TextEncoder:
-    """The run's tokenizer. A locally trained BPE is trained on rank 0 alone and sent to the
-    others, so every rank maps text to the same ids (and a real corpus is read once)."""
-    m = cfg.model
-    trained = (m.tokenizer if m.tokenizer is not None else m.pretrained) is None
-    if ctx.world_size == 1 or not trained:
-        return make_tokenizer(m, cfg.data, expected_vocab=expected_vocab)
-    payload: list[Any] = [None]
-    if ctx.is_main:
-        payload[0] = make_tokenizer(m, cfg.data, expected_vocab=expected_vocab).tokenizer.to_str()
-    dist.broadcast_object_list(payload, src=0)
-    return bpe_from_json(payload[0])
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    pass
-
-
-def _main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value settings")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, RecipeConfig, args.overrides)
-    start = time.time()
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ctx = init_distributed(cfg.device, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
-    _, lower_batch = bissl_batch_sizes(cfg, ctx.world_size)  # fails before any training
-    device = ctx.device
-    say = print if ctx.is_main else _silent
-    out_dir = Path(cfg.out_dir)
-
-    # model and tokenizer (fails fast when a hub reference cannot be reached)
-    m = cfg.model
-    if m.pretrained is not None:
-        gpt = build_gpt(pretrained=resolve_pretrained(m.pretrained, "model"), dropout=m.dropout)
-        encoder = shared_tokenizer(cfg, ctx, expected_vocab=gpt.config.vocab_size)
-        context = min(m.context, gpt.config.n_positions)
-    else:
-        encoder = shared_tokenizer(cfg, ctx, expected_vocab=None)
-        gpt = build_gpt(
-            vocab_size=encoder.vocab_size,
-            context=m.context,
-            width=m.width,
-            layers=m.layers,
-            heads=m.heads,
-            dropout=m.dropout,
-        )
-        context = m.context
-    gpt = gpt.to(device)
-    if ctx.is_main:
-        encoder.save(out_dir)  # the token ids of this run, for anyone reusing its checkpoints
-    say(
-        f"GPT: {sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, "
-        f"vocabulary {encoder.vocab_size} ({encoder.source}), context {context}"
-        + (f"; {ctx.world_size} ranks" if ctx.world_size > 1 else "")
-    )
-
-    # data: every task is loaded before any training, so a missing one fails early
-    tasks = {name: load_task(name, cfg.data, encoder, context) for name in cfg.data.tasks}
-    for name, t in tasks.items():
-        say(
-            f"{name}: {len(t.train)} train / {len(t.val)} val / {len(t.test)} test "
-            f"({t.dropped} dropped for length)"
-        )
-    b = cfg.bissl
-    lower_loader = pretext_loader(
-        cfg.data,
-        encoder,
-        context,
-        lower_batch,
-        num_batches=b.alternations * (b.lower_steps + 1),
-        shard=ctx.shard,
-        seed=cfg.seed,
-    )
-
-    # pretext pretraining (embedded run only; a pretrained GPT skips it), whole on every rank
-    pretrain_losses: list[float] = []
-    if cfg.pretrain.steps:
-        loader = pretext_loader(
-            cfg.data, encoder, context, cfg.pretrain.batch_size, num_batches=cfg.pretrain.steps
-        )
-        pretrain_losses = pretrain(
-            GPTPretextModel(gpt), loader, cfg.pretrain, device, progress=ctx.is_main
-        )
-    # Every trial on every rank must start from the same backbone, even where the ranks' kernels
-    # round differently (GPU).
-    broadcast_module(gpt)
-
-    results: dict = {"config": config_to_dict(cfg), "tasks": {}, "pretrain_loss": pretrain_losses}
-    summary: dict = {"Only FT": {}, "BiSSL + FT": {}}
-    for name, task in tasks.items():
-        only = search_and_retrain(gpt, task, cfg, ctx, "only_ft", out_dir)
-        theta_p, history = bissl_backbone(
-            gpt, task, cfg, only["lr"], only["weight_decay"], lower_loader, ctx, out_dir
-        )
-        both = search_and_retrain(
-            theta_p,
-            task,
-            cfg,
-            ctx,
-            "bissl_ft",
-            out_dir,
-            search=cfg.finetune.search_after_bissl,
-            chosen=(only["lr"], only["weight_decay"]),
-        )
-        results["tasks"][name] = {
-            "metric": task.spec.metric,
-            "only_ft": only,
-            "bissl_ft": both,
-            "bissl_history": history,
-            "dropped": task.dropped,
+    def setup(self) -> None:
+        """The tokenizer, the GPT's shape and every task (a missing one fails before training)."""
+        m = self.cfg.model
+        self._pretrained = None
+        if m.pretrained is not None:
+            self._pretrained = build_gpt(pretrained=resolve_pretrained(m.pretrained, "model"),
+                                         dropout=m.dropout)
+            self.encoder = self.shared_tokenizer(self._pretrained.config.vocab_size)
+            self.context = min(m.context, self._pretrained.config.n_positions)
+        else:
+            self.encoder = self.shared_tokenizer(None)
+            self.context = m.context
+        if self.dist.is_main:
+            self.encoder.save(self.out)  # the token ids of this run, for reuse of its checkpoints
+        self.tasks: dict[str, TaskData] = {
+            name: load_task(name, self.cfg.data, self.encoder, self.context)
+            for name in self.cfg.data.tasks
         }
-        summary["Only FT"][name] = only["summary"]["test"]
-        summary["BiSSL + FT"][name] = both["summary"]["test"]
-        if not ctx.is_main:
-            continue
-        plot_bars(
-            {k: {name: v[name]} for k, v in summary.items()},
-            name,
-            out_dir / "plots" / f"{name}.png",
-            title=f"{name} ({task.spec.metric}, test)",
-            scale=100,
-        )
-        curves = {
-            k: [float(h[k]) for h in history]
-            for k in history[0]
-            if isinstance(history[0][k], (int, float)) and k != "alternation"
-        }
-        if curves:
-            plot_curves(
-                curves,
-                out_dir / "plots" / f"{name}_bissl.png",
-                xlabel="alternation",
-                title=f"BiSSL on {name}",
-            )
+        self.targets = list(self.tasks)
+        self.say(f"GPT: vocabulary {self.encoder.vocab_size} ({self.encoder.source}), context "
+                 f"{self.context}" + (f"; {self.dist.world_size} ranks"
+                                      if self.dist.world_size > 1 else ""))
+        for name, t in self.tasks.items():
+            self.say(f"{name}: {len(t.train)} train / {len(t.val)} val / {len(t.test)} test "
+                     f"({t.dropped} dropped for length)")
 
-    table = format_table(summary, list(tasks), scale=100)
-    results["summary"] = summary
-    results["table"] = table
-    results["world_size"] = ctx.world_size
-    results["wall_time_s"] = time.time() - start
-    if ctx.is_main:
-        write_json(results, out_dir / "results.json")
-    say(f"\nTest scores ×100 (mean ± std over {len(cfg.finetune.seeds)} seeds):\n{table}")
-    say(f"wall time {results['wall_time_s'] / 60:.1f} min; results in {out_dir}")
-    return results
+    def shared_tokenizer(self, expected_vocab: int | None) -> TextEncoder:
+        """The run's tokenizer: the saved one, or a BPE trained on rank 0 and sent to the others
+        (every rank maps text to the same ids; a real corpus is read once)."""
+        m, saved = self.cfg.model, self.out / "tokenizer.json"
+        trained = (m.tokenizer if m.tokenizer is not None else m.pretrained) is None
+        if trained and saved.exists():
+            return bpe_from_json(saved.read_text())
+        if self.dist.world_size == 1 or not trained:
+            return make_tokenizer(m, self.cfg.data, expected_vocab=expected_vocab)
+        payload: list[Any] = [None]
+        if self.dist.is_main:
+            payload[0] = make_tokenizer(m, self.cfg.data, expected_vocab).tokenizer.to_str()
+        dist.broadcast_object_list(payload, src=0)
+        return bpe_from_json(payload[0])
+
+    def train_loader(self, target: str, batch_size: int, seed: int,
+                     shard: tuple[int, int] | None = None) -> Any:
+        """Shuffled task batches; full batches only when the (rank's) split holds more."""
+        train, world = self.tasks[target].train, shard[1] if shard else 1
+        return task_loader(train, batch_size, shuffle=True, seed=seed,
+                           drop_last=len(train) // world > batch_size, shard=shard)
+
+    def eval_loader(self, target: str, split: str) -> Any:
+        """Validation or test batches in order."""
+        return task_loader(getattr(self.tasks[target], split), 64, shuffle=False)
+
+    def pretext_loader(self, batch_size: int, seed: int, shard: tuple[int, int] | None) -> Any:
+        """Corpus chunks for the lower level: ``T·(N_L + 1)`` batches a pass."""
+        b = self.cfg.bissl
+        return pretext_loader(self.cfg.data, self.encoder, self.context, batch_size,
+                              num_batches=b.alternations * (b.lower_steps + 1), shard=shard,
+                              seed=seed)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def external_weights(self) -> bool:
+        """A pretrained GPT's weights come from ``model.pretrained``, not ``pretext.pt``."""
+        return self._pretrained is not None
+
+    def new_pretext(self) -> nn.Module:
+        """The GPT with its tied LM head: pretrained, or built from ``model.*``."""
+        m = self.cfg.model
+        if self._pretrained is not None:
+            return GPTPretextModel(copy.deepcopy(self._pretrained))
+        return GPTPretextModel(build_gpt(vocab_size=self.encoder.vocab_size, context=m.context,
+                                         width=m.width, layers=m.layers, heads=m.heads,
+                                         dropout=m.dropout))
+
+    def downstream_from(self, pretext: nn.Module, target: str) -> nn.Module:
+        """A copy of the GPT with new-token rows and a task head φ_D."""
+        spec = self.tasks[target].spec
+        model = GPTDownstreamModel(copy.deepcopy(pretext.gpt), spec.num_special_tokens,
+                                   spec.num_outputs, self.cfg.finetune.head_dropout)
+        return model.to(self.device)
+
+    def warmup_epochs(self, target: str) -> float:
+        """``warmup.epochs``, else the task's (Sec. 7.1.3)."""
+        w = self.cfg.warmup.epochs
+        return self.tasks[target].spec.head_warmup_epochs if w is None else w
+
+    # -- losses, metrics, optimisers ------------------------------------------------------------
+
+    def objective(self, target: str) -> Objective:
+        """Task loss + ν·LM loss; the task's GLUE metric."""
+        return gpt_objective(self.tasks[target].spec, self.cfg.finetune.nu)
+
+    def optimizer(self, named: list[tuple[str, nn.Parameter]], lr: float,
+                  weight_decay: float) -> torch.optim.Optimizer:
+        """Adam, weight decay on matrices only."""
+        return torch.optim.AdamW(adam_param_groups(named, weight_decay), lr=lr)
+
+    def lower_optimizer(self, pretext: nn.Module) -> torch.optim.Optimizer:
+        """Adam at ``bissl.lower_lr``."""
+        b = self.cfg.bissl
+        return self.optimizer(list(pretext.named_parameters()), b.lower_lr, b.lower_weight_decay)
+
+    def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> Any:
+        """Next-token loss below, task + ν·LM loss above."""
+        return bissl_losses(downstream, pretext, self.tasks[target].spec, self.cfg.finetune.nu)
+
+    # -- pretext stage ------------------------------------------------------------------------
+
+    def pretrain(self, model: nn.Module, extra: bool = False) -> list[float]:
+        """``pretrain.steps`` of next-token pretraining (none for a pretrained GPT)."""
+        p = self.cfg.pretrain
+        if not p.steps:
+            return []
+        seed = derive_seed(self.cfg.run.seed, "pretrain")
+        loader = pretext_loader(self.cfg.data, self.encoder, self.context, p.batch_size,
+                                num_batches=p.steps, seed=seed)
+        return pretrain(model, loader, p, self.device, progress=self.progress)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the recipe (see the module docstring); returns the results dict it writes.
-
-    Under ``torchrun`` every rank returns the same results; the process group this call joined
-    is destroyed before it returns.
-    """
-    # Denormals slow the small CPU GPT down by orders of magnitude; flushing them is a
-    # process-wide FPU setting, so it is restored for whoever called us (e.g. a test session),
-    # as is the thread count that ``threads`` sets.
-    was_flushing = sys.float_info.min / 2 == 0.0
-    threads = torch.get_num_threads()
-    joined_group = not (dist.is_available() and dist.is_initialized())
-    torch.set_flush_denormal(True)
-    try:
-        return _main(argv)
-    finally:
-        torch.set_flush_denormal(was_flushing)
-        torch.set_num_threads(threads)
-        if joined_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run the command line (see the module docstring); returns the results of ``all``."""
+    return cli_main(GPTRecipe, argv, DEFAULT_CONFIG, __doc__ or "")
 
 
 if __name__ == "__main__":

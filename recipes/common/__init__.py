@@ -1,5 +1,15 @@
 """Pieces shared by the vision and NLP BiSSL recipes. Generic: nothing here knows the domain.
 
+The stage layer (import from the submodules)
+    :mod:`.pipeline` ``Recipe``: the stages (pretext, only-ft, head-warmup, bissl, finetune) over
+    the hooks a recipe defines (data, models, losses, metrics, optimisers); :mod:`.cli` the one
+    command line; :mod:`.settings` the shared config blocks (run, fine-tuning search, warm-up,
+    BiSSL stage, sweep grids); :mod:`.bissl_stage` λ, the problem and the trainer
+    (``run_bissl``); :mod:`.finetune` the one fine-tuning loop and evaluation (``fit``,
+    ``evaluate``, ``Objective``); :mod:`.method` search -> retrain over seeds -> aggregate (the
+    result schema); :mod:`.results` ``results.json``, table and plots; :mod:`.sweep` the
+    Table 6.2 / F.6-F.8 sweeps; :mod:`.ij` the implicit-Jacobian settings.
+
 Runtime (:mod:`recipes.common.runtime`)
     ``seed_everything(seed, deterministic=False) -> torch.Generator``
     ``select_device(name="auto") -> torch.device``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from implicitbilevel.distributed import AllReduceMean, broadcast_from_main
 
 __all__ = [
+    "derive_seed",
     "DEFAULT_PROCESS_GROUP_TIMEOUT",
     "DistributedContext",
     "autocast",
@@ -49,6 +51,14 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> torch.Generato
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A 63-bit seed from ``seed`` and ``labels`` (stable across processes and runs), e.g.
+    ``derive_seed(seed, "bissl", "rte")`` for one task's lower-level data order."""
+    text = "/".join(str(x) for x in (seed, *labels))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def select_device(name: str = "auto") -> torch.device:

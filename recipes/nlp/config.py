@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.common import field
-from recipes.common.ij import IJSettings
+from recipes.common import settings as common
+from recipes.common.settings import SweepConfig, WarmupConfig
 
 from .tasks import TASKS
 
@@ -59,38 +60,36 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """Downstream fine-tuning, its grid search and the multi-seed retrain (Sec. 7.1.2)."""
+class FinetuneConfig(common.FinetuneConfig):
+    """Downstream fine-tuning: Adam, the 8 × 4 grid search, the multi-seed retrain (Sec. 7.1.2);
+    the search and retrain fields are shared (``recipes.common.FinetuneConfig``)."""
 
     epochs: float = field(3.0, gt=0.0)
     batch_size: int = field(32, ge=1)
+    search: str = field("grid", choices=("random", "grid", "none"))
     lrs: list[float] = field(PAPER_LRS, gt=0.0)
     weight_decays: list[float] = field(PAPER_WDS, ge=0.0)
     warmup_fraction: float = field(0.002, ge=0.0, lt=1.0)
     evals_per_epoch: int = field(10, ge=1)
     nu: float = field(0.5, ge=0.0, doc="weight of the auxiliary LM loss")
     head_dropout: float = field(0.1, ge=0.0, lt=1.0)
-    seeds: list[int] = field(list(range(10)), ge=0)
-    search_seed: int = field(0, ge=0)
-    search_after_bissl: bool = field(False, doc="repeat the grid search for BiSSL+FT")
-    save_checkpoints: bool = field(False, doc="write the best-validation weights to out_dir")
 
 
 @dataclass
-class BiSSLStageConfig(IJSettings):
-    """The BiSSL stage (Sec. 7.1.3; damping, IJ and clipping as Sec. 6.1.3; IJ fields from
-    ``IJSettings``)."""
+class BiSSLStageConfig(common.BiSSLStageConfig):
+    """The BiSSL stage (Sec. 7.1.3; damping, IJ and clipping as Sec. 6.1.3): Adam at both levels;
+    the fields are shared (``recipes.common.BiSSLStageConfig``)."""
 
-    lam: float = field(0.1, gt=0.0)
+    lam: float = field(0.1, gt=0.0, doc="constant λ; the initial σ(ρ) when learnable")
+    lam_max: float = field(0.1, gt=0.0)
     alternations: int = field(200, ge=1, doc="T")
     lower_steps: int = field(20, ge=1, doc="N_L")
     upper_steps: int = field(4, ge=1, doc="N_U")
     lower_lr: float = field(5e-6, gt=0.0)
     lower_weight_decay: float = field(0.01, ge=0.0)
     lower_batch_size: int = field(64, ge=1)
-    lower_warmup_alternations: int = field(10, ge=0)
+    upper_batch_size: int = field(32, ge=1)
     upper_warmup_fraction: float = field(0.002, ge=0.0, lt=1.0)
-    grad_clip: float = field(10.0, gt=0.0)
     checkpoint_every: int = field(10, ge=1, doc="alternations between trainer checkpoints")
 
 
@@ -102,13 +101,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     bissl: BiSSLStageConfig = field(default_factory=BiSSLStageConfig)
-    out_dir: str = "runs/gpt_glue"
-    device: str = "auto"
-    seed: int = field(0, ge=0)
-    threads: int = field(0, ge=0, doc="torch CPU threads; 0 keeps torch's default")
-    dist_timeout_minutes: float = field(
-        360.0,
-        gt=0.0,
-        doc="torchrun: how long a rank waits for the others (a whole fine-tuning run can pass)",
-    )
+    run: common.RunConfig = field(default_factory=lambda: common.RunConfig(out_dir="runs/gpt_glue"))
+    sweep: SweepConfig = field(default_factory=SweepConfig)

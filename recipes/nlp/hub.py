@@ -7,6 +7,7 @@ returns a tokenizer with a vocabulary of one token. Every hub access in the NLP 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -69,3 +70,32 @@ def check_vocab(vocab_size: int, expected: int | None, source: str, minimum: int
             f"the tokenizer from {source!r} has {vocab_size} tokens but the model's embedding has "
             f"{expected} rows; use the tokenizer the model was pretrained with"
         )
+
+
+OPENAI_GPT_TOKENIZERS = ("OpenAIGPTTokenizer", "OpenAIGPTTokenizerFast")
+
+
+def is_openai_gpt(source: str) -> bool:
+    """``True`` when ``source`` (a resolved directory or hub id) holds OpenAI-GPT weights
+    (``config.json`` with ``model_type: openai-gpt``) or an OpenAI-GPT tokenizer
+    (``tokenizer_config.json`` naming ``OpenAIGPTTokenizer``). A hub id is asked through
+    ``AutoConfig``, so pass it through :func:`resolve_pretrained` first."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source).model_type == "openai-gpt"
+        except (OSError, ValueError):
+            return False
+    for name, key, accepted in (
+        ("config.json", "model_type", ("openai-gpt",)),
+        ("tokenizer_config.json", "tokenizer_class", OPENAI_GPT_TOKENIZERS),
+    ):
+        try:
+            value = json.loads((path / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError):
+            continue
+        if value in accepted:
+            return True
+    return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,27 +28,58 @@ def lm_targets(input_ids: Tensor, lengths: Tensor) -> Tensor:
     return targets
 
 
-def formatted_lm_loss(lm_logits: Tensor, input_ids: Tensor, lengths: Tensor) -> Tensor:
-    """Language-model loss on formatted inputs, averaged over the views (both orders for
-    similarity tasks).
+def formatted_lm_loss(
+    lm_logits: Tensor, input_ids: Tensor, lengths: Tensor, *, combine: str = "outputs"
+) -> Tensor:
+    """The auxiliary language-model loss ``L^GPT`` of eq. (2.3) on formatted inputs.
+
+    With one view (classification, entailment) this is the mean next-token cross-entropy over the
+    real tokens. With the two orders of a similarity task the thesis combines the views *before*
+    the loss (Sec. 7.1.2, "Downstream Fine-Tuning"): "the language modeling heads produce
+    separate outputs for each sequence, which are averaged before computing the auxiliary loss".
+    So (``combine="outputs"``, the default):
+
+    - the output averaged is the LM head's output ``H_out = softmax(H_L W_e^T)`` of eq. (2.2),
+      i.e. the next-token *distributions* ``p̄_i = ½ (p_i(x_1) + p_i(x_2))`` at every position
+      ``i`` (both orders have the same length, so the positions line up);
+    - the target of the pair is, in the same way, the average of the two orders' one-hot
+      next-token targets, keeping the loss independent of the sentence order as the two views
+      are meant to be (Sec. 7.1.1): ``-½ [log p̄_i(x_{1,i+1}) + log p̄_i(x_{2,i+1})]``,
+      averaged over the real positions of the batch.
+
+    ``combine="losses"`` instead averages the two orders' separate cross-entropies (for
+    comparison; not what the thesis describes).
 
     Args:
         lm_logits: (B, views, L, C).
         input_ids: (B, views, L).
-        lengths: (B, views).
+        lengths: (B, views); with several views all views of an example must have the same length.
+        combine: ``"outputs"`` or ``"losses"``.
     """
+    if combine not in ("outputs", "losses"):
+        raise ValueError(f"combine must be 'outputs' or 'losses', got {combine!r}")
     targets = lm_targets(input_ids, lengths)
-    per_view = []
-    for v in range(input_ids.shape[1]):
-        logits = lm_logits[:, v, :-1]
-        per_view.append(
-            F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]),
-                targets[:, v].reshape(-1),
-                ignore_index=IGNORE,
+    views = input_ids.shape[1]
+    if views == 1 or combine == "losses":
+        per_view = []
+        for v in range(views):
+            logits = lm_logits[:, v, :-1]
+            per_view.append(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    targets[:, v].reshape(-1),
+                    ignore_index=IGNORE,
+                )
             )
-        )
-    return torch.stack(per_view).mean()
+        return torch.stack(per_view).mean()
+    if bool((lengths != lengths[:, :1]).any()):
+        raise ValueError("the views of an example must have the same length to average outputs")
+    log_probs = F.log_softmax(lm_logits[:, :, :-1], dim=-1)  # (B, views, L-1, C)
+    mixture = torch.logsumexp(log_probs, dim=1) - math.log(views)  # log p̄: (B, L-1, C)
+    valid = targets != IGNORE  # (B, views, L-1)
+    index = targets.clamp(min=0).transpose(1, 2)  # (B, L-1, views)
+    picked = mixture.gather(-1, index).transpose(1, 2)  # log p̄ at each view's target
+    return -(picked * valid).sum() / valid.sum()
 
 
 def task_loss(spec: TaskSpec, output: Tensor, labels: Tensor) -> Tensor:
@@ -66,10 +99,13 @@ def downstream_objective(
     lm_logits: Tensor,
     batch: tuple[Tensor, Tensor, Tensor],
     nu: float,
+    *,
+    lm_combine: str = "outputs",
 ) -> Tensor:
-    """L^GPT-FT = L^task + ν L^GPT (thesis eq. 2.3) on a batch ``(input_ids, lengths, labels)``."""
+    """L^GPT-FT = L^task + ν L^GPT (thesis eq. 2.3) on a batch ``(input_ids, lengths, labels)``;
+    ``lm_combine`` as ``combine`` of :func:`formatted_lm_loss`."""
     input_ids, lengths, labels = batch
     loss = task_loss(spec, output, labels)
     if nu != 0:
-        loss = loss + nu * formatted_lm_loss(lm_logits, input_ids, lengths)
+        loss = loss + nu * formatted_lm_loss(lm_logits, input_ids, lengths, combine=lm_combine)
     return loss

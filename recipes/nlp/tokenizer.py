@@ -2,6 +2,11 @@
 
 Both are returned as a :class:`TextEncoder`, a ``text -> ids`` callable with the vocabulary size;
 the special tokens are not part of it (see :class:`.tasks.SpecialTokens`).
+
+With real OpenAI-GPT weights the tokenizer is the thesis's (Sec. 7.1.1, "Tokenization"): the
+``OpenAIGPTTokenizer`` class of ``transformers`` with the pretrained vocabulary of the same
+directory (``V = 40,478``), whatever ``AutoTokenizer`` would have picked. The embedded run keeps its
+locally trained BPE.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .hub import check_vocab, resolve_pretrained
+from .hub import check_vocab, is_openai_gpt, resolve_pretrained
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,17 @@ class TextEncoder:
     vocab_size: int
     source: str
     tokenizer: Any = None
+    batch_encode: Callable[[list[str]], list[list[int]]] | None = None
 
     def __call__(self, text: str) -> list[int]:
         return self.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """The ids of each text, as :meth:`__call__` gives them (in one batched call when the
+        tokenizer has one; used to tokenise a pretext corpus quickly)."""
+        if self.batch_encode is None:
+            return [self.encode(t) for t in texts]
+        return self.batch_encode(texts)
 
     def save(self, directory: str | Path) -> Path | None:
         """Write the tokenizer into ``directory`` so later runs reuse the same ids: a trained
@@ -105,20 +118,43 @@ def _bpe_encoder(tokenizer: Tokenizer) -> TextEncoder:
     return TextEncoder(
         lambda text: tokenizer.encode(text).ids, tokenizer.get_vocab_size(), "trained BPE",
         tokenizer,
+        lambda texts: [e.ids for e in tokenizer.encode_batch(texts)],
     )
 
 
-def load_pretrained_tokenizer(reference: str, expected_vocab: int | None) -> TextEncoder:
+def load_pretrained_tokenizer(
+    reference: str, expected_vocab: int | None, *, openai_gpt: bool | None = None
+) -> TextEncoder:
     """Load a tokenizer from a local directory or hub id (failing fast offline) and check that its
-    vocabulary is real and matches the model's ``expected_vocab`` rows."""
-    from transformers import AutoTokenizer
+    vocabulary is real and matches the model's ``expected_vocab`` rows.
+
+    Args:
+        reference: a directory written by ``save_pretrained`` (model and/or tokenizer) or a hub id.
+        expected_vocab: the rows of the model's token embedding (``None``: not checked).
+        openai_gpt: load with ``OpenAIGPTTokenizer`` (the thesis's tokenizer, Sec. 7.1.1);
+            ``None`` decides by :func:`.hub.is_openai_gpt` (an OpenAI-GPT model or tokenizer
+            directory); ``False`` uses ``AutoTokenizer``.
+
+    Raises:
+        MissingResourceError: the files are missing (``OpenAIGPTTokenizer`` then silently comes
+            back with a vocabulary of one token, which :func:`.hub.check_vocab` rejects) or the
+            vocabulary size differs from ``expected_vocab``.
+    """
+    from transformers import AutoTokenizer, OpenAIGPTTokenizer
 
     source = resolve_pretrained(reference, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    if openai_gpt is None:
+        openai_gpt = is_openai_gpt(source)
+    loader = OpenAIGPTTokenizer if openai_gpt else AutoTokenizer
+    tokenizer = loader.from_pretrained(source)
     size = len(tokenizer)
     check_vocab(size, expected_vocab, reference)
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    return TextEncoder(encode, size, reference, tokenizer)
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    name = f"{reference}, {type(tokenizer).__name__}"
+    return TextEncoder(encode, size, name, tokenizer, encode_batch)

@@ -60,6 +60,7 @@ def _view(
     crop: str,
     scale_min: float,
     blur_kernel: int,
+    blur_sigma: tuple[float, float],
     mean: Sequence[float],
     std: Sequence[float],
 ) -> v2.Compose:
@@ -71,7 +72,7 @@ def _view(
             v2.RandomHorizontalFlip(0.5),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             v2.RandomGrayscale(0.2),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=blur_p),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=blur_sigma)], p=blur_p),
             v2.RandomSolarize(0.5, p=solarize_p),
             v2.Normalize(mean, std),
         ]
@@ -95,11 +96,14 @@ def simclr_views(
     crop: str = "thesis",
     scale_min: float = 0.5,
     blur_kernel: int = 23,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> TwoViews:
-    """The asymmetric SimCLR/BYOL view pair of Sec. 6.1.1 for PIL images or tensors."""
-    kw = dict(crop=crop, scale_min=scale_min, blur_kernel=blur_kernel, mean=mean, std=std)
+    """The asymmetric SimCLR/BYOL view pair of Sec. 6.1.1 for PIL images or tensors (blur sigma
+    drawn uniformly from ``blur_sigma``)."""
+    kw = dict(crop=crop, scale_min=scale_min, blur_kernel=blur_kernel, blur_sigma=blur_sigma,
+              mean=mean, std=std)
     return TwoViews(_view(size, 1.0, 0.0, **kw), _view(size, 0.1, 0.2, **kw))
 
 
@@ -110,15 +114,8 @@ def downstream_train_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """Downstream training: random crop (area ``scale_min``-1) to ``size``, flip, normalise."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(0.5),
-            v2.Normalize(mean, std),
-        ]
-    )
+    return _normalised([v2.RandomResizedCrop(size, scale=(scale_min, 1.0), antialias=True),
+                        v2.RandomHorizontalFlip(0.5)], mean, std)
 
 
 def downstream_eval_transform(
@@ -128,14 +125,13 @@ def downstream_eval_transform(
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """Downstream evaluation: resize the short side to ``resize``, centre-crop ``size``."""
+    return _normalised([v2.Resize(resize, antialias=True), v2.CenterCrop(size)], mean, std)
+
+
+def _normalised(steps: list[Any], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """``steps`` on a float image in [0, 1], then normalised."""
     return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(size),
-            v2.Normalize(mean, std),
-        ]
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *steps, v2.Normalize(mean, std)]
     )
 
 

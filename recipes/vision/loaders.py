@@ -45,15 +45,15 @@ class Loaders:
     def _kw(self) -> dict[str, Any]:
         return loader_kwargs(self.device, 0 if self.embedded else self.cfg.workers)
 
-    def _gen(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)
-
     def _shuffled(
         self, ds: Dataset, batch_size: int, seed: int, drop_last: bool,
         shard: tuple[int, int] | None,
     ) -> DataLoader:
+        # Shuffles draw from torch's global generator (seeded by each stage and trial), so the
+        # BiSSL trainer's checkpoint restores the exact data order on resume; with ``shard`` a
+        # DistributedSampler seeded with ``seed`` shuffles.
         return shard_loader(ds, batch_size, shuffle=True, seed=seed, shard=shard,
-                            generator=self._gen(seed), drop_last=drop_last, **self._kw())
+                            drop_last=drop_last, **self._kw())
 
     def pretext(
         self, batch_size: int, seed: int, shard: tuple[int, int] | None = None
@@ -125,6 +125,7 @@ def build_loaders(cfg: DataConfig, device: torch.device) -> Loaders:
         crop=cfg.crop,
         scale_min=cfg.crop_scale_min,
         blur_kernel=cfg.blur_kernel,
+        blur_sigma=(cfg.blur_sigma[0], cfg.blur_sigma[1]),
         mean=cfg.mean,
         std=cfg.std,
     )

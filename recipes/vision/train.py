@@ -1,17 +1,14 @@
-"""Training loops: SimCLR pretraining, fine-tuning / linear probing, evaluation.
+"""SimCLR pretraining and the downstream objective (the fine-tuning loop is
+:func:`recipes.common.fit`).
 
 Fine-tuning follows thesis Sec. 6.1.2: a linear head on the backbone, cross-entropy (on multi-hot
-targets for VOC07, as the reference code did), SGD with momentum, a cosine schedule without
-restarts (or a constant lr for the head warm-up), validation after every epoch and the weights
-of the best validation epoch kept (top-1, or 11-point mAP for multi-label tasks).
+targets for VOC07, as the reference code did), validation after every epoch and the weights of
+the best validation epoch kept (top-1, or 11-point mAP for multi-label tasks).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +17,13 @@ from tqdm.auto import tqdm
 
 from implicitbilevel.optim import LARS, lars_param_groups
 from recipes.common import autocast, warmup_cosine
+from recipes.common.finetune import Objective
 
 from .losses import nt_xent
 from .metrics import mean_average_precision_11, topk_accuracy
-from .models import Downstream, Pretext
+from .models import Pretext
 
-__all__ = ["FitResult", "evaluate", "fit_downstream", "pretrain_simclr"]
+__all__ = ["classification_objective", "downstream_loss", "pretrain_simclr"]
 
 
 def _bar(iterable: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
@@ -84,93 +82,24 @@ def downstream_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable, device: torch.device, multilabel: bool, bf16: bool = False
-) -> dict[str, float]:
-    """Loss and ``top1``/``top5`` (single-label) or ``map`` (11-point mAP, multi-label)."""
-    was_training = model.training
-    model.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        with autocast(device, bf16):
-            logits.append(model(x.to(device)).float().cpu())
-        targets.append(y)
-    model.train(was_training)
-    out, tgt = torch.cat(logits), torch.cat(targets)
-    metrics = {"loss": float(downstream_loss(out, tgt))}
-    if multilabel:
-        metrics["map"] = mean_average_precision_11(out, tgt)
-    else:
-        metrics["top1"] = topk_accuracy(out, tgt, 1)
-        metrics["top5"] = topk_accuracy(out, tgt, 5)
-    return metrics
+def classification_objective(multilabel: bool) -> Objective:
+    """The downstream task for :func:`recipes.common.fit`: cross-entropy; ``loss`` and
+    ``top1``/``top5`` (single-label) or ``map`` (11-point mAP, multi-label) on a split, the best
+    validation chosen by top-1 or mAP."""
 
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return downstream_loss(model(batch[0]), batch[1])
 
-@dataclass
-class FitResult:
-    """Outcome of :func:`fit_downstream`: the best validation epoch and its weights."""
+    def predict(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return model(batch[0]), batch[1]
 
-    best_epoch: int
-    best_val: dict[str, float]
-    state: dict[str, Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)
+    def metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+        out = {"loss": float(downstream_loss(logits, targets))}
+        if multilabel:
+            out["map"] = mean_average_precision_11(logits, targets)
+        else:
+            out["top1"] = topk_accuracy(logits, targets, 1)
+            out["top5"] = topk_accuracy(logits, targets, 5)
+        return out
 
-
-def fit_downstream(
-    model: Downstream,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    momentum: float = 0.9,
-    freeze_backbone: bool = False,
-    cosine: bool = True,
-    multilabel: bool = False,
-    device: torch.device,
-    bf16: bool = False,
-    progress: bool = True,
-    desc: str = "fine-tune",
-) -> FitResult:
-    """Train ``model`` (whole, or only its head with ``freeze_backbone``) with SGD; validate after
-    every epoch; load and return the weights of the best validation epoch.
-
-    A frozen backbone runs in eval mode (its BatchNorm statistics stay fixed).
-    """
-    model.to(device)
-    params = model.head.parameters() if freeze_backbone else model.parameters()
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps = len(train_loader)  # type: ignore[arg-type]
-    schedule = None
-    if cosine:
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps))
-    key = "map" if multilabel else "top1"
-    best: FitResult | None = None
-    history = []
-    for epoch in _bar(range(epochs), progress, desc):
-        model.train()
-        if freeze_backbone:
-            model.backbone.eval()
-        total, n = 0.0, 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, bf16):
-                loss = downstream_loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            total, n = total + loss.item(), n + 1
-        val = evaluate(model, val_loader, device, multilabel, bf16)
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), **val})
-        if not math.isfinite(total):
-            break
-        if best is None or val[key] > best.best_val[key]:
-            best = FitResult(epoch, val, copy.deepcopy(model.state_dict()))
-    assert best is not None
-    model.load_state_dict(best.state)
-    best.history = history
-    return best
+    return Objective(loss, predict, metrics, "map" if multilabel else "top1")

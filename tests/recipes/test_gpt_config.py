@@ -50,6 +50,8 @@ def test_paper_config_matches_design():
             _get(cfg, key) == expected, key
     assert len(cfg.finetune.lrs) * len(cfg.finetune.weight_decays) == 32  # the 8 x 4 grid
     assert cfg.pretrain.steps == 0  # pretrained weights are reused
+    assert cfg.finetune.search == "grid" and cfg.finetune.search_after_bissl  # Sec. 7.2
+    assert cfg.bissl.upper_batch_size == cfg.finetune.batch_size == 32
 
 
 def test_defaults_are_the_paper_values():

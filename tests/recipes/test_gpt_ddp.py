@@ -2,10 +2,9 @@
 
 The search trials and seed runs are spread over the ranks but seeded independently of them, so
 the Only-FT grid and seed results of the two-rank run equal those of one process; BiSSL runs
-data-parallel; rank 0 alone writes the results.
+data-parallel; pretraining and the head warm-up run on rank 0; rank 0 alone writes the results.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -18,31 +17,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_gpt_end_to_end import TINY as E2E_TINY
+from test_gpt_end_to_end import _load_script
+from test_gpt_end_to_end import sets as _sets
 
 from implicitbilevel.checkpoint import load_checkpoint
 from recipes.common import RankFailure, map_over_ranks, per_rank_batch_size
+from recipes.common.pipeline import bissl_batch_sizes
 from recipes.nlp.config import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "recipes" / "gpt_glue_bissl.py"
 
 ALTERNATIONS = 2
-TINY = [
-    "data.tasks=[stsb]", "data.embedded_train=80", "data.embedded_test=40",
-    "data.embedded_corpus_sentences=600", "model.context=48", "model.width=16", "model.layers=1",
-    "model.heads=2", "model.bpe_vocab=200", "pretrain.steps=5", "finetune.epochs=1",
-    "finetune.lrs=[1.0e-3, 3.0e-3]", "finetune.weight_decays=[0.01]", "finetune.seeds=[0, 1]",
-    "finetune.evals_per_epoch=2", f"bissl.alternations={ALTERNATIONS}", "bissl.lower_steps=2",
-    "bissl.upper_steps=1", "bissl.lower_batch_size=4", "bissl.cg_iters=2", "bissl.damping=100.0",
-    "threads=1", "device=cpu",
+TINY = [  # the end-to-end run's tiny settings, on one task
+    *(o for o in E2E_TINY if not o.startswith(("data.tasks=", "bissl.alternations="))),
+    "data.tasks=[stsb]", f"bissl.alternations={ALTERNATIONS}", "run.threads=1", "run.device=cpu",
 ]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpt_glue_bissl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
@@ -53,7 +44,7 @@ def test_two_ranks_match_one_process_and_rank0_writes(tmp_path):
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(SCRIPT), *TINY, f"out_dir={two}"],
+         str(SCRIPT), *_sets(*TINY, f"run.out_dir={two}")],
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     wall = time.perf_counter() - started
@@ -66,28 +57,29 @@ def test_two_ranks_match_one_process_and_rank0_writes(tmp_path):
     assert saved["world_size"] == 2 and (two / "tokenizer.json").is_file()
     assert (two / "plots" / "stsb.png").stat().st_size > 0
 
-    one = _load_script().main([*TINY, f"out_dir={tmp_path / 'one_rank'}"])
+    one = _load_script().main(_sets(*TINY, f"run.out_dir={tmp_path / 'one_rank'}"))
 
-    entry, single = saved["tasks"]["stsb"], one["tasks"]["stsb"]
+    entry, single = saved["targets"]["stsb"], one["targets"]["stsb"]
     only = entry["only_ft"]
-    assert len(only["grid"]) == 2 and len(only["runs"]) == 2
-    assert only["grid"] == single["only_ft"]["grid"]  # same trials, same order, same scores
+    assert len(only["search"]) == 2 and len(only["runs"]) == 2 and only["trials"] == 2
+    assert only["search"] == single["only_ft"]["search"]  # same trials, order and scores
     assert only["runs"] == single["only_ft"]["runs"]
     assert (only["lr"], only["weight_decay"]) == (single["only_ft"]["lr"],
                                                   single["only_ft"]["weight_decay"])
-    assert saved["pretrain_loss"] == one["pretrain_loss"]
+    assert saved["pretext_losses"] == one["pretext_losses"]
     runs = entry["bissl_ft"]["runs"]
-    assert len(runs) == 2 and all(math.isfinite(r["test"]) for r in runs)
-    assert entry["bissl_ft"]["summary"]["test"]["n"] == 2
+    assert len(runs) == 2 and all(math.isfinite(r["test_pearson"]) for r in runs)
+    assert entry["bissl_ft"]["summary"]["test_pearson"]["n"] == 2
+    assert entry["bissl_ft"]["trials"] == 2  # BiSSL+FT repeats the search on the ranks too
 
     history = entry["bissl_history"]
     assert [h["alternation"] for h in history] == list(range(ALTERNATIONS))
     for h in history:
         assert math.isfinite(h["upper_loss"]) and math.isfinite(h["lower_loss"])
-    metrics = (two / "bissl" / "stsb" / "metrics.jsonl").read_text()
+    metrics = (two / "stsb" / "bissl" / "metrics.jsonl").read_text()
     assert metrics.count("\n") == ALTERNATIONS  # written by one rank only
 
-    state = load_checkpoint(two / "bissl" / "stsb" / "checkpoint.pt")
+    state = load_checkpoint(two / "stsb" / "bissl" / "checkpoint.pt")
     assert state["alternation"] == ALTERNATIONS and len(state["ranks"]) == 2
     assert all(torch.isfinite(t).all() for t in state["lower_params"].values())
 
@@ -137,15 +129,14 @@ def test_map_over_ranks_round_robin_and_errors_on_two_ranks(tmp_path):
 
 
 def test_batch_sizes_must_divide_by_the_ranks():
-    script = _load_script()
-    cfg = RecipeConfig()
-    cfg.finetune.batch_size, cfg.bissl.lower_batch_size = 32, 64
-    assert script.bissl_batch_sizes(cfg, 4) == (8, 16)
-    with pytest.raises(ValueError, match="finetune.batch_size=32"):
-        script.bissl_batch_sizes(cfg, 3)
-    cfg.finetune.batch_size = 30
+    cfg = RecipeConfig().bissl
+    cfg.upper_batch_size, cfg.lower_batch_size = 32, 64
+    assert bissl_batch_sizes(cfg, 4) == (8, 16)
+    with pytest.raises(ValueError, match="bissl.upper_batch_size=32"):
+        bissl_batch_sizes(cfg, 3)
+    cfg.upper_batch_size = 30
     with pytest.raises(ValueError, match="bissl.lower_batch_size=64"):
-        script.bissl_batch_sizes(cfg, 6)
+        bissl_batch_sizes(cfg, 6)
     assert per_rank_batch_size(7, 1, "x") == 7
 
 

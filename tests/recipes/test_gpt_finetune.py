@@ -1,4 +1,5 @@
-"""Fine-tuning: evaluation schedule, best-validation restore, frozen backbone in the warm-up."""
+"""Fine-tuning (the shared loop with the GPT objective): evaluation schedule, best-validation
+restore, frozen backbone in the warm-up."""
 
 import copy
 
@@ -33,9 +34,11 @@ def test_best_validation_weights_are_restored():
     spec, train, val, model = _setup()
     result = finetune(model, spec, train, val, lr=3e-3, weight_decay=0.01, epochs=2,
                       batch_size=16, nu=0.5, seed=0, evals_per_epoch=3)
-    assert len(result.curve) == 6 and result.steps == 12
-    assert result.best_val == max(result.curve)
-    assert evaluate(model, spec, val) == result.best_val
+    curve = [h["accuracy"] for h in result.history]
+    assert len(curve) == 6 and result.steps == 12
+    assert [h["step"] for h in result.history] == [2, 4, 6, 8, 10, 12]
+    assert result.best_val["accuracy"] == max(curve)
+    assert evaluate(model, spec, val) == result.best_val["accuracy"]
 
 
 def test_head_warm_up_freezes_the_backbone_only():

@@ -1,4 +1,6 @@
-"""Input formatting of the three GLUE task types (thesis Sec. 7.1.1)."""
+"""Input formatting of the three GLUE task types (thesis Sec. 7.1.1) and the LM loss."""
+
+import math
 
 import pytest
 import torch
@@ -71,23 +73,67 @@ def test_encode_split_rejects_a_split_with_nothing_left():
         encode_split(get_task("sst2"), ["1 2 3"], None, [0], _tokenize, TOK, context=3)
 
 
-def test_lm_targets_ignore_padding_and_views_are_averaged():
+def test_lm_targets_ignore_padding_and_one_view_is_token_mean_cross_entropy():
     ids = torch.tensor([[[S, 1, E, 0]], [[S, 1, 2, E]]])
     lengths = torch.tensor([[3], [4]])
     targets = lm_targets(ids, lengths)
     assert targets.tolist() == [[[1, E, IGNORE]], [[1, 2, E]]]
-    # two views: the loss is the mean of the per-view losses
     torch.manual_seed(0)
-    logits = torch.randn(2, 2, 4, 110)
-    both = torch.cat([ids, ids.flip(0)], dim=1)
-    lens = torch.cat([lengths, lengths.flip(0)], dim=1)
-    per_view = [
-        formatted_lm_loss(logits[:, v : v + 1], both[:, v : v + 1], lens[:, v : v + 1])
-        for v in range(2)
-    ]
-    assert torch.allclose(formatted_lm_loss(logits, both, lens), (per_view[0] + per_view[1]) / 2)
-    # and one view is the token-mean cross-entropy over real next tokens
+    logits = torch.randn(2, 1, 4, 110)
     flat = torch.nn.functional.cross_entropy(
         logits[:, 0, :-1].reshape(-1, 110), targets.reshape(-1), ignore_index=IGNORE
     )
-    assert torch.allclose(per_view[0], flat)
+    assert torch.allclose(formatted_lm_loss(logits, ids, lengths), flat)
+    assert torch.allclose(formatted_lm_loss(logits, ids, lengths, combine="losses"), flat)
+
+
+def test_similarity_lm_loss_averages_the_outputs_before_the_loss():
+    # thesis Sec. 7.1.2: the LM heads' outputs of the two orders are averaged, then the loss.
+    # Vocabulary {0, 1, 2}; one pair, both orders of length 3 (two next-token targets each).
+    ids = torch.tensor([[[2, 0, 1], [2, 1, 0]]])  # targets: order 1 -> (0, 1), order 2 -> (1, 0)
+    lengths = torch.tensor([[3, 3]])
+    inf = float("inf")
+    four, three = math.log(4.0), math.log(3.0)
+    logits = torch.tensor([[
+        [[0.0, 0.0, -inf], [four, 0.0, -inf], [0.0, 0.0, 0.0]],  # p: (.5, .5), (.8, .2)
+        [[four, 0.0, -inf], [0.0, three, -inf], [0.0, 0.0, 0.0]],  # p: (.8, .2), (.25, .75)
+    ]])
+    # averaged outputs: position 0 -> (.65, .35), position 1 -> (.525, .475);
+    # targets of the pair: position 0 -> {0, 1}, position 1 -> {1, 0}
+    expected = -(
+        (math.log(0.65) + math.log(0.35)) / 2 + (math.log(0.475) + math.log(0.525)) / 2
+    ) / 2
+    loss = formatted_lm_loss(logits, ids, lengths)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # swapping the two orders leaves it unchanged
+    assert formatted_lm_loss(logits.flip(1), ids.flip(1), lengths).item() == pytest.approx(expected)
+    # and it differs from the mean of the two orders' separate losses
+    separate = -(
+        (math.log(0.5) + math.log(0.2)) / 2 + (math.log(0.2) + math.log(0.25)) / 2
+    ) / 2
+    losses = formatted_lm_loss(logits, ids, lengths, combine="losses").item()
+    assert losses == pytest.approx(separate, rel=1e-6) and abs(losses - expected) > 0.1
+
+
+def test_similarity_lm_loss_masks_padding_and_rejects_unequal_views():
+    torch.manual_seed(0)
+    ids = torch.tensor([[[S, 1, D, 2, E], [S, 2, D, 1, E]], [[S, 3, E, 0, 0], [S, 3, E, 0, 0]]])
+    lengths = torch.tensor([[5, 5], [3, 3]])
+    logits = torch.randn(2, 2, 5, 110)
+    # identical views: the averaged output is each view's own, so this is plain cross-entropy
+    same = ids[:, :1].expand(-1, 2, -1)
+    flat = torch.nn.functional.cross_entropy(
+        logits[:, 0, :-1].reshape(-1, 110), lm_targets(ids[:, :1], lengths[:, :1]).reshape(-1),
+        ignore_index=IGNORE,
+    )
+    both = logits[:, :1].expand(-1, 2, -1, -1)
+    assert torch.allclose(formatted_lm_loss(both, same, lengths), flat)
+    # padded positions do not count: changing their logits changes nothing
+    moved = logits.clone()
+    moved[1, :, 3:] += 5.0
+    reference = formatted_lm_loss(logits, ids, lengths)
+    assert torch.allclose(formatted_lm_loss(moved, ids, lengths), reference)
+    with pytest.raises(ValueError, match="same length"):
+        formatted_lm_loss(logits, ids, torch.tensor([[5, 4], [3, 3]]))
+    with pytest.raises(ValueError, match="combine"):
+        formatted_lm_loss(logits, ids, lengths, combine="mean")

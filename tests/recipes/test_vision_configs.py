@@ -31,8 +31,9 @@ def test_default_config_matches_thesis():
     assert d.blur_kernel == 23 and d.blur_sigma == [0.1, 2.0]
     assert d.mean == [0.485, 0.456, 0.406] and d.std == [0.229, 0.224, 0.224]
     f = c.finetune
-    assert (f.momentum, f.batch_size, f.epochs, f.seeds) == (0.9, 256, 400, 10)
+    assert (f.momentum, f.batch_size, f.epochs, f.seeds) == (0.9, 256, 400, list(range(10)))
     assert f.lr_range == [1e-4, 1.0] and f.wd_range == [1e-5, 1e-2] and f.search_trials == 50
+    assert f.search == "random" and f.search_after_bissl  # BiSSL+FT: the same procedure
     assert c.warmup.epochs == 20 and (c.warmup.lr, c.warmup.weight_decay) == (0.03, 1e-3)  # pets
     b = c.bissl
     assert (b.lam, b.lam_schedule, b.damping, b.ij, b.cg_iters) == (1e-3, "constant", 10.0, "cg", 5)
@@ -45,24 +46,30 @@ def test_default_config_matches_thesis():
 def test_small_config_differs_only_in_backbone_and_pretext_data():
     default, small = asdict(_load("vision_default.yaml")), asdict(_load("vision_small.yaml"))
     assert small["model"]["backbone"] == "resnet18" and small["data"]["pretext"] == "stl10"
+    # Sec. 6.1.4: the Only-FT baseline is pretrained 600 epochs, BiSSL starts from 500
+    assert (small["pretext"]["epochs"], small["pretext"]["baseline_extra_epochs"]) == (500, 100)
     small["model"]["backbone"], small["data"]["pretext"] = "resnet50", "imagenet"
+    small["pretext"]["baseline_extra_epochs"] = 0
     small["run"]["out_dir"] = default["run"]["out_dir"]
     assert small == default
 
 
-def test_sweep_grids_are_table_6_2():
+def test_sweep_grids_are_table_6_2_and_f6_to_f8():
     s = VisionConfig().sweep
     assert s.lam == [1, 0.1, 0.01, 0.001, 0.0001]
     assert s.alternations == [100, 200, 300, 400, 500, 600, 800, 1000]
     assert s.upper_steps == [1, 2, 4, 8, 10, 12]
     assert s.lower_steps == [1, 2, 5, 10, 20, 30, 40, 50]
     assert s.finetune_epochs == [5, 10, 25, 50, 100, 200, 300, 400]
+    assert s.cosine_lam_max == [10, 1, 0.1, 0.01, 0.002, 0.001, 0.0001]  # Table F.6
+    assert s.exp_lam_max == [0.1, 0.01, 0.001, 0.0001] and s.exp_alpha == [1, 10, 100]  # F.7
+    assert s.lam_init == [2, 1, 0.1, 0.01, 0.001, 0.0001, 0.00001]  # Table F.8
 
 
 def test_embedded_config_is_self_contained():
     c = _load("vision_embedded.yaml")
     assert c.data.pretext == c.data.downstream == "digits" and c.run.device == "cpu"
-    assert c.finetune.seeds >= 3
+    assert len(c.finetune.seeds) >= 3
 
 
 @pytest.mark.parametrize(

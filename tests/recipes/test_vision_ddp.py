@@ -3,7 +3,8 @@
 The earlier stages run in one process; the BiSSL stage runs on two ranks; rank 0 alone writes
 ``bissl.pt`` and the trainer checkpoint, which load in a single process, and a single process can
 resume the two-rank run from that checkpoint. The Only-FT stage on two ranks (trials and seeds
-spread over the ranks) writes exactly the single-process ``only_ft.json``.
+spread over the ranks) writes exactly the single-process ``only_ft.json``, and the head warm-up
+(run by rank 0 while the other waits) exactly the single-process ``warmup.pt``.
 """
 
 import json
@@ -38,6 +39,7 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
     ranks_dir = tmp_path / "two_ranks"
     ranks_dir.mkdir()
     shutil.copy(tmp_path / "pretext.pt", ranks_dir / "pretext.pt")
+    digits = tmp_path / "digits"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(SCRIPT.parents[1])
     done = subprocess.run(
@@ -46,33 +48,32 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = load_checkpoint(tmp_path / "bissl.pt")
-    state = load_checkpoint(tmp_path / "bissl" / "checkpoint.pt")
+    result = load_checkpoint(digits / "bissl.pt")
+    state = load_checkpoint(digits / "bissl" / "checkpoint.pt")
     assert state["alternation"] == 3 and len(state["ranks"]) == 2
     for name, tensor in result["pretext"].items():  # the saved θ_P is the trainer's final one
         if name in state["lower_params"]:
             assert torch.equal(state["lower_params"][name], tensor)
 
-    refused = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(SCRIPT), "pretext", *_sets(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
-    )
-    assert refused.returncode != 0 and "only the stages" in refused.stderr
-
-    # The fine-tuning trials and seed runs spread over two ranks give one process's results.
+    # The fine-tuning trials and seed runs spread over two ranks give one process's results;
+    # the head warm-up runs on rank 0 alone and gives one process's weights.
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(SCRIPT), "only-ft", *_sets(tmp_path), "--set", "run.out_dir=" + str(ranks_dir)],
+         str(SCRIPT), "only-ft", "head-warmup", *_sets(tmp_path), "--set",
+         "run.out_dir=" + str(ranks_dir)],
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Only-FT: lr=") == 1  # rank 0 alone reports
-    single = json.loads((tmp_path / "only_ft.json").read_text())
-    assert json.loads((ranks_dir / "only_ft.json").read_text()) == single
+    assert done.stdout.count("head warm-up: lr=") == 1
+    single = json.loads((digits / "only_ft.json").read_text())
+    assert json.loads((ranks_dir / "digits" / "only_ft.json").read_text()) == single
+    warm = load_checkpoint(ranks_dir / "digits" / "warmup.pt")["downstream"]
+    for name, tensor in load_checkpoint(digits / "warmup.pt")["downstream"].items():
+        assert torch.equal(warm[name], tensor), name
 
     try:  # one process continues the two-rank run for two more alternations
         vision_bissl.main(["bissl", "--resume", *_sets(tmp_path), "--set", "bissl.alternations=5"])
     finally:
         torch.set_num_threads(threads)
-    assert load_checkpoint(tmp_path / "bissl" / "checkpoint.pt")["alternation"] == 5
+    assert load_checkpoint(digits / "bissl" / "checkpoint.pt")["alternation"] == 5

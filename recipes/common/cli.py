@@ -1,0 +1,91 @@
+"""The command line both recipes share.
+
+    python recipes/<recipe>.py [STAGE ...] [--config FILE] [--set KEY=VALUE ...] [--resume]
+    python recipes/<recipe>.py sweep --param NAME [--config FILE] [--set KEY=VALUE ...]
+
+``STAGE``: ``all`` (default: every stage, then the report), ``pretext``, ``only-ft``,
+``head-warmup``, ``bissl``, ``finetune``, ``report``; several run in the pipeline's order.
+``--resume`` continues a killed BiSSL stage from its checkpoint; with ``all`` it also skips the
+stages whose outputs exist. A sweep always reuses what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import load_config
+from .pipeline import STAGES, Recipe
+from .results import report
+from .sweep import SWEEPS, run_sweep
+
+__all__ = ["COMMANDS", "main", "parse_args"]
+
+COMMANDS = ("all", *STAGES, "report", "sweep")
+
+
+def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> argparse.Namespace:
+    """The shared command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("stages", nargs="*", metavar="STAGE",
+                   help=f"one or more of {', '.join(COMMANDS)} (default: all)")
+    p.add_argument("--config", default=str(default_config), help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set bissl.lam=0.01 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed BiSSL stage (all: skip finished stages too)")
+    p.add_argument("--param", choices=sorted(SWEEPS), default="lam", help="what `sweep` varies")
+    args = p.parse_args(argv)
+    args.stages = args.stages or ["all"]
+    unknown = [s for s in args.stages if s not in COMMANDS]
+    if unknown:
+        p.error(f"unknown stage {unknown[0]!r}; choose from {', '.join(COMMANDS)}")
+    if len(args.stages) > 1 and ("sweep" in args.stages or "all" in args.stages):
+        p.error("'all' and 'sweep' run alone")
+    return args
+
+
+def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Path,
+         doc: str = "") -> dict[str, Any] | None:
+    """Run the command; returns the results (``all``/``report`` on rank 0) or the sweep's.
+
+    Denormals are flushed while it runs (they slow small CPU models down by orders of
+    magnitude), and the thread count and the flag are restored afterwards, as is the absence of
+    a process group when this call created it.
+    """
+    args = parse_args(argv, default_config, doc)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # stage summaries appear as they finish
+    was_flushing = sys.float_info.min / 2 == 0.0
+    threads = torch.get_num_threads()
+    joined = not (dist.is_available() and dist.is_initialized())
+    torch.set_flush_denormal(True)
+    try:
+        if args.stages == ["sweep"]:
+            return run_sweep(recipe_class, args.config, args.overrides, args.param)
+        cfg = load_config(args.config, recipe_class.config_class, args.overrides)
+        start = time.perf_counter()
+        recipe = recipe_class(cfg)
+        wanted = STAGES if args.stages == ["all"] else [s for s in args.stages if s in STAGES]
+        for stage in wanted:
+            t0 = time.perf_counter()
+            recipe.run_stages([stage], resume=args.resume,
+                              skip_done=args.resume and args.stages == ["all"])
+            recipe.say(f"[{stage}] {time.perf_counter() - t0:.1f} s")
+        if ("all" in args.stages or "report" in args.stages) and recipe.dist.is_main:
+            wall = time.perf_counter() - start
+            results = report(recipe, wall)
+            print(f"total wall time {wall / 60:.1f} min")
+            return results
+        return None
+    finally:
+        torch.set_flush_denormal(was_flushing)
+        torch.set_num_threads(threads)
+        if joined and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
