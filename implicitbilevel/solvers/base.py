@@ -12,14 +12,21 @@ from __future__ import annotations
 import abc
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..tree import Params, tree_dot
+from ..tree import Params, tree_clone, tree_dot
 
-__all__ = ["LinearSolver", "MatVec", "Preconditioner", "SolveInfo", "SolverBreakdownError"]
+__all__ = [
+    "KrylovSolver",
+    "LinearSolver",
+    "MatVec",
+    "Preconditioner",
+    "SolveInfo",
+    "SolverBreakdownError",
+]
 
 MatVec = Callable[[Params], Params]
 """``v ↦ A v`` over parameter dicts."""
@@ -74,6 +81,55 @@ class LinearSolver(abc.ABC):
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
     ) -> tuple[Params, SolveInfo]:
         """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
+
+
+@dataclass
+class KrylovSolver(LinearSolver):
+    """The settings and call protocol CG and MINRES share: products, tolerances, warm starts and
+    an optional preconditioner. Subclasses implement :meth:`solve` for one system.
+
+    Attributes:
+        max_iter: maximum matrix-vector products.
+        tol: relative residual tolerance (``0``: run ``max_iter`` products unless the residual
+            reaches the rounding floor ``10·eps·||b||`` first).
+        atol: absolute residual tolerance.
+        warm_start: start from the previous call's solution when ``x0`` is not given and the names
+            match (useful when consecutive systems are close, as over the upper-level steps of an
+            alternation).
+        preconditioner: ``None``, or a :data:`Preconditioner`: called with the system's
+            ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive definite ``M ≈ A``.
+    """
+
+    max_iter: int = 5
+    tol: float = 0.0
+    atol: float = 0.0
+    warm_start: bool = False
+    preconditioner: Preconditioner | None = None
+    _previous: Params | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self.max_iter, self.tol, self.atol)
+
+    def __call__(
+        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    ) -> tuple[Params, SolveInfo]:
+        """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
+        b = dict(b)
+        if x0 is None and self.warm_start and self._previous is not None:
+            if self._previous.keys() == b.keys():
+                x0 = self._previous
+        apply = None if self.preconditioner is None else self.preconditioner(matvec)
+        x, info = self.solve(matvec, b, x0, apply)
+        if self.warm_start:
+            self._previous = tree_clone(x)
+        return x, info
+
+    @abc.abstractmethod
+    def solve(
+        self, matvec: MatVec, b: Params, x0: Mapping[str, Tensor] | None,
+        precondition: Callable[[Params], Params] | None,
+    ) -> tuple[Params, SolveInfo]:
+        """One solve from ``x0`` (``None``: zero) with ``r ↦ M⁻¹r`` (``None``: ``M = I``)."""
 
 
 def threshold(tol: float, atol: float, rhs_norm: float, dtype: torch.dtype) -> float:

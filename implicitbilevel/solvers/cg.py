@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..tree import Params, tree_block_dots, tree_clone, tree_norm, tree_sub, tree_zeros_like
 from .base import (
-    LinearSolver,
+    KrylovSolver,
     MatVec,
-    Preconditioner,
     SolveInfo,
     dtype_of,
     list_dot,
     threshold,
-    validate,
 )
 
 __all__ = ["CG"]
@@ -33,7 +31,7 @@ _RESIDUAL_GROWTH = 10.0
 
 
 @dataclass
-class CG(LinearSolver):
+class CG(KrylovSolver):
     """Conjugate gradients for ``A x = b``, ``A`` symmetric positive definite (thesis Algorithm 1).
 
     Iterates ``α = rᵀz / dᵀAd``, ``x += α d``, ``r -= α A d``, ``z' = M⁻¹r'``,
@@ -65,34 +63,24 @@ class CG(LinearSolver):
             definite ``M ≈ A``. The stopping test stays on the true residual ``||r||``.
     """
 
-    max_iter: int = 5
-    tol: float = 0.0
-    atol: float = 0.0
-    warm_start: bool = False
     blockwise: bool = False
-    preconditioner: Preconditioner | None = None
-    _previous: Params | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        validate(self.max_iter, self.tol, self.atol)
 
     def __call__(
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
     ) -> tuple[Params, SolveInfo]:
         """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
-        b = dict(b)
         if self.blockwise:
             if self.preconditioner is not None:
                 raise ValueError("blockwise CG takes no preconditioner")
-            return _blockwise_cg(matvec, b, self.max_iter)
-        if x0 is None and self.warm_start and self._previous is not None:
-            if self._previous.keys() == b.keys():
-                x0 = self._previous
-        apply = None if self.preconditioner is None else self.preconditioner(matvec)
-        x, info = _cg(matvec, b, x0, self.max_iter, self.tol, self.atol, apply)
-        if self.warm_start:
-            self._previous = tree_clone(x)
-        return x, info
+            return _blockwise_cg(matvec, dict(b), self.max_iter)
+        return super().__call__(matvec, b, x0)
+
+    def solve(
+        self, matvec: MatVec, b: Params, x0: Mapping[str, Tensor] | None,
+        precondition: Callable[[Params], Params] | None,
+    ) -> tuple[Params, SolveInfo]:
+        """One (preconditioned) CG solve from ``x0``."""
+        return _cg(matvec, b, x0, self.max_iter, self.tol, self.atol, precondition)
 
 
 def _cg(

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..tree import Params, tree_clone, tree_norm, tree_zeros_like
 from .base import (
-    LinearSolver,
+    KrylovSolver,
     MatVec,
-    Preconditioner,
     SolveInfo,
     dtype_of,
     list_dot,
     threshold,
-    validate,
 )
 
 __all__ = ["MINRES"]
@@ -36,7 +34,7 @@ _SINGULAR = 2.0 / 3.0
 
 
 @dataclass
-class MINRES(LinearSolver):
+class MINRES(KrylovSolver):
     """MINRES for ``A x = b``, ``A`` symmetric and possibly indefinite (Paige & Saunders 1975).
 
     The ``k``-th iterate minimises ``||b − A x||_2`` over ``x ∈ x0 + K_k(A, r0)``, ``r0 = b − A x0``
@@ -112,29 +110,12 @@ class MINRES(LinearSolver):
     equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
     """
 
-    max_iter: int = 5
-    tol: float = 0.0
-    atol: float = 0.0
-    warm_start: bool = False
-    preconditioner: Preconditioner | None = None
-    _previous: Params | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        validate(self.max_iter, self.tol, self.atol)
-
-    def __call__(
-        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    def solve(
+        self, matvec: MatVec, b: Params, x0: Mapping[str, Tensor] | None,
+        precondition: Callable[[Params], Params] | None,
     ) -> tuple[Params, SolveInfo]:
-        """Solve ``A x = b``; ``matvec(v) = A v``. Returns the solution and its diagnostics."""
-        b = dict(b)
-        if x0 is None and self.warm_start and self._previous is not None:
-            if self._previous.keys() == b.keys():
-                x0 = self._previous
-        apply = None if self.preconditioner is None else self.preconditioner(matvec)
-        x, info = _minres(matvec, b, x0, self.max_iter, self.tol, self.atol, apply)
-        if self.warm_start:
-            self._previous = tree_clone(x)
-        return x, info
+        """One (preconditioned) MINRES solve from ``x0``."""
+        return _minres(matvec, b, x0, self.max_iter, self.tol, self.atol, precondition)
 
 
 def _minres(
