@@ -122,6 +122,68 @@ def zeros_batch(k: int, like: Tensor) -> Tensor:
     return like.new_zeros((k, *like.shape))
 
 
+def zero_product(like: Tensor, k: int | None) -> Tensor:
+    """A zero product shaped like ``like`` (``k`` stacked ones when ``k`` is not ``None``)."""
+    return torch.zeros_like(like) if k is None else zeros_batch(k, like)
+
+
+class CurvatureOperator:
+    """What every curvature operator shares: the point, the product count, the memo, and the
+    single and batched calls around one ``_product(tangent, k)`` (``k=None``: one tangent).
+
+    Attributes:
+        names: the parameter names, in order.
+        params: the point, ``{name: Tensor}`` detached (do not modify it in place).
+        loss: the loss at the point (kept-graph mode only; ``None`` otherwise).
+        calls: number of products evaluated so far (a batched call of ``k`` tangents counts ``k``).
+        memo: an empty dict at construction, for callers to cache what is derived from this one
+            operator (e.g. a low-rank approximation shared by several solves).
+    """
+
+    psd: bool = False
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        self.names = list(params.keys())
+        self.calls = 0
+        self.loss: Tensor | None = None
+        self.memo: dict[Any, Any] = {}
+        self.params = {n: p.detach() for n, p in params.items()}
+
+    def _product(self, tangent: Params, k: int | None = None) -> Params:
+        raise NotImplementedError  # each operator defines its product
+
+    def _warning_key(self) -> tuple[int, str]:
+        raise NotImplementedError  # each operator names the function its warnings are about
+
+    def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
+        """Return the product with ``tangent`` as a dict with the operator's parameter names."""
+        check_tangent(self.params, tangent)
+        self.calls += 1
+        return self._product(dict(tangent))
+
+    def batched(self, tangents: Mapping[str, Tensor]) -> Params:
+        """Return the ``k`` products stacked: ``out[name][i]`` is the product with ``t_i``.
+
+        Args:
+            tangents: every entry of shape ``(k, *params[name].shape)``, the same ``k`` for all.
+
+        Equal to ``k`` calls of the operator (and counted as ``k`` in :attr:`calls`): backward
+        passes run with ``is_grads_batched=True``, forward-mode passes under ``torch.func.vmap``.
+        When the vectorised pass raises (an operation without a batching rule) the products are
+        computed one at a time, with a one-time ``RuntimeWarning`` that names the reason.
+        """
+        k = check_batched_tangents(self.params, tangents)
+        if k == 0:
+            return empty_batch(self.params)
+        tangents = dict(tangents)
+        try:
+            product = self._product(tangents, k)
+        except (RuntimeError, NotImplementedError) as err:
+            product = loop_products(self._product, tangents, k, self._warning_key(), err)
+        self.calls += k
+        return product
+
+
 def loop_products(
     single: Callable[[Params], Params],
     tangents: Mapping[str, Tensor],

@@ -59,16 +59,13 @@ import torch
 from torch import Tensor
 
 from ._products import (
+    CurvatureOperator,
     RNGPin,
-    check_batched_tangents,
     check_scalar,
-    check_tangent,
-    empty_batch,
     lacks_forward_ad,
-    loop_products,
     quiet_forward_ad,
     warn_mode_fallback,
-    zeros_batch,
+    zero_product,
 )
 from .hessian import _MODES, HVPMode, HVPModeError, _hvp_context, _warning_key
 from .tree import Params
@@ -86,10 +83,6 @@ def _check_outputs(z: Any) -> Tensor:
             "return the tensor the output loss is convex in"
         )
     return z
-
-
-def _zeros(like: Tensor, k: int | None) -> Tensor:
-    return torch.zeros_like(like) if k is None else zeros_batch(k, like)
 
 
 class _OutputCurvature:
@@ -163,7 +156,7 @@ class _GaussNewtonGraph:
             self._jtw = w, used, [jtw[i] for i in used]
         w, used, jtw = self._jtw
         if not used:
-            return _zeros(self.z.detach(), k)
+            return zero_product(self.z.detach(), k)
         (jt,) = torch.autograd.grad(
             jtw, w, grad_outputs=[tangent[self.names[i]] for i in used], retain_graph=True,
             is_grads_batched=k is not None,
@@ -199,7 +192,7 @@ class _GaussNewtonGraph:
         self, tangent: Mapping[str, Tensor], retain_graph: bool, k: int | None = None
     ) -> Params:
         """``G t``; with ``k``, ``tangent`` is batched (``k`` stacked) and so is the result."""
-        out = {n: _zeros(p, k) for n, p in zip(self.names, self.leaves)}
+        out = {n: zero_product(p, k) for n, p in zip(self.names, self.leaves)}
         if not self.z.requires_grad or self.curvature.grad is None:
             return out
         with _hvp_context():
@@ -212,7 +205,7 @@ class _GaussNewtonGraph:
         return out
 
 
-class GaussNewtonOperator:
+class GaussNewtonOperator(CurvatureOperator):
     """The linear map ``t ↦ Jᵀ ∇²_z L J t`` at a fixed point and batch (see the module docstring).
 
     The same interface as :class:`~implicitbilevel.hessian.HessianOperator`, so either can serve as
@@ -255,14 +248,10 @@ class GaussNewtonOperator:
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        super().__init__(params)
         self._outputs = outputs
         self._output_loss = output_loss
         self._args = args
-        self.names = list(params.keys())
-        self.calls = 0
-        self.loss: Tensor | None = None
-        self.memo: dict[Any, Any] = {}
-        self.params = {n: p.detach() for n, p in params.items()}
         # Captured before the kept graph's forward pass, whose dropout masks every later forward
         # pass (forward-mode products, rebuilt graphs) draws again.
         self._pin = RNGPin(self.params.values())
@@ -286,33 +275,8 @@ class GaussNewtonOperator:
         self.mode = graph.mode
         return product
 
-    def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
-        """Return ``G @ tangent`` as a dict with the operator's parameter names."""
-        check_tangent(self.params, tangent)
-        self.calls += 1
-        return self._product(dict(tangent))
-
-    def batched(self, tangents: Mapping[str, Tensor]) -> Params:
-        """Return ``[G t_1, ..., G t_k]`` stacked: ``out[name][i] = (G t_i)[name]``.
-
-        Args:
-            tangents: every entry of shape ``(k, *params[name].shape)``, the same ``k`` for all.
-
-        Equal to ``k`` calls of the operator (and counted as ``k`` in :attr:`calls`): the backward
-        passes run with ``is_grads_batched=True``, the forward-mode pass under ``torch.func.vmap``.
-        When the vectorised pass raises (an operation without a batching rule) the products are
-        computed one at a time, with a one-time ``RuntimeWarning`` that names the reason.
-        """
-        k = check_batched_tangents(self.params, tangents)
-        if k == 0:
-            return empty_batch(self.params)
-        tangents = dict(tangents)
-        try:
-            product = self._product(tangents, k)
-        except (RuntimeError, NotImplementedError) as err:
-            product = loop_products(self._product, tangents, k, _warning_key(self._outputs), err)
-        self.calls += k
-        return product
+    def _warning_key(self) -> tuple[int, str]:
+        return _warning_key(self._outputs)
 
 
 @dataclass(frozen=True)

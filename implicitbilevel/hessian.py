@@ -52,16 +52,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._products import (
+    CurvatureOperator,
     RNGPin,
-    check_batched_tangents,
     check_scalar,
     check_tangent,
-    empty_batch,
     lacks_forward_ad,
-    loop_products,
     quiet_forward_ad,
     warn_mode_fallback,
-    zeros_batch,
+    zero_product,
 )
 from .tree import Params
 
@@ -180,7 +178,7 @@ class _FirstOrderGraph:
     ) -> Params:
         """``H t`` by one backward pass; with ``k``, ``tangent`` is batched (``k`` stacked)."""
         if not self.grads:
-            return {n: _zeros(p, k) for n, p in zip(self.names, self.leaves)}
+            return {n: zero_product(p, k) for n, p in zip(self.names, self.leaves)}
         with _hvp_context():
             products = torch.autograd.grad(
                 self.grads,
@@ -191,13 +189,9 @@ class _FirstOrderGraph:
                 is_grads_batched=k is not None,
             )
         return {
-            n: p.detach() if p is not None else _zeros(leaf, k)
+            n: p.detach() if p is not None else zero_product(leaf, k)
             for n, p, leaf in zip(self.names, products, self.leaves)
         }
-
-
-def _zeros(like: Tensor, k: int | None) -> Tensor:
-    return torch.zeros_like(like) if k is None else zeros_batch(k, like)
 
 
 def _reverse_over_reverse(
@@ -281,7 +275,7 @@ def hvp(
     return product
 
 
-class HessianOperator:
+class HessianOperator(CurvatureOperator):
     """The linear map ``t ↦ ∇²fn(params) t`` at a fixed point and batch, for repeated products.
 
     With ``reuse=True`` (default) the gradient is computed once with ``create_graph=True`` and each
@@ -326,13 +320,9 @@ class HessianOperator:
     ) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        super().__init__(params)
         self._fn = _scalar_fn(fn)
         self._args = args
-        self.names = list(params.keys())
-        self.calls = 0
-        self.loss: Tensor | None = None
-        self.memo: dict[Any, Any] = {}
-        self.params = {n: p.detach() for n, p in params.items()}
         if reuse:
             self.mode = "kept-graph"
             self._graph = _FirstOrderGraph(self._fn, self.params, args)
@@ -350,29 +340,5 @@ class HessianOperator:
             self.mode = used
         return product
 
-    def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
-        """Return ``H @ tangent`` as a dict with the operator's parameter names."""
-        check_tangent(self.params, tangent)
-        self.calls += 1
-        return self._product(dict(tangent))
-
-    def batched(self, tangents: Mapping[str, Tensor]) -> Params:
-        """Return ``[H t_1, ..., H t_k]`` stacked: ``out[name][i] = (H t_i)[name]``.
-
-        Args:
-            tangents: every entry of shape ``(k, *params[name].shape)``, the same ``k`` for all.
-
-        Equal to ``k`` calls of the operator (and counted as ``k`` in :attr:`calls`). When the
-        vectorised pass raises (an operation without a batching rule) the products are computed
-        one at a time, with a one-time ``RuntimeWarning`` that names the reason.
-        """
-        k = check_batched_tangents(self.params, tangents)
-        if k == 0:
-            return empty_batch(self.params)
-        tangents = dict(tangents)
-        try:
-            product = self._product(tangents, k)
-        except (RuntimeError, NotImplementedError) as err:
-            product = loop_products(self._product, tangents, k, _warning_key(self._fn), err)
-        self.calls += k
-        return product
+    def _warning_key(self) -> tuple[int, str]:
+        return _warning_key(self._fn)
