@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -350,7 +351,7 @@ class BiSSLTrainer:
         log = None
         if self.out_dir is not None and is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.out_dir / "metrics.jsonl", "a" if resume else "w")  # noqa: SIM115
+            log = _rewrite_log(self.out_dir / "metrics.jsonl", self.history)
         bar = _progress(cfg.progress and is_main_process(), cfg.alternations, self.alternation)
         try:
             while self.alternation < cfg.alternations:
@@ -378,6 +379,19 @@ class BiSSLTrainer:
             if bar is not None:
                 bar.close()
         return self.history
+
+
+def _rewrite_log(path: Path, history: list[dict[str, Any]]) -> Any:
+    """``metrics.jsonl`` holding exactly ``history`` (the records up to the checkpoint, none when
+    starting over), written atomically; returned open for appending."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        for record in history:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return open(path, "a")  # noqa: SIM115
 
 
 def _from_v1(state: Mapping[str, Any]) -> dict[str, Any]:

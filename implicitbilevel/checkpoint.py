@@ -66,11 +66,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         previous = path.with_name(path.name + ".prev")
-        hint = (
-            f"; the previous checkpoint {previous} is intact, move it to {path} to resume from it"
-            if previous.is_file()
-            else "; delete it to start over"
-        )
+        if not previous.is_file():
+            hint = "; delete it to start over"
+        elif _loads(previous, map_location):
+            hint = (f"; the previous checkpoint {previous} is intact, move it to {path} to "
+                    "resume from it")
+        else:
+            hint = f"; the previous checkpoint {previous} is corrupt too: delete both to start over"
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}){hint}"
         ) from err
+
+
+def _loads(path: Path, map_location: Any) -> bool:
+    """Whether ``path`` loads with ``weights_only=True``."""
+    try:
+        torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:
+        return False
+    return True

@@ -5,13 +5,17 @@
 
 ``STAGE``: ``all`` (default: every stage, then the report), ``pretext``, ``only-ft``,
 ``head-warmup``, ``bissl``, ``finetune``, ``report``; several run in the pipeline's order.
-``--resume`` continues a killed BiSSL stage from its checkpoint; with ``all`` it also skips the
-stages whose outputs exist. A sweep always reuses what exists.
+``--resume`` continues a killed BiSSL stage from its checkpoint and skips the stages whose
+outputs exist (unless ``--overwrite``); it stops when a stage was recorded under another
+configuration, unless ``--allow-changed-config``. Without either flag a finished stage is not
+run again. A sweep always reuses what exists. While a command runs, ``run.out_dir/.lock`` names
+its process, and a second command on the same folder stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
+from .guard import RunLock
 from .pipeline import STAGES, Recipe
 from .results import report
 from .sweep import SWEEPS, run_sweep
@@ -39,7 +44,12 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> a
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set bissl.lam=0.01 (repeatable)")
     p.add_argument("--resume", action="store_true",
-                   help="continue a killed BiSSL stage (all: skip finished stages too)")
+                   help="continue a killed BiSSL stage and skip finished stages")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run finished stages again, replacing their outputs")
+    p.add_argument("--allow-changed-config", action="store_true",
+                   help="--resume although the configuration differs from the one recorded "
+                        "(the change is recorded next to the stage's output)")
     p.add_argument("--param", choices=sorted(SWEEPS), default="lam", help="what `sweep` varies")
     args = p.parse_args(argv)
     args.stages = args.stages or ["all"]
@@ -66,17 +76,22 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
     threads = torch.get_num_threads()
     joined = not (dist.is_available() and dist.is_initialized())
     torch.set_flush_denormal(True)
+    lock: RunLock | None = None
     try:
+        cfg = load_config(args.config, recipe_class.config_class, args.overrides)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 holds it for all
+            lock = RunLock(cfg.run.out_dir).acquire()
         if args.stages == ["sweep"]:
             return run_sweep(recipe_class, args.config, args.overrides, args.param)
-        cfg = load_config(args.config, recipe_class.config_class, args.overrides)
         start = time.perf_counter()
         recipe = recipe_class(cfg)
         wanted = STAGES if args.stages == ["all"] else [s for s in args.stages if s in STAGES]
         for stage in wanted:
             t0 = time.perf_counter()
             recipe.run_stages([stage], resume=args.resume,
-                              skip_done=args.resume and args.stages == ["all"])
+                              skip_done=args.resume and not args.overwrite,
+                              overwrite=args.overwrite,
+                              allow_changed_config=args.allow_changed_config)
             recipe.say(f"[{stage}] {time.perf_counter() - t0:.1f} s")
         if ("all" in args.stages or "report" in args.stages) and recipe.dist.is_main:
             wall = time.perf_counter() - start
@@ -85,6 +100,8 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
             return results
         return None
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_flush_denormal(was_flushing)
         torch.set_num_threads(threads)
         if joined and dist.is_available() and dist.is_initialized():

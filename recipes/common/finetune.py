@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
+from .guard import check_loss, check_weights
 from .runtime import autocast
 from .schedules import warmup_cosine
 
@@ -105,6 +106,7 @@ def fit(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     desc: str = "fine-tune",
+    strict: str | None = None,
 ) -> FitResult:
     """Train ``model`` and load the weights of its best validation (by ``objective.key``).
 
@@ -113,7 +115,8 @@ def fit(
     with the frozen modules in eval mode (the head warm-up); otherwise the lr warms up linearly
     over ``warmup_fraction`` of the steps and then follows a cosine to 0. A non-finite training
     loss ends the run and scores its validation ``-inf``. ``checkpoint`` also writes the best
-    weights to disk.
+    weights to disk (never non-finite ones). ``strict=STAGE``: a non-finite loss or weight stops
+    the run with :class:`~recipes.common.guard.NonFiniteStage` naming the stage and step.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -150,6 +153,8 @@ def fit(
             optimizer.step()
             scheduler.step()
             value = float(loss.detach())
+            if strict is not None:
+                check_loss(strict, f"step {step} of {total}", value)
             finite = finite and math.isfinite(value)
             running, count = running + value, count + 1
             if step not in eval_steps and finite:
@@ -159,7 +164,12 @@ def fit(
                 val[objective.key] = -math.inf
             result.history.append({"step": step, "train_loss": running / count, **val})
             running, count = 0.0, 0
-            if best_state is None or val[objective.key] > result.best_val[objective.key]:
+            weights_ok = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                             if t.is_floating_point())
+            if strict is not None and not weights_ok:
+                check_weights(strict, model.state_dict(), f"weights after step {step}")
+            if weights_ok and (best_state is None
+                               or val[objective.key] > result.best_val[objective.key]):
                 result.best_val = val
                 best_state = copy.deepcopy(model.state_dict())
                 if checkpoint is not None:

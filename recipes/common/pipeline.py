@@ -17,6 +17,7 @@ the ranks, and ``pretext`` and ``head-warmup`` run on rank 0 while the others wa
 from __future__ import annotations
 
 import json
+import math
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import nn
 
 from implicitbilevel.sync_batchnorm import convert_sync_batchnorm
 
+from . import guard
 from .bissl_stage import BiSSLLosses, run_bissl
 from .checkpoint import load_checkpoint, save_checkpoint
 from .finetune import Objective, evaluate, fit
@@ -174,24 +176,48 @@ class Recipe:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def run_stages(self, stages: list[str], resume: bool = False, skip_done: bool = False) -> None:
+    def run_stages(self, stages: list[str], resume: bool = False, skip_done: bool = False,
+                   overwrite: bool = False, allow_changed_config: bool = False) -> None:
         """Run ``stages`` (in :data:`STAGES` order) for every target. ``resume`` continues BiSSL
-        from its checkpoint; ``skip_done`` skips a stage whose output exists."""
-        def done(stage: str, target: str | None) -> bool:
-            return skip_done and self.output(stage, target).exists()
+        from its checkpoint; ``skip_done`` skips a stage whose output exists.
 
-        if "pretext" in stages and not done("pretext", None):
-            self.on_main(self.stage_pretext)
-        for target in self.targets:
-            for stage in STAGES[1:]:
-                if stage not in stages or done(stage, target):
+        Before any work: a stage whose output exists and is neither skipped nor ``overwrite``-n
+        stops the run (``FileExistsError``), and with ``resume`` a stage recorded under another
+        configuration stops it (:class:`~recipes.common.guard.ConfigChanged` listing the keys)
+        unless ``allow_changed_config``, which is recorded next to the stage's output."""
+        plan: list[tuple[str, str | None]] = []
+        if "pretext" in stages:
+            plan.append(("pretext", None))
+        plan += [(stage, target) for target in self.targets for stage in STAGES[1:]
+                 if stage in stages]
+        todo, allowed = [], {}
+        for stage, target in plan:
+            output = self.output(stage, target)
+            if resume:
+                allowed[(stage, target)] = guard.check(output, stage, self.cfg,
+                                                       allow_changed_config)
+            if output.exists():
+                if skip_done:
+                    if allowed.get((stage, target)):
+                        self.on_main(lambda s=stage, o=output, a=allowed[(stage, target)]:
+                                     guard.stamp(o, s, self.cfg, a, keep=True))
                     continue
-                if stage == "head-warmup":
-                    self.on_main(lambda t=target: self.stage_head_warmup(t))
-                elif stage == "bissl":
-                    self.stage_bissl(target, resume)
-                else:
-                    getattr(self, "stage_" + stage.replace("-", "_"))(target)
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{output} exists: stage {stage!r} is finished; pass --resume to skip "
+                        f"it or --overwrite to run it again")
+            todo.append((stage, target))
+        for stage, target in todo:
+            output, changes = self.output(stage, target), allowed.get((stage, target))
+            self.on_main(lambda s=stage, o=output, a=changes: guard.stamp(o, s, self.cfg, a))
+            if stage == "pretext":
+                self.on_main(self.stage_pretext)
+            elif stage == "head-warmup":
+                self.on_main(lambda t=target: self.stage_head_warmup(t))
+            elif stage == "bissl":
+                self.stage_bissl(target, resume)
+            else:
+                getattr(self, "stage_" + stage.replace("-", "_"))(target)
 
     def on_main(self, fn: Any) -> None:
         """Run ``fn`` on rank 0 while the other ranks wait; an error stops every rank."""
@@ -216,12 +242,14 @@ class Recipe:
         model = self.new_pretext().to(self.device)
         losses = self.pretrain(model)
         keep = losses or not self.external_weights()
+        guard.check_weights("pretext", model.state_dict(), "pretext weights")
         save_checkpoint({"pretext": model.state_dict() if keep else None, "losses": losses},
                         self.path(None, "pretext.pt"))
         self.say(f"pretext: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} "
                  f"{self.pretrain_unit}" if losses else "pretext: initial weights kept")
         if self.baseline_extra():
             extra = self.pretrain(model, extra=True)
+            guard.check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
             save_checkpoint({"pretext": model.state_dict(), "losses": losses + extra},
                             self.path(None, "pretext_baseline.pt"))
             self.say(f"pretext (Only-FT baseline): {len(extra)} more, loss {extra[-1]:.3f}")
@@ -263,6 +291,14 @@ class Recipe:
         result = fine_tune_method(name, train, ft, key, search=search, chosen=chosen,
                                   shard=self.dist.shard, progress=self.progress)
         s = result["summary"][f"test_{key}"]
+        stage = "only-ft" if name == "Only-FT" else "finetune"
+        bad = [r.get("seed") for r in result.get("runs", [])
+               if not all(math.isfinite(v) for v in r.values() if isinstance(v, float))]
+        if bad or not math.isfinite(s["mean"]):
+            raise guard.NonFiniteStage(
+                f"stage {stage!r} ({target} {name}): non-finite metrics (NaN/inf loss or weights) "
+                f"for lr={result['lr']:.3g} wd={result['weight_decay']:.3g}, seeds {bad}; "
+                "nothing was saved (lower finetune.lrs / finetune.lr_range?)")
         self.say(f"{target} {name}: lr={result['lr']:.3g} wd={result['weight_decay']:.3g} "
                  f"({result['trials']} trials), test {key} {100 * s['mean']:.2f} ± "
                  f"{100 * s['std']:.2f} over {s['n']} seeds")
@@ -313,10 +349,12 @@ class Recipe:
                 epochs=epochs, device=self.device, seed=seed,
                 evals_per_epoch=self.cfg.finetune.evals_per_epoch, freeze=self.backbone_prefix,
                 bf16=self.cfg.run.bf16, progress=self.progress, desc=f"{target} head warm-up",
+                strict="head-warmup",
             )
             key = self.objective(target).key
             self.say(f"{target} head warm-up: lr={lr:.3g} wd={wd:.3g}, {epochs:g} epochs, val "
                      f"{key} {100 * result.best_val[key]:.2f}")
+        guard.check_weights("head-warmup", model.state_dict(), f"{target} downstream weights")
         save_checkpoint({"downstream": model.state_dict()}, self.path(target, "warmup.pt"))
 
     def stage_bissl(self, target: str, resume: bool = False) -> None:
@@ -352,6 +390,8 @@ class Recipe:
 
     def _bissl_done(self, target: str, pretext: nn.Module, downstream: nn.Module,
                     history: list[dict[str, Any]]) -> None:
+        guard.check_weights("bissl", pretext.state_dict(), f"{target} pretext weights")
+        guard.check_weights("bissl", downstream.state_dict(), f"{target} downstream weights")
         save_checkpoint({"pretext": pretext.state_dict(), "downstream": downstream.state_dict()},
                         self.path(target, "bissl.pt"))
         write_json(history, self.path(target, "bissl_history.json"))

@@ -7,6 +7,7 @@ train split (in the published order) is used for training and the remaining 20% 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,27 +82,55 @@ def _from_datasets(spec: TaskSpec, dataset_dict) -> tuple[RawSplit, RawSplit]:
     )
 
 
+def _label(spec: TaskSpec, raw: str, where: str, column: str) -> float | int:
+    """One label of ``spec``, or ``ValueError`` naming ``where`` (file:line) and ``column``."""
+    value = TEXT_LABELS.get(raw, raw)
+    try:
+        if spec.is_regression:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        label = int(value)
+    except (TypeError, ValueError):
+        kind = "a finite number" if spec.is_regression else "an integer class"
+        raise ValueError(f"{where}: column {column!r} holds {raw!r}, expected {kind} "
+                         f"(GLUE {spec.name})") from None
+    if not 0 <= label < spec.num_outputs:
+        raise ValueError(f"{where}: column {column!r} holds class {label}, expected 0 to "
+                         f"{spec.num_outputs - 1} (GLUE {spec.name})")
+    return label
+
+
 def _read_tsv(spec: TaskSpec, path: Path) -> RawSplit:
+    """The examples of one GLUE TSV file; ``ValueError`` naming the file, line and column of a
+    missing column or a bad label."""
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", newline="") as handle:
         if spec.name == "cola":  # no header: source, label, original label, sentence
-            rows = [
-                {"sentence": r[3], "label": r[1]}
-                for r in csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-                if len(r) >= 4
-            ]
-            return _from_rows(spec, rows)
+            a, labels = [], []
+            for line, r in enumerate(csv.reader(handle, delimiter="\t",
+                                                quoting=csv.QUOTE_NONE), start=1):
+                if len(r) < 4:
+                    continue
+                labels.append(_label(spec, r[1], f"{path}:{line}", "label (column 2)"))
+                a.append(r[3])
+            return RawSplit(a, None, labels)
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         first, second, label = TSV_COLUMNS[spec.name]
+        header = reader.fieldnames or []
+        missing = [c for c in (first, second, label) if c is not None and c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: GLUE {spec.name} needs the columns {missing}, the "
+                             f"header has {header}")
         a, b, labels = [], [], []
         for r in reader:
             if r.get(label) is None or r.get(first) is None:
                 continue  # GLUE's QQP has a few broken lines
-            value = TEXT_LABELS.get(r[label], r[label])
+            labels.append(_label(spec, r[label], f"{path}:{reader.line_num}", label))
             a.append(r[first])
             if second is not None:
-                b.append(r[second])
-            labels.append(float(value) if spec.is_regression else int(value))
+                b.append(r[second] or "")
     return RawSplit(a, b if second is not None else None, labels)
 
 
@@ -124,7 +153,7 @@ def load_glue_task(spec: TaskSpec, source: str) -> tuple[RawSplit, RawSplit]:
             raise MissingResourceError(
                 f"GLUE {spec.name}: the dataset hub is unreachable. On a connected machine run "
                 f"datasets.load_dataset('glue', '{spec.name}').save_to_disk('GLUE/{spec.name}') "
-                "(or download the original GLUE TSV files) and pass --glue GLUE"
+                "(or download the original GLUE TSV files) and pass --set data.glue=GLUE"
             )
         return _from_datasets(spec, datasets.load_dataset("glue", spec.name))
     root = Path(source).expanduser()
@@ -137,5 +166,5 @@ def load_glue_task(spec: TaskSpec, source: str) -> tuple[RawSplit, RawSplit]:
     raise MissingResourceError(
         f"GLUE {spec.name}: found neither {saved}/ (a DatasetDict saved with save_to_disk) nor "
         f"{tsv}/train.tsv and dev.tsv (the original GLUE files) under {root}. Provide one of them, "
-        "or pass --glue hub on a machine with network access"
+        "or pass --set data.glue=hub on a machine with network access"
     )

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recipes.common import warmup_cosine
+from recipes.common.guard import check_loss
 
 from .config import PretrainConfig
 from .finetune import adam_param_groups
@@ -47,9 +48,10 @@ def pretrain(
     losses = []
     model.train()
     batches = _cycle(loader)
-    for _ in tqdm(range(cfg.steps), desc="pretext pretraining", disable=not progress):
+    for step in tqdm(range(cfg.steps), desc="pretext pretraining", disable=not progress):
         chunk = next(batches).to(device)
         loss = next_token_loss(model(chunk), chunk)
+        check_loss("pretext", f"step {step}", float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

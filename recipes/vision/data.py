@@ -228,6 +228,23 @@ def _split_80_20(n: int) -> tuple[list[int], list[int]]:
     return sorted(perm[:cut]), sorted(perm[cut:])
 
 
+def check_class_lists(classes: dict[str, list[str]], root: Path) -> None:
+    """``ValueError`` unless every ImageFolder split under ``root`` has the train split's class
+    list (at least two classes), naming the split and the classes that differ."""
+    reference = classes["train"]
+    if len(reference) < 2:
+        raise ValueError(f"{root / 'train'}: found {len(reference)} class folder(s) "
+                         f"{reference}; a classifier needs at least two (data.downstream_root)")
+    for split, names in classes.items():
+        if names != reference:
+            only_here = sorted(set(names) - set(reference))
+            missing = sorted(set(reference) - set(names))
+            raise ValueError(
+                f"{root / split}: its classes differ from {root / 'train'}'s "
+                f"(only in {split}: {only_here}, missing from {split}: {missing}); every "
+                "split needs the same class folders (data.downstream_root)")
+
+
 def downstream_datasets(
     name: str, root: str, train_tf: Callable[[Any], Any], eval_tf: Callable[[Any], Any]
 ) -> DownstreamData:
@@ -281,8 +298,11 @@ def downstream_datasets(
         test = folder("test", eval_tf)
         if (base / "val").is_dir():
             train, val = folder("train", train_tf), folder("val", eval_tf)
+            check_class_lists({"train": train.classes, "val": val.classes,
+                               "test": test.classes}, base)
         else:
             train_t, train_e = folder("train", train_tf), folder("train", eval_tf)
+            check_class_lists({"train": train_t.classes, "test": test.classes}, base)
             tr, va = _split_80_20(len(train_t))
             train, val = Subset(train_t, tr), Subset(train_e, va)
         return DownstreamData(train, val, test, len(test.classes))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from implicitbilevel.optim import LARS, lars_param_groups
 from recipes.common import autocast, warmup_cosine
 from recipes.common.finetune import Objective
+from recipes.common.guard import check_loss
 
 from .losses import nt_xent
 from .metrics import mean_average_precision_11, topk_accuracy
@@ -62,12 +63,13 @@ def pretrain_simclr(
         opt, warmup_cosine(max(epochs * steps, 1), warmup_epochs * steps)
     )
     losses = []
-    for _ in _bar(range(epochs), progress, "pretext (SimCLR)"):
+    for epoch in _bar(range(epochs), progress, "pretext (SimCLR)"):
         total, n = 0.0, 0
-        for v1, v2 in loader:
+        for step, (v1, v2) in enumerate(loader):
             v1, v2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
             with autocast(device, bf16):
                 loss = nt_xent(model(v1), model(v2), temperature)
+            check_loss("pretext", f"epoch {epoch}, step {step}", loss.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

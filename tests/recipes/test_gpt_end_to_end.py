@@ -125,7 +125,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(script, tiny_run, tm
 )
 def test_chapter_5_variants_run(script, tiny_run, variant):
     out, args, _ = tiny_run
-    script.main(["bissl", *args, *sets("data.tasks=[stsb]", *variant)])
+    script.main(["bissl", "--overwrite", *args, *sets("data.tasks=[stsb]", *variant)])
     history = json.loads((out / "stsb" / "bissl_history.json").read_text())
     assert len(history) == 3 and all(math.isfinite(h["upper_loss"]) for h in history)
     if "bissl.lam_schedule=learnable" in variant:

@@ -73,7 +73,8 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
         assert torch.equal(warm[name], tensor), name
 
     try:  # one process continues the two-rank run for two more alternations
-        vision_bissl.main(["bissl", "--resume", *_sets(tmp_path), "--set", "bissl.alternations=5"])
+        vision_bissl.main(["bissl", "--resume", "--overwrite", "--allow-changed-config",
+                          *_sets(tmp_path), "--set", "bissl.alternations=5"])
     finally:
         torch.set_num_threads(threads)
     assert load_checkpoint(digits / "bissl" / "checkpoint.pt")["alternation"] == 5

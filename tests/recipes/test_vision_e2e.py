@@ -114,7 +114,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_run, tmp_path, 
 )
 def test_bissl_variants_run(tiny_run, variant):
     out, args, _ = tiny_run
-    run("bissl", *args, *sets(*variant))
+    run("bissl", "--overwrite", *args, *sets(*variant))
     history = json.loads((out / "digits" / "bissl_history.json").read_text())
     assert len(history) == 3
     lams = [h["lam"] for h in history]
