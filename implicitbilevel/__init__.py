@@ -6,14 +6,16 @@ products on ``torch.func`` (:mod:`implicitbilevel.hessian`), linear solvers over
 (:mod:`implicitbilevel.gauss_newton`), randomized Nyström curvature reused across solves
 (:mod:`implicitbilevel.nystrom`), the implicit-Jacobian operator (:mod:`implicitbilevel.system`),
 λ schedules (:mod:`implicitbilevel.schedules`), regularisers
-(:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`)
-and the BiSSL trainer (:mod:`implicitbilevel.bissl`). Data-parallel runs use
-:mod:`implicitbilevel.distributed` (bucketed all-reduce and broadcast) and
+(:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`),
+the differentiable :func:`argmin` (:mod:`implicitbilevel.implicit_argmin`, the same implicit step
+for an inner problem solved by any means) and the BiSSL trainer (:mod:`implicitbilevel.bissl`).
+Data-parallel runs use :mod:`implicitbilevel.distributed` (bucketed all-reduce and broadcast) and
 :mod:`implicitbilevel.sync_batchnorm` (BatchNorm over all ranks, twice differentiable).
 """
 
 from .gauss_newton import GaussNewton, GaussNewtonOperator
 from .hessian import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
+from .implicit_argmin import ArgminSolve, argmin
 from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
 from .problem import BilevelProblem, LowerGradient, NonFiniteError, UpperGradient, assign_grads
 from .regularizers import BaseRegularizer, ProximalL2, Regularizer
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CG",
+    "ArgminSolve",
     "BaseRegularizer",
     "BilevelProblem",
     "ConstantSchedule",
@@ -63,6 +66,7 @@ __all__ = [
     "SolveInfo",
     "SolverBreakdownError",
     "UpperGradient",
+    "argmin",
     "assign_grads",
     "functional_module",
     "hvp",

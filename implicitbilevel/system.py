@@ -35,7 +35,7 @@ class IJSystem:
             ``psd`` and a ``memo`` dict.
         mu: ``μ = λ + λ_damp``.
         identity: the names on which ``D`` is the identity (the coupled names of a proximal
-            regulariser); ``None`` when ``D`` is given by ``lower_hvp``.
+            regulariser; ``[]`` for ``A = H/μ``); ``None`` when ``D`` is given by ``lower_hvp``.
         lower_hvp: ``z ↦ ∇²_yy r · z`` (for a general regulariser), used when ``identity`` is
             ``None``.
         ridge: ``ε`` added on ``ridge_names`` (the head block of the concatenated-head system).
@@ -86,7 +86,8 @@ class IJSystem:
         out = tree_scale(self.curvature_product(z), 1.0 / self.mu)
         if self.identity is not None:
             names = [n for n in self.identity if n in z]
-            torch._foreach_add_([out[n] for n in names], [z[n] for n in names])
+            if names:  # an empty identity block is A = H/μ
+                torch._foreach_add_([out[n] for n in names], [z[n] for n in names])
         else:
             reg = self.lower_hvp(z)  # type: ignore[misc]
             torch._foreach_add_([out[n] for n in reg], list(reg.values()))
