@@ -84,3 +84,64 @@ def test_sync_batchnorm_benchmark_smoke(tmp_path):
     assert all(math.isfinite(r) and r > 0 for r in result["ratios"].values())
     assert json.loads((tmp_path / "sync_batchnorm-cpu.json").read_text()) == result
     assert "| HVP |" in (tmp_path / "sync_batchnorm-cpu.md").read_text()
+
+
+def test_robust_ij_smoke(tmp_path, one_thread):
+    """The robust-IJ benchmark on tiny random networks: files, structure, peers agree."""
+    from benchmarks.robust_ij import FAMILIES, Settings, render_markdown
+    from benchmarks.robust_ij import run as run_robust
+
+    settings = Settings.for_mode("smoke", "cpu")
+    results = run_robust("smoke", "cpu", str(tmp_path), "pytest smoke", log=lambda *_: None,
+                         settings=settings)
+    saved = json.loads((tmp_path / "robust_ij-cpu.json").read_text())
+    assert {"machine", "settings", "networks", "systems", "targets", "peer_status"} <= saved.keys()
+    assert (tmp_path / "robust_ij-cpu.md").read_text() == render_markdown(saved)
+    assert (tmp_path / "robust_ij_accuracy_vs_cost.png").stat().st_size > 1000
+    assert len(saved["systems"]) == 2 * len(settings.dampings)
+
+    for system in saved["systems"]:
+        assert "error" not in system
+        ref = system["reference"]
+        assert ref["converged"] and ref["relative_residual_max"] < 1e-6
+        rows = {(r["family"], r["value"]): r for r in system["rows"]}
+        # Every method appears at every point of its sweep, measured or with its reason.
+        for fam in FAMILIES:
+            values = (settings.peer_products if fam.curvature == "peer" else
+                      settings.ranks if fam.sweep == "k" else settings.products)
+            for value in values:
+                row = rows[(fam.key, value)]
+                if row["error"] is None:
+                    cost = row["cost_over_gradient"]
+                    assert math.isfinite(cost) and cost > 0
+                    assert len(row["solves"]) == settings.upper_steps
+                    assert row["rel_error_median"] >= 0 and row["rel_residual_median"] >= 0
+        # Robust configurations never break down on these systems.
+        for r in system["rows"]:
+            if r["robust"]:
+                assert r["error"] is None and r["breakdowns"] == 0, r
+        # TorchOpt's solve_cg is CG: same solution as ours at the same N_c (solves that do not
+        # stop early), so the same error against u*.
+        if saved["peer_status"]["torchopt"]["available"] and system["mu"] > 100:
+            n = settings.peer_products[0]
+            ours, theirs = rows[("cg", n)], rows[("torchopt-cg", n)]
+            assert theirs["rel_error_median"] == pytest.approx(ours["rel_error_median"],
+                                                               rel=1e-2, abs=1e-6)
+    assert [t["target"] for t in results["targets"]][-1] == "b"
+    assert results["targets"][-1]["met"]
+
+
+def test_robust_ij_memory_worker(one_thread):
+    from dataclasses import asdict
+
+    from benchmarks.pretrained import toy_networks
+    from benchmarks.robust_ij import Settings, memory_worker
+
+    settings = Settings.for_mode("smoke", "cpu")
+    spec = {"device": "cpu", "settings": asdict(settings), "network": toy_networks()[1].name,
+            "mu": 10.001, "variants": ["fine-tuning step", "gn-cg", "reference"], "threads": 1}
+    out = memory_worker(spec)
+    assert set(out["variants"]) == {"fine-tuning step", "gn-cg", "reference",
+                                    "fine-tuning step (again, check)"}
+    assert all(math.isfinite(v["delta_mib"]) and v["delta_mib"] >= 0
+               for v in out["variants"].values())
