@@ -155,7 +155,7 @@ def bissl_workload(
     The pretext model shares the downstream backbone up to a perturbation of 1e-3 (so the coupling
     term is not zero) and has its own ``pretext_classes``-way head; both batches are random images
     with random labels. ``mu`` is ``λ + λ_damp`` with λ = 1: at a random initialisation
-    ``I + H/μ`` is not positive definite for small μ (see FACTS.md), hence the default 1000.
+    ``I + H/μ`` is not positive definite for small μ (benchmarks/README.md): default 1000.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -8,6 +8,7 @@ has a batching rule and with ``k`` single products otherwise.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -127,7 +128,7 @@ def zero_product(like: Tensor, k: int | None) -> Tensor:
     return torch.zeros_like(like) if k is None else zeros_batch(k, like)
 
 
-class CurvatureOperator:
+class CurvatureOperator(abc.ABC):
     """What every curvature operator shares: the point, the product count, the memo, and the
     single and batched calls around one ``_product(tangent, k)`` (``k=None``: one tangent).
 
@@ -149,11 +150,13 @@ class CurvatureOperator:
         self.memo: dict[Any, Any] = {}
         self.params = {n: p.detach() for n, p in params.items()}
 
+    @abc.abstractmethod
     def _product(self, tangent: Params, k: int | None = None) -> Params:
-        raise NotImplementedError  # each operator defines its product
+        """The product with one tangent (``k=None``) or ``k`` stacked tangents."""
 
+    @abc.abstractmethod
     def _warning_key(self) -> tuple[int, str]:
-        raise NotImplementedError  # each operator names the function its warnings are about
+        """The function a fallback warning is about (warned once per function)."""
 
     def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
         """Return the product with ``tangent`` as a dict with the operator's parameter names."""

@@ -16,6 +16,7 @@ the ranks, and ``pretext`` and ``head-warmup`` run on rank 0 while the others wa
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from datetime import timedelta
@@ -54,7 +55,7 @@ def bissl_batch_sizes(cfg: BiSSLStageConfig, world_size: int) -> tuple[int, int]
     )
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """One run: config, process group, device, output folder, and the stages over the hooks."""
 
     name = "recipe"
@@ -78,16 +79,16 @@ class Recipe:
 
     targets: list[str] = []
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook, nothing to build by default
         """Build the data (and anything else every stage needs)."""
 
+    @abc.abstractmethod
     def new_pretext(self) -> nn.Module:
         """The pretext model before pretraining (or with the pretrained weights)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pretrain(self, model: nn.Module, extra: bool = False) -> list[float]:
         """Pretrain ``model`` in place (``extra``: the baseline's extra epochs); the losses."""
-        raise NotImplementedError
 
     def external_weights(self) -> bool:
         """Whether :meth:`new_pretext` loads pretrained weights (then, untrained, they are not
@@ -98,9 +99,9 @@ class Recipe:
         """Whether Only-FT starts from a longer-pretrained model (thesis Sec. 6.1.4)."""
         return False
 
+    @abc.abstractmethod
     def downstream_from(self, pretext: nn.Module, target: str) -> nn.Module:
         """A downstream model: a copy of ``pretext``'s backbone and a fresh head."""
-        raise NotImplementedError
 
     def objective(self, target: str) -> Objective:
         """The target's loss, predictions and metrics."""

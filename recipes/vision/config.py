@@ -1,6 +1,6 @@
 """The vision recipe's configuration (dataclasses; YAML files in ``recipes/configs``).
 
-Defaults are the thesis's default setup (Sec. 6.1, DESIGN §4: ResNet-50, ImageNet); the YAML files
+Defaults are the thesis's default setup (Sec. 6.1: ResNet-50, ImageNet); the YAML files
 override what differs. Every field is validated on load (:func:`recipes.common.load_config`).
 """
 
