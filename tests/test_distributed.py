@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -29,12 +27,6 @@ from implicitbilevel.checkpoint import load_checkpoint
 from implicitbilevel.distributed import AllReduceMean, _buckets
 
 D = torch.float64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _models():
@@ -84,29 +76,23 @@ def _perturbed(down, pre):
     return dict(down.named_parameters()), dict(pre.named_parameters())
 
 
-def _gradient_worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        down, pre = _models()
-        upper, lower = _perturbed(down, pre)
-        x_d, y_d, x_p = _data()
-        shard_d = slice(rank * 8, (rank + 1) * 8)
-        shard_p = slice(rank * 12, (rank + 1) * 12)
-        problem = _problem(down, pre, AllReduceMean(bucket_mb=0.001))  # several buckets
-        up = problem.upper_grad(upper, lower, (x_d[shard_d], y_d[shard_d]), (x_p[shard_p],))
-        low = problem.lower_grad(upper, lower, (x_p[shard_p],))
-        if rank == 0:
-            torch.save({"upper": up.grads, "lower": low.grads, "upper_loss": up.loss,
-                        "lower_loss": low.loss, "ij": up.u}, out_path)
-    finally:
-        dist.destroy_process_group()
+def _gradient_worker(rank, world, out_path):
+    down, pre = _models()
+    upper, lower = _perturbed(down, pre)
+    x_d, y_d, x_p = _data()
+    shard_d = slice(rank * 8, (rank + 1) * 8)
+    shard_p = slice(rank * 12, (rank + 1) * 12)
+    problem = _problem(down, pre, AllReduceMean(bucket_mb=0.001))  # several buckets
+    up = problem.upper_grad(upper, lower, (x_d[shard_d], y_d[shard_d]), (x_p[shard_p],))
+    low = problem.lower_grad(upper, lower, (x_p[shard_p],))
+    if rank == 0:
+        torch.save({"upper": up.grads, "lower": low.grads, "upper_loss": up.loss,
+                    "lower_loss": low.loss, "ij": up.u}, out_path)
 
 
 def test_two_rank_hypergradient_equals_single_process_full_batch(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_gradient_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    run_ranks(_gradient_worker, str(out))
     distributed = torch.load(out, weights_only=True)
 
     down, pre = _models()
@@ -147,39 +133,33 @@ def _trainer(down, pre, reducer, out_dir, alternations, distributed, rho_shift=0
     )
 
 
-def _trainer_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        down, pre = _models()
-        if rank == 1:  # the trainer starts every rank from rank 0's parameters, λ's ρ included
-            with torch.no_grad():
-                for p in [*down.parameters(), *pre.parameters()]:
-                    p.add_(1.0)
-        trainer = _trainer(down, pre, AllReduceMean(), out_dir, 3, distributed=True,
-                           rho_shift=float(rank))
-        trainer.run()
-        rho = trainer.problem.lam.rho.detach().reshape(1)
-        gathered = [torch.zeros_like(rho) for _ in range(world)]
-        dist.all_gather(gathered, rho)
-        assert torch.equal(gathered[0], gathered[1])
-        assert float(rho) != float(LearnableLambda(0.05, dtype=D).rho)  # it was trained
-        # Parameters stay replicated: every rank applies the same averaged update.
-        flat = torch.cat([p.detach().reshape(-1) for p in pre.parameters()])
-        gathered = [torch.zeros_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        assert torch.equal(gathered[0], gathered[1])
-        down_flat = torch.cat([p.detach().reshape(-1) for p in down.parameters()])
-        gathered = [torch.zeros_like(down_flat) for _ in range(world)]
-        dist.all_gather(gathered, down_flat)
-        assert torch.equal(gathered[0], gathered[1])
-    finally:
-        dist.destroy_process_group()
+def _trainer_worker(rank, world, out_dir):
+    down, pre = _models()
+    if rank == 1:  # the trainer starts every rank from rank 0's parameters, λ's ρ included
+        with torch.no_grad():
+            for p in [*down.parameters(), *pre.parameters()]:
+                p.add_(1.0)
+    trainer = _trainer(down, pre, AllReduceMean(), out_dir, 3, distributed=True,
+                       rho_shift=float(rank))
+    trainer.run()
+    rho = trainer.problem.lam.rho.detach().reshape(1)
+    gathered = [torch.zeros_like(rho) for _ in range(world)]
+    dist.all_gather(gathered, rho)
+    assert torch.equal(gathered[0], gathered[1])
+    assert float(rho) != float(LearnableLambda(0.05, dtype=D).rho)  # it was trained
+    # Parameters stay replicated: every rank applies the same averaged update.
+    flat = torch.cat([p.detach().reshape(-1) for p in pre.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])
+    down_flat = torch.cat([p.detach().reshape(-1) for p in down.parameters()])
+    gathered = [torch.zeros_like(down_flat) for _ in range(world)]
+    dist.all_gather(gathered, down_flat)
+    assert torch.equal(gathered[0], gathered[1])
 
 
 def test_two_rank_trainer_run_checkpoint_loads_in_one_process(tmp_path):
-    mp.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_trainer_worker, str(tmp_path))
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["alternation"] == 3 and len(state["ranks"]) == 2
     assert state["upper_params"]["lam.rho"].dtype == D

@@ -11,13 +11,10 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port
+from ranks import run_ranks
 from torch import nn
 
 from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
@@ -105,33 +102,27 @@ def _evaluate(down, pre, reducer, shard_d=slice(None), shard_p=slice(None)):
     return out
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        shards = slice(rank * 6, rank * 6 + 6), slice(rank * 8, rank * 8 + 8)
-        out = {"per-rank BatchNorm": _evaluate(*_models(), AllReduceMean(), *shards)}
-        down, pre = _models()
-        convert_sync_batchnorm(down)
-        convert_sync_batchnorm(pre)
-        out.update(_evaluate(down, pre, AllReduceMean(), *shards))
+def _worker(rank, world, out_path):
+    shards = slice(rank * 6, rank * 6 + 6), slice(rank * 8, rank * 8 + 8)
+    out = {"per-rank BatchNorm": _evaluate(*_models(), AllReduceMean(), *shards)}
+    down, pre = _models()
+    convert_sync_batchnorm(down)
+    convert_sync_batchnorm(pre)
+    out.update(_evaluate(down, pre, AllReduceMean(), *shards))
 
-        # bf16 autocast: float32 statistics, the input's dtype out, close to float32
-        layer = SyncBatchNorm(3).float().train()
-        x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(rank))
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            low = layer(x.bfloat16())
-        out["bf16"] = (low.dtype == torch.bfloat16,
-                       float((low.float() - layer(x).detach()).abs().max()))
+    # bf16 autocast: float32 statistics, the input's dtype out, close to float32
+    layer = SyncBatchNorm(3).float().train()
+    x = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x.bfloat16())
+    out["bf16"] = (low.dtype == torch.bfloat16,
+                   float((low.float() - layer(x).detach()).abs().max()))
 
-        tensors = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank, dtype=D)]
-        broadcast_from_main(tensors, bucket_mb=1e-5)
-        out["broadcast"] = tensors
-        if rank == 1:
-            torch.save(out, out_path)
-    finally:
-        dist.destroy_process_group()
+    tensors = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank, dtype=D)]
+    broadcast_from_main(tensors, bucket_mb=1e-5)
+    out["broadcast"] = tensors
+    if rank == 1:
+        torch.save(out, out_path)
 
 
 def _close(a, b):
@@ -140,12 +131,7 @@ def _close(a, b):
 
 def test_two_ranks_with_sync_batchnorm_equal_one_process_on_the_whole_batch(tmp_path):
     path = tmp_path / "rank1.pt"
-    try:
-        mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
-    except mp.ProcessExitedException:
-        # A gloo rendezvous that lost its port to another process aborts the rank (SIGABRT);
-        # the computation is repeated once on a fresh port and checked in full below.
-        mp.spawn(_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
+    run_ranks(_worker, str(path))
     distributed = torch.load(path, weights_only=True)
 
     down, pre = _models()
