@@ -139,6 +139,11 @@ class CurvatureOperator(abc.ABC):
         calls: number of products evaluated so far (a batched call of ``k`` tangents counts ``k``).
         memo: an empty dict at construction, for callers to cache what is derived from this one
             operator (e.g. a low-rank approximation shared by several solves).
+
+    The version counters (``Tensor._version``) of the point are recorded at construction, and
+    every product first checks them: a point changed in place afterwards (an optimiser step on the
+    lower variables) raises a ``RuntimeError`` instead of answering with the curvature of a point
+    that no longer exists (a kept graph need not save the tensors autograd would check).
     """
 
     psd: bool = False
@@ -149,6 +154,20 @@ class CurvatureOperator(abc.ABC):
         self.loss: Tensor | None = None
         self.memo: dict[Any, Any] = {}
         self.params = {n: p.detach() for n, p in params.items()}
+        self._versions = _versions(self.params.values())
+
+    def check_point(self) -> None:
+        """Raise ``RuntimeError`` if a tensor of the point was changed in place since
+        construction."""
+        now = _versions(self.params.values())
+        if now == self._versions:
+            return
+        changed = [n for n, a, b in zip(self.names, self._versions, now) if a != b]
+        raise RuntimeError(
+            f"the point of this curvature operator was modified in place after it was built "
+            f"(parameters {changed[:5]}); its products would not be those of the point it was "
+            "built at. Build a new one at the new point (BilevelProblem.lower_hessian(...))"
+        )
 
     @abc.abstractmethod
     def _product(self, tangent: Params, k: int | None = None) -> Params:
@@ -161,6 +180,7 @@ class CurvatureOperator(abc.ABC):
     def __call__(self, tangent: Mapping[str, Tensor]) -> Params:
         """Return the product with ``tangent`` as a dict with the operator's parameter names."""
         check_tangent(self.params, tangent)
+        self.check_point()
         self.calls += 1
         return self._product(dict(tangent))
 
@@ -176,6 +196,7 @@ class CurvatureOperator(abc.ABC):
         computed one at a time, with a one-time ``RuntimeWarning`` that names the reason.
         """
         k = check_batched_tangents(self.params, tangents)
+        self.check_point()
         if k == 0:
             return empty_batch(self.params)
         tangents = dict(tangents)
@@ -185,6 +206,14 @@ class CurvatureOperator(abc.ABC):
             product = loop_products(self._product, tangents, k, self._warning_key(), err)
         self.calls += k
         return product
+
+
+def _versions(tensors: Iterable[Tensor]) -> tuple[int, ...] | None:
+    """The version counters of ``tensors`` (``None`` for inference tensors, which have none)."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
 
 
 def loop_products(

@@ -108,9 +108,20 @@ class BatchStack:
         if self.remaining == 0:
             self._new_pass()
         assert self._iterator is not None
-        batch = next(self._iterator)
+        batch = self._draw()
         self.consumed += 1
         return batch
+
+    def _draw(self) -> Any:
+        assert self._iterator is not None
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise RuntimeError(
+                f"the loader's pass ended after {self.consumed} batches, but its length says "
+                f"{self.size}: a pass must yield as many batches as len(loader) (an iterable "
+                "dataset shorter than its __len__, e.g. a corpus smaller than the pass, must be "
+                "read again to fill the pass)") from None
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the stack, for a checkpoint."""
@@ -128,6 +139,6 @@ class BatchStack:
         self._pass_rng = state["pass_rng"]
         self._start_iterator(epoch=self.passes - 1)
         for _ in range(int(state["consumed"])):
-            next(self._iterator)
-        self.consumed = int(state["consumed"])
+            self._draw()
+            self.consumed += 1
         torch.random.set_rng_state(outer)

@@ -37,9 +37,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,9 @@ from .bissl_objective import bissl_upper_loss
 from .checkpoint import CheckpointError, load_checkpoint
 from .distributed import is_main_process
 from .gradients import LAM_RHO
+from .mfac import load_solver_state, observe_lower_gradient, solver_state
 from .problem import BilevelProblem, NonFiniteError, assign_grads
+from .run_log import progress_bar, rewrite_log
 from .run_state import RunState, save_on_main
 from .tree import Params
 
@@ -127,6 +128,9 @@ class BiSSLTrainer:
         out_dir: where ``metrics.jsonl`` and ``checkpoint.pt`` go (``None``: neither).
         modules: modules whose full ``state_dict`` (buffers such as BatchNorm statistics included)
             is checkpointed, by name.
+        callbacks: ``callback(trainer, t, record)`` called after alternation ``t`` (before it is
+            logged and checkpointed); a returned mapping is merged into ``record``. Every rank
+            calls them (e.g. a monitor of θ_P's representation).
 
     Attributes:
         optimised_upper: ``{**upper_params, **problem.params}``, everything the upper optimiser
@@ -153,6 +157,7 @@ class BiSSLTrainer:
         device: torch.device | str | None = None,
         out_dir: str | Path | None = None,
         modules: Mapping[str, nn.Module] | None = None,
+        callbacks: Sequence[Callable[[BiSSLTrainer, int, dict[str, Any]], Mapping | None]] = (),
     ) -> None:
         self.problem = problem
         self.upper_params = dict(upper_params)
@@ -165,6 +170,7 @@ class BiSSLTrainer:
         self.device = torch.device(device) if device is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.modules = {} if modules is None else dict(modules)
+        self.callbacks = list(callbacks)
         self.upper_stack = BatchStack(upper_data)
         self.lower_stack = BatchStack(lower_data)
         self.history: list[dict[str, Any]] = []
@@ -234,6 +240,8 @@ class BiSSLTrainer:
                     out = self.problem.lower_grad(self.upper_params, self.lower_params, batch, t=t)
             except NonFiniteError as err:
                 raise NonFiniteError(f"lower level, {step}: {err}") from err
+            # A solver that observes gradients (MFAC) gets ∇L^P before the step moves θ_P.
+            observe_lower_gradient(self.problem, self.upper_params, self.lower_params, out)
             assign_grads(self.lower_params, out.grads)
             norms.append(self._clip(self.lower_params, "lower", step))
             self.lower_optimizer.step()
@@ -311,6 +319,7 @@ class BiSSLTrainer:
             "config": asdict(self.config),
             **self.run_state.state_dict(),
             "history": self.history,
+            **solver_state(self.problem.ij),  # the M-FAC gradient window
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -322,6 +331,7 @@ class BiSSLTrainer:
                 f"not a BiSSL trainer checkpoint (format {state.get('format')!r})"
             )
         self.run_state.load_state_dict(state)
+        load_solver_state(self.problem.ij, state)
         self.history = list(state["history"])
         self.alternation = int(state["alternation"])
 
@@ -351,8 +361,8 @@ class BiSSLTrainer:
         log = None
         if self.out_dir is not None and is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            log = _rewrite_log(self.out_dir / "metrics.jsonl", self.history)
-        bar = _progress(cfg.progress and is_main_process(), cfg.alternations, self.alternation)
+            log = rewrite_log(self.out_dir / "metrics.jsonl", self.history)
+        bar = progress_bar(cfg.progress and is_main_process(), cfg.alternations, self.alternation)
         try:
             while self.alternation < cfg.alternations:
                 t = self.alternation
@@ -361,6 +371,8 @@ class BiSSLTrainer:
                 record.update(self._lower_stage(t))
                 record.update(self._upper_stage(t))
                 record["seconds"] = time.perf_counter() - start
+                for callback in self.callbacks:
+                    record.update(callback(self, t, record) or {})
                 self.history.append(record)
                 self.alternation += 1
                 if log is not None:
@@ -381,19 +393,6 @@ class BiSSLTrainer:
         return self.history
 
 
-def _rewrite_log(path: Path, history: list[dict[str, Any]]) -> Any:
-    """``metrics.jsonl`` holding exactly ``history`` (the records up to the checkpoint, none when
-    starting over), written atomically; returned open for appending."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        for record in history:
-            handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return open(path, "a")  # noqa: SIM115
-
-
 def _from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint of format 1 in format 2: a learnable λ's ``ρ`` joins the upper parameters."""
     upgraded = {k: v for k, v in state.items() if k != "lam_rho"}
@@ -401,13 +400,3 @@ def _from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
         upgraded["upper_params"] = {**state["upper_params"], LAM_RHO: state["lam_rho"]}
     upgraded["format"] = _FORMAT
     return upgraded
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional for the library
-        return None
-    return tqdm(total=total, initial=initial, desc="BiSSL", unit="alt", dynamic_ncols=True)

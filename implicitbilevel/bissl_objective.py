@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ._checks import name_list
 from .tree import Params
 
 __all__ = ["bissl_upper_loss"]
@@ -23,7 +24,7 @@ def bissl_upper_loss(
         backbone_names: the backbone names; the first term evaluates the downstream model with the
             lower-level backbone ``θ_P`` substituted for ``θ_D`` under these names.
     """
-    names = list(backbone_names)
+    names = name_list(backbone_names, "backbone_names")
 
     def upper_loss(upper: Params, lower: Params, batch: Any) -> Tensor:
         substituted = dict(upper)

@@ -22,9 +22,11 @@ When the point and the batch stay fixed over many products, as over the iteratio
 conjugate-gradient solve and, in BiSSL, over all upper-level steps of an alternation,
 :class:`HessianOperator` with ``reuse=True`` (the default) builds the gradient graph once with
 ``create_graph=True`` and answers every product with one backward pass through that kept graph.
-On CPU that costs about 2.2-2.35x a gradient per product instead of 3.2-3.4x (and 1.7x instead of
-3.2-4.1x on a small GPT). The price is memory: the first-order graph, about two to three times the
-activation memory of one training step, stays alive until the operator is dropped.
+Measured on CPU (``benchmarks/results/quick-cpu.md``), a product costs 1.67x a gradient on a
+ResNet-18 instead of 2.78x (reverse-over-reverse) or 3.31x (forward-over-reverse), and 2.01x
+instead of 2.94x or 4.19x on a small GPT. The price is memory: the first-order graph, about two
+to three times the activation memory of one training step, stays alive until the operator is
+dropped.
 
 :meth:`HessianOperator.batched` answers ``k`` tangents stacked along a leading dimension at once:
 one backward pass with ``is_grads_batched=True`` through the kept graph, or one ``torch.func.vmap``
@@ -222,11 +224,14 @@ def _warning_key(fn: Callable) -> tuple[int, str]:
 
 
 def _evaluate(
-    fn: Callable, params: Params, tangent: Params, args: tuple, mode: str, k: int | None = None
+    fn: Callable, params: Params, tangent: Params, args: tuple, mode: str, k: int | None = None,
+    pin: RNGPin | None = None,
 ) -> tuple[Params, str]:
     """One product in ``mode`` (``k`` stacked ones for a batched ``tangent``); returns it and the
-    mode actually used (``auto`` may fall back)."""
-    with torch.no_grad(), _hvp_context():
+    mode actually used (``auto`` may fall back). With ``pin`` every attempt runs from the pinned
+    random-number state, the fallback's retry included (its dropout masks are then those of the
+    failed forward-mode pass and of every other product)."""
+    with torch.no_grad(), _hvp_context(), _pinned(pin):
         if mode == "reverse-over-reverse":
             return _reverse_over_reverse(fn, params, tangent, args, k), mode
         try:
@@ -243,9 +248,14 @@ def _evaluate(
             # Not every forward-mode failure says so (torch 2.14's mse_loss raises "ZeroTensors
             # are immutable"): try double backward, and if that fails too its error is the
             # one that describes the loss.
-            product = _reverse_over_reverse(fn, params, tangent, args, k)
+            with _pinned(pin):
+                product = _reverse_over_reverse(fn, params, tangent, args, k)
             warn_mode_fallback(_FALLBACK_WARNED, _warning_key(fn), "HVP", err)
             return product, "reverse-over-reverse"
+
+
+def _pinned(pin: RNGPin | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if pin is None else pin()
 
 
 def hvp(
@@ -281,11 +291,13 @@ class HessianOperator(CurvatureOperator):
     With ``reuse=True`` (default) the gradient is computed once with ``create_graph=True`` and each
     product is a single backward pass through that kept graph (reverse-over-reverse); see the module
     docstring for the speed and memory trade-off. The parameters must not be modified in place while
-    the operator is alive (autograd will raise if they are).
+    the operator is alive: every product compares their version counters with those recorded at
+    construction and raises a ``RuntimeError`` if one changed, in either mode.
 
     With ``reuse=False`` every product re-runs the loss in ``mode``. The random-number state at
-    construction is restored for every product, so dropout masks are identical across products and
-    the operator stays one fixed symmetric matrix.
+    construction is restored for every product, and again for the reverse-over-reverse retry when
+    ``"auto"`` falls back from a failed forward-mode pass, so dropout masks are identical across
+    products and the operator stays one fixed symmetric matrix.
 
     :meth:`batched` answers ``k`` tangents at once: through the kept graph one backward pass with
     ``is_grads_batched=True``; without it one ``torch.func.vmap`` over the product in ``mode``.
@@ -334,8 +346,8 @@ class HessianOperator(CurvatureOperator):
     def _product(self, tangent: Params, k: int | None = None) -> Params:
         if self.mode == "kept-graph":
             return self._graph.product(tangent, retain_graph=True, k=k)
-        with self._pin():
-            product, used = _evaluate(self._fn, self.params, tangent, self._args, self.mode, k)
+        product, used = _evaluate(self._fn, self.params, tangent, self._args, self.mode, k,
+                                  pin=self._pin)
         if used == "reverse-over-reverse":
             self.mode = used
         return product

@@ -27,7 +27,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .solvers.base import LinearSolver, MatVec, SolveInfo, dtype_of, threshold
+from ._checks import check_bool, check_int
+from .solvers.base import LinearSolver, MatVec, SolveInfo, check_real, dtype_of, threshold
 from .tree import Params, tree_norm, tree_sub
 
 __all__ = ["LowRank", "NystromPreconditioner", "NystromSolver", "nystrom_approximation"]
@@ -91,9 +91,9 @@ class LowRank:
         return self.expand(self.eigenvalues * self.project(v))
 
 
-def _validate_rank(rank: Any) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+def _validate(rank: Any, seed: Any) -> None:
+    check_int(rank, "rank", 1)
+    check_int(seed, "seed")
 
 
 def nystrom_approximation(
@@ -135,11 +135,11 @@ def nystrom_approximation(
         seed: seed of the test matrix.
 
     Raises:
-        ValueError: for a bad ``rank``, non-finite products, or when the core ``ΩᵀHΩ`` is not
-            positive definite (indefinite curvature; use Gauss–Newton curvature or MINRES without
-            preconditioning). Indefiniteness is detected only where ``Ω`` sees it.
+        ValueError: for a bad ``rank`` or ``seed`` (ints), non-finite products, or when the core
+            ``ΩᵀHΩ`` is not positive definite (indefinite curvature; use Gauss–Newton curvature or
+            MINRES without preconditioning). Indefiniteness is detected only where ``Ω`` sees it.
     """
-    _validate_rank(rank)
+    _validate(rank, seed)
     if not like:
         raise ValueError("nystrom_approximation needs at least one parameter in `like`")
     names = list(like.keys())
@@ -232,15 +232,16 @@ class NystromPreconditioner:
         seed: seed of the random test matrix.
 
     Raises:
-        ValueError: at construction for a bad ``rank``; when called with a system that is not
-            ``I + H/μ``; when the curvature is indefinite (see :func:`nystrom_approximation`).
+        ValueError: at construction for a bad ``rank`` or ``seed`` (ints); when called with a
+            system that is not ``I + H/μ``; when the curvature is indefinite (see
+            :func:`nystrom_approximation`).
     """
 
     rank: int = 20
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _validate_rank(self.rank)
+        _validate(self.rank, self.seed)
 
     def __call__(self, system: MatVec) -> Callable[[Params], Params]:
         """Return ``r ↦ P⁻¹ r`` for the system ``A = I + H/μ``."""
@@ -287,9 +288,9 @@ class NystromSolver(LinearSolver):
         tol: relative residual tolerance for ``converged`` when the residual is measured.
 
     Raises:
-        ValueError: at construction for a bad ``rank`` or ``tol``; when called with a system that
-            is not ``I + H/μ`` (or carries a head ridge); when the curvature is indefinite (see
-            :func:`nystrom_approximation`).
+        ValueError: at construction for a bad ``rank``, ``seed`` or ``tol``; when called with a
+            system that is not ``I + H/μ`` (or carries a head ridge); when the curvature is
+            indefinite (see :func:`nystrom_approximation`).
     """
 
     rank: int = 20
@@ -298,9 +299,9 @@ class NystromSolver(LinearSolver):
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
-        _validate_rank(self.rank)
-        if not self.tol >= 0:  # also rejects NaN
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        _validate(self.rank, self.seed)
+        check_bool(self.measure_residual, "measure_residual")
+        check_real(self.tol, "tol")
 
     def __call__(
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None

@@ -8,7 +8,7 @@ For every adapted parameter tensor ``w`` with gradient ``g`` the step is
 
     d &= g + \\beta w, \\qquad
     r = \\eta \\frac{\\lVert w \\rVert}{\\lVert g \\rVert + \\beta \\lVert w \\rVert}
-        \\quad(\\text{``trust_denominator="paper"``}), \\\\
+        \\quad(\\texttt{trust\\_denominator="paper"}), \\\\
     m &\\leftarrow \\mu m + r\\, d, \\qquad w \\leftarrow w - \\gamma m,
 
 with ``r = 1`` where ``‖w‖`` or ``‖g‖`` is zero. ``trust_denominator="update"`` uses

@@ -23,16 +23,19 @@ the proximal regulariser ``r = ½‖θ_D − θ_P‖²`` the bracket is ``I + H/
   Cor. 5.6, where the bracket becomes ``diag(I, 0) + H_ω/μ``, indefinite in general, so the default
   solver there is :class:`~implicitbilevel.MINRES`; ``head_damping = ε`` adds ``εI`` on the head
   block).
+- ``ij_subset`` restricts ``S`` to named variables (the BatchNorm affine parameters, Sec. 9.1),
+  the curvature elsewhere taken as zero: ``u = v`` (or ``0``) on the other coupled names
+  (:mod:`implicitbilevel.subset`).
 - ``∇²_yy ℓ`` is the exact Hessian (``curvature="hessian"``) or, for a lower loss given as
   ``ℓ(y) = L(z(y))`` with ``L`` convex in the outputs ``z``, the generalised Gauss–Newton matrix
   ``Jᵀ∇²L J`` (``curvature=GaussNewton(outputs, output_loss)``), positive semi-definite by
   construction, so ``I + G/μ`` is positive definite and CG converges.
-- A learnable ``λ = σ(ρ)`` makes ``ρ`` a parameter of the problem itself (:attr:`params`,
-  ``{"lam.rho": ρ}``), optimised with the upper level. Its gradient, returned in the upper
-  gradient dict under ``"lam.rho"``, is ``dF/dρ = −σ'(ρ)/ν · ⟨∇_y r, u⟩`` with the same ``u``
-  and ``ν = λ + λ_damp^ρ`` (the learnable λ's own damping, by default ``λ_damp``); for the
-  proximal regulariser that is eq. 5.6, ``σ'(ρ)/(σ(ρ)+λ_damp^ρ) ⟨θ_D − θ_P, u⟩``: one dot
-  product on top of the solve.
+- A learnable ``λ = σ(ρ)`` makes ``ρ`` a parameter of the problem itself
+  (:attr:`~BilevelProblem.params`, ``{"lam.rho": ρ}``), optimised with the upper level. Its
+  gradient, returned in the upper gradient dict under ``"lam.rho"``, is
+  ``dF/dρ = −σ'(ρ)/ν · ⟨∇_y r, u⟩`` with the same ``u`` and ``ν = λ + λ_damp^ρ`` (the learnable
+  λ's own damping, by default ``λ_damp``); for the proximal regulariser that is eq. 5.6,
+  ``σ'(ρ)/(σ(ρ)+λ_damp^ρ) ⟨θ_D − θ_P, u⟩``: one dot product on top of the solve.
 
 The lower-level gradient is ``∇_y ℓ + λ ∇_y r`` (Algorithm 2 line 6: ``∇_θ L^P + λ(θ_P − θ_D)``).
 Both gradients come back as dicts with the names of the inputs (the upper one also with the
@@ -42,12 +45,13 @@ problem's own :attr:`~BilevelProblem.params`), ready for ``torch.optim``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ._checks import check_distinct_levels, require_finite_grads
 from ._implicit import (
     check_curvature,
     check_policy,
@@ -72,6 +76,7 @@ from .regularizers import BaseRegularizer, ProximalL2
 from .schedules import LambdaSchedule, LearnableLambda, as_lambda
 from .solvers import CG, LinearSolver
 from .solvers.minres import MINRES
+from .subset import IJSubset, Outside
 from .system import IJSystem
 from .tree import Params, tree_axpy, tree_dot
 
@@ -115,6 +120,11 @@ class BilevelProblem:
             then ``diag(I, εI) + H_ω/μ``; 0 in the thesis).
         curvature: ``"hessian"`` (exact) or a :class:`~implicitbilevel.GaussNewton` splitting the
             lower loss into outputs and a convex output loss (positive semi-definite curvature).
+        ij_subset: solve over a subset ``S`` of the solved names only (names, or a predicate
+            ``name -> bool``), the curvature outside ``S × S`` taken as zero (Sec. 9.1; see
+            :mod:`implicitbilevel.subset`). ``None``: every solved name.
+        ij_outside: with ``ij_subset``, ``u`` on the coupled names outside ``S``: ``"identity"``
+            (``u = v``) or ``"zero"`` (held fixed, ``u = 0``).
         hvp_mode: how curvature products are formed: for the exact Hessian when not reusing a
             graph; for Gauss–Newton also how ``J t`` is taken on the kept graph.
         reuse_graph: build the first-order graph of ``ℓ`` once per solve (or per
@@ -122,8 +132,8 @@ class BilevelProblem:
             :mod:`implicitbilevel.hessian`).
         on_breakdown: ``"raise"`` a :class:`SolverBreakdownError`, ``"warn"`` and use the iterate
             reached, or ``"ignore"`` (the diagnostics are in :class:`UpperGradient` either way).
-        check_finite: raise :class:`NonFiniteError` on a NaN/inf loss, solution or gradient (one
-            host synchronisation per check).
+        check_finite: raise :class:`NonFiniteError` on a NaN/inf loss, solution or returned
+            gradient, naming it (one host synchronisation per check).
         reducer: averages batch-dependent dicts across data-parallel ranks (gradients of ``ℓ`` and
             ``f``, every Hessian-vector product, the loss values), e.g.
             :class:`~implicitbilevel.distributed.AllReduceMean`. ``None``: a single process.
@@ -143,6 +153,8 @@ class BilevelProblem:
         solve_over: Literal["coupled", "all"] = "coupled",
         head_damping: float = 0.0,
         curvature: Literal["hessian"] | GaussNewton = "hessian",
+        ij_subset: Iterable[str] | Callable[[str], bool] | None = None,
+        ij_outside: Outside = "identity",
         hvp_mode: HVPMode = "auto",
         reuse_graph: bool = True,
         on_breakdown: Literal["raise", "warn", "ignore"] = "raise",
@@ -168,6 +180,12 @@ class BilevelProblem:
         self.head_damping = float(head_damping)
         check_curvature(curvature)
         self.curvature = curvature
+        self.ij_subset = None if ij_subset is None else IJSubset(ij_subset, ij_outside)
+        if (self.ij_subset is not None and ij_outside == "identity"
+                and not self.regularizer.identity_lower_hessian):
+            raise ValueError("ij_outside='identity' (u = v outside ij_subset) solves the system "
+                             "only where the regulariser's lower Hessian is the identity "
+                             "(ProximalL2); use ij_outside='zero' with this regulariser")
         if ij is None:
             ij = CG() if solve_over == "coupled" else MINRES()
         check_solver(ij, "ij")
@@ -183,8 +201,8 @@ class BilevelProblem:
 
     @property
     def params(self) -> Params:
-        """The problem's own upper-level parameters by name: ``{"lam.rho": ρ}`` for a learnable
-        λ, ``{}`` otherwise.
+        """The problem's own upper-level parameters by name, ``{"lam.rho": ρ}`` for a learnable
+        λ and ``{}`` otherwise.
 
         :meth:`upper_grad` returns their gradients in ``UpperGradient.grads`` under these names,
         next to the upper variables', so ``{**upper, **problem.params}`` is everything the upper
@@ -204,8 +222,12 @@ class BilevelProblem:
     # -- the lower level ---------------------------------------------------------------------
 
     def solve_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
-        """The lower variables the implicit Jacobian is solved over (``S`` above)."""
-        return self._solve_names(self.regularizer.coupled_names(upper, lower), lower)
+        """The lower variables the implicit Jacobian is solved over (``S`` above; only those in
+        ``ij_subset`` when one is given)."""
+        return self._subset(self._solve_names(self.regularizer.coupled_names(upper, lower), lower))
+
+    def _subset(self, names: list[str]) -> list[str]:
+        return names if self.ij_subset is None else self.ij_subset.names(names)
 
     def _solve_names(self, coupled: list[str], lower: Mapping[str, Tensor]) -> list[str]:
         if self.solve_over == "all":
@@ -218,6 +240,7 @@ class BilevelProblem:
     ) -> LowerGradient:
         """``∇_y ℓ(y) + λ ∇_y r(x, y)`` for every lower variable (Algorithm 2, lines 5-6)."""
         lam = self.lam_at(t)
+        check_distinct_levels(upper, lower)
         self.regularizer.coupled_names(upper, lower)  # fail on a bad coupling before any pass
         y_leaves = leaves(lower)
         with torch.enable_grad():
@@ -229,8 +252,11 @@ class BilevelProblem:
         if self.check_finite:
             require_finite(loss, "lower-level loss", t)
         # Out of place: autograd may hand back expanded (stride-0) gradients.
-        grads.update(tree_axpy(lam, self.regularizer.lower_grad(x, y), grads))
-        reg_value = self.regularizer.value(x, y).detach()
+        reg = self.regularizer.bind(batch)
+        grads.update(tree_axpy(lam, reg.lower_grad(x, y), grads))
+        reg_value = reg.value(x, y).detach()
+        if self.check_finite:
+            require_finite_grads(grads, "lower-level gradient", t)
         return LowerGradient(grads, loss.detach(), reg_value, lam)
 
     def lower_hessian(
@@ -244,12 +270,15 @@ class BilevelProblem:
         point and batch (in BiSSL: all ``N_U`` steps of an alternation). With ``reuse_graph`` it
         keeps ``ℓ``'s first-order graph alive until it is dropped.
         """
+        check_distinct_levels(upper, lower)
         names = self.solve_names(upper, lower)
         fixed = {n: p.detach() for n, p in lower.items()}
         operator = curvature_operator(
             self.lower_loss, self.curvature, {n: fixed[n] for n in names}, (batch,),
             embed=lambda sub: {**fixed, **sub}, mode=self.hvp_mode, reuse=self.reuse_graph,
         )
+        # The regulariser at this lower batch (itself unless it reads data), for the upper steps.
+        operator.memo["regularizer"] = self.regularizer.bind(batch)
         if self.check_finite and operator.loss is not None:
             require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
@@ -286,18 +315,21 @@ class BilevelProblem:
             raise ValueError(f"the upper variables must not contain the problem's own parameters "
                              f"{clash} (problem.params): their gradients are returned under "
                              "these names")
+        check_distinct_levels(upper, lower)
         x = {n: p.detach() for n, p in upper.items()}
         y = {n: p.detach() for n, p in lower.items()}
         coupled = self.regularizer.coupled_names(x, y)
-        names = self._solve_names(coupled, y)
+        solved = self._solve_names(coupled, y)  # every solved name; the system is over `names`
+        names = self._subset(solved)
         if lower_hessian is None:
             lower_hessian = self.lower_hessian(x, y, lower_batch)
         elif lower_hessian.names != names:
             raise ValueError("lower_hessian was built over other lower variables than this "
                              "problem solves over; rebuild it with problem.lower_hessian(...)")
+        reg = lower_hessian.memo.get("regularizer", self.regularizer)
 
         x_leaves = leaves(x)
-        y_leaves = leaves({n: y[n] for n in names})
+        y_leaves = leaves({n: y[n] for n in solved})
         with torch.enable_grad():
             loss = check_loss(self.upper_loss(x_leaves, {**y, **y_leaves}, upper_batch), "upper")
             grads = grads_of(loss, {**{("x", n): p for n, p in x_leaves.items()},
@@ -306,11 +338,16 @@ class BilevelProblem:
         if self.check_finite:
             require_finite(loss, "upper-level loss", t)
         grad_x = {n: grads[("x", n)] for n in x}
-        v = {n: grads[("y", n)] for n in names}
+        v_solved = {n: grads[("y", n)] for n in solved}
+        v = {n: v_solved[n] for n in names}
+
+        def complete(u_: Params) -> Params:  # u outside ij_subset (implicitbilevel.subset)
+            subset = self.ij_subset
+            return u_ if subset is None else subset.complete(u_, v_solved, coupled)
 
         system = self.system(x, y, lower_hessian, mu, coupled)
         step = implicit_step(
-            system, v, self.ij, lambda u_: self.regularizer.mixed_vjp(x, y, u_),
+            system, v, self.ij, lambda u_: reg.mixed_vjp(x, y, complete(u_)),
             on_breakdown=self.on_breakdown, check_finite=self.check_finite,
             where="implicit-Jacobian solve", t=t, stacklevel=2,
         )
@@ -319,10 +356,12 @@ class BilevelProblem:
 
         if isinstance(self.lam, LearnableLambda):
             # eq. 5.6: −σ'(ρ)/(σ(ρ) + λ_damp^ρ) ⟨∇_y r, u⟩, u from the solve above (damped with μ).
-            reg_grad = self.regularizer.lower_grad(x, y)
-            inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u}, u)
+            reg_grad, u_all = reg.lower_grad(x, y), complete(u)
+            inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u_all}, u_all)
             scale = self.lam.gradient_scale(self.damping)
             grad_x[LAM_RHO] = (-scale * inner).to(self.lam.rho.dtype)
+        if self.check_finite:
+            require_finite_grads(grad_x, "upper-level gradient (hypergradient)", t)
         return UpperGradient(grad_x, loss.detach(), u, info, lam, v, system)
 
     def system(
@@ -336,15 +375,17 @@ class BilevelProblem:
         """The implicit-Jacobian operator ``A = ∇²_yy r + (∇²_yy ℓ)/μ`` over the solved names."""
         if coupled is None:
             coupled = self.regularizer.coupled_names(upper, lower)
+        reg = lower_hessian.memo.get("regularizer", self.regularizer)
         names = lower_hessian.names
-        uncoupled = names[len(coupled):]  # _solve_names lists the coupled names first
-        if self.regularizer.identity_lower_hessian:
-            identity, lower_hvp = coupled, None
+        known = set(coupled)
+        uncoupled = [n for n in names if n not in known]
+        if reg.identity_lower_hessian:
+            identity, lower_hvp = [n for n in names if n in known], None
         else:
             identity = None
 
             def lower_hvp(z: Params) -> Params:
-                return self.regularizer.lower_hvp(upper, lower, z)
+                return reg.lower_hvp(upper, lower, z)
 
         return IJSystem(lower_hessian, mu, identity=identity, lower_hvp=lower_hvp,
                         ridge=self.head_damping, ridge_names=uncoupled, reducer=self.reducer)

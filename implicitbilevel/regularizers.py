@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .hessian import hvp
+from ._checks import check_coupled, name_list
+from .hessian import _hvp_context, hvp
 from .tree import Params, tree_sub
 
 __all__ = ["BaseRegularizer", "ProximalL2", "Regularizer"]
@@ -30,6 +32,11 @@ class BaseRegularizer(abc.ABC):
 
     identity_lower_hessian: bool = False
     """Whether ``∇²_yy r = I`` on the coupled names (then the IJ system there is ``I + H/μ``)."""
+
+    def bind(self, batch: Any) -> BaseRegularizer:
+        """The regulariser at the lower batch ``batch`` (the one of ``ℓ``'s gradient or Hessian);
+        itself unless it reads data (:class:`Regularizer` with ``uses_batch=True``)."""
+        return self
 
     @abc.abstractmethod
     def coupled_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
@@ -70,12 +77,13 @@ class ProximalL2(BaseRegularizer):
     identity_lower_hessian = True
 
     def __init__(self, names: Iterable[str] | None = None) -> None:
-        self.names = None if names is None else list(dict.fromkeys(names))
+        self.names = None if names is None else list(dict.fromkeys(name_list(names, "names")))
         if self.names is not None and not self.names:
             raise ValueError("ProximalL2 needs at least one coupled parameter name")
 
     def coupled_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
-        """The coupled names, checked to exist with equal shapes at both levels."""
+        """The coupled names, checked to exist at both levels with equal shapes, dtypes and
+        devices, in different tensors."""
         if self.names is None:
             names = [n for n in lower if n in upper]
             if not names:
@@ -83,6 +91,7 @@ class ProximalL2(BaseRegularizer):
                     "ProximalL2: the upper and lower parameter dicts share no name; name the "
                     "coupled parameters identically at both levels or pass names=[...]"
                 )
+            check_coupled(upper, lower, names, "ProximalL2")
             return names
         missing_upper = [n for n in self.names if n not in upper]
         missing_lower = [n for n in self.names if n not in lower]
@@ -92,12 +101,7 @@ class ProximalL2(BaseRegularizer):
                 f"missing in the upper dict: {missing_upper[:5]}, missing in the lower dict: "
                 f"{missing_lower[:5]}"
             )
-        for n in self.names:
-            if upper[n].shape != lower[n].shape:
-                raise ValueError(
-                    f"ProximalL2: coupled parameter {n!r} has shape {tuple(upper[n].shape)} at the "
-                    f"upper level but {tuple(lower[n].shape)} at the lower level"
-                )
+        check_coupled(upper, lower, self.names, "ProximalL2")
         return self.names
 
     def value(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> Tensor:
@@ -137,15 +141,36 @@ class Regularizer(BaseRegularizer):
         fn: ``fn(upper, lower) -> scalar``, twice differentiable in ``lower`` and differentiable in
             ``upper``; both arguments are parameter dicts.
         lower_names: the lower variables ``fn`` depends on; ``None`` means all of them.
+        uses_batch: ``fn(upper, lower, batch)`` reads the lower batch (a data-dependent coupling
+            such as appendix G's ``L^P(θ_D, φ_P)``); :class:`~implicitbilevel.BilevelProblem`
+            binds it to the batch of each lower step and of each :meth:`lower_hessian`.
+
+    ``fn`` and its derivatives run as the Hessian-vector products do: modules wrapped by
+    :func:`~implicitbilevel.functional_module` on copies of their running statistics.
     """
 
     def __init__(
         self,
-        fn: Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor],
+        fn: Callable[..., Tensor],
         lower_names: Iterable[str] | None = None,
+        *,
+        uses_batch: bool = False,
     ) -> None:
-        self.fn = fn
-        self.lower_names = None if lower_names is None else list(lower_names)
+        self.lower_names = None if lower_names is None else name_list(lower_names, "lower_names")
+        self.uses_batch = bool(uses_batch)
+        self.batch_fn = fn if uses_batch else None
+        self.fn = _unbound if uses_batch else fn
+
+    def bind(self, batch: Any) -> BaseRegularizer:
+        """``r`` at ``batch`` when it reads the lower batch (``uses_batch``), else itself."""
+        if not self.uses_batch:
+            return self
+        if batch is None:
+            raise ValueError("this Regularizer reads the lower batch (uses_batch=True) but none "
+                             "was given: pass lower_batch or a lower_hessian built on one")
+        batch_fn = self.batch_fn
+        return Regularizer(lambda upper, lower: batch_fn(upper, lower, batch),  # type: ignore[misc]
+                           self.lower_names)
 
     def coupled_names(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> list[str]:
         """``lower_names``, or every lower name."""
@@ -164,13 +189,14 @@ class Regularizer(BaseRegularizer):
 
     def value(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> Tensor:
         """``r(x, y)``."""
-        return self.fn(upper, lower)
+        with _hvp_context():
+            return self.fn(upper, lower)
 
     def lower_grad(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> Params:
         """``∇_y r`` by ``torch.func.grad``."""
         names = self.coupled_names(upper, lower)
         sub = {n: lower[n].detach() for n in names}
-        with torch.no_grad():
+        with torch.no_grad(), _hvp_context():
             return torch.func.grad(self._lower_fn(upper, lower))(sub)
 
     def lower_hvp(
@@ -193,5 +219,10 @@ class Regularizer(BaseRegularizer):
             g = torch.func.grad(lambda s: self.fn(xx, {**lower, **s}))(sub)
             return sum((g[n] * u[n]).sum() for n in names)
 
-        with torch.no_grad():
+        with torch.no_grad(), _hvp_context():
             return torch.func.grad(directional)(x)
+
+
+def _unbound(upper: Mapping[str, Tensor], lower: Mapping[str, Tensor]) -> Tensor:
+    raise ValueError("this Regularizer reads the lower batch (uses_batch=True): call "
+                     ".bind(batch) first (BilevelProblem does so)")

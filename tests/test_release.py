@@ -4,15 +4,16 @@ BiSSL paper, a changelog entry for the version, and package metadata that an ind
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 
 import implicitbilevel
 
 ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
 
 def test_the_version_is_defined_once_and_everything_names_it():

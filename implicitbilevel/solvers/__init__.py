@@ -20,6 +20,11 @@ solver              system                                           products pe
 :class:`Neumann`    eigenvalues of ``αA`` in ``(0, 2)``              ``max_iter``
 :class:`Dense`      any non-singular (small)                         one per unknown
 ==================  ===============================================  ============================
+
+Two solvers outside this package replace the curvature by an approximation and spend no products
+per solve: :class:`~implicitbilevel.NystromSolver` (:mod:`implicitbilevel.nystrom`) and
+:class:`~implicitbilevel.MFAC`, the empirical Fisher of recent gradients
+(:mod:`implicitbilevel.mfac`).
 """
 
 from .base import LinearSolver, MatVec, Preconditioner, SolveInfo, SolverBreakdownError

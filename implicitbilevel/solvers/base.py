@@ -10,6 +10,7 @@ the problem passes as ``matvec`` (:class:`~implicitbilevel.system.IJSystem`).
 from __future__ import annotations
 
 import abc
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._checks import check_bool, check_int
 from ..tree import Params, tree_clone, tree_dot
 
 __all__ = [
@@ -109,6 +111,10 @@ class KrylovSolver(LinearSolver):
 
     def __post_init__(self) -> None:
         validate(self.max_iter, self.tol, self.atol)
+        check_bool(self.warm_start, "warm_start")
+        if self.preconditioner is not None and not callable(self.preconditioner):
+            raise TypeError("preconditioner must be None or callable (e.g. "
+                            f"NystromPreconditioner(rank=20)), got {self.preconditioner!r}")
 
     def __call__(
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
@@ -148,8 +154,15 @@ def dtype_of(tree: Mapping[str, Tensor]) -> torch.dtype:
 
 
 def validate(max_iter: int, tol: float, atol: float) -> None:
-    """Reject a non-integer or negative ``max_iter`` and negative or NaN tolerances."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
-    if not (tol >= 0 and atol >= 0):  # also rejects NaN
-        raise ValueError(f"tol and atol must be >= 0, got tol={tol}, atol={atol}")
+    """Reject a non-integer or negative ``max_iter`` and negative or non-finite tolerances."""
+    check_int(max_iter, "max_iter", 0)
+    for name, value in (("tol", tol), ("atol", atol)):
+        check_real(value, name)
+
+
+def check_real(value: float, name: str, *, positive: bool = False) -> None:
+    """Reject anything but a finite real number ``>= 0`` (``> 0`` with ``positive``)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_bool
 from ..tree import Params, tree_block_dots, tree_clone, tree_norm, tree_sub, tree_zeros_like
 from .base import (
     KrylovSolver,
@@ -64,6 +65,10 @@ class CG(KrylovSolver):
     """
 
     blockwise: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool(self.blockwise, "blockwise")
 
     def __call__(
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ..tree import Params, tree_flatten, tree_unflatten, tree_zeros_like
 from .base import LinearSolver, MatVec, SolveInfo
 
@@ -30,8 +31,7 @@ class Dense(LinearSolver):
     max_dim: int = 4096
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_dim, int) and self.max_dim >= 1):
-            raise ValueError(f"max_dim must be an int >= 1, got {self.max_dim!r}")
+        check_int(self.max_dim, "max_dim", 1)
 
     def matrix(self, matvec: MatVec, like: Mapping[str, Tensor]) -> Tensor:
         """Return the dense ``n × n`` matrix of ``matvec`` over vectors shaped like ``like``."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..tree import Params, tree_axpy, tree_clone, tree_norm
-from .base import LinearSolver, MatVec, SolveInfo, dtype_of, threshold, validate
+from .base import LinearSolver, MatVec, SolveInfo, check_real, dtype_of, threshold, validate
 
 __all__ = ["Neumann"]
 
@@ -37,8 +37,7 @@ class Neumann(LinearSolver):
 
     def __post_init__(self) -> None:
         validate(self.max_iter, self.tol, 0.0)
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        check_real(self.alpha, "alpha", positive=True)
 
     def __call__(
         self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
