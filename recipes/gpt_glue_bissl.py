@@ -48,6 +48,7 @@ from recipes.nlp.data import TaskData, load_task, make_tokenizer, pretext_loader
 from recipes.nlp.finetune import adam_param_groups, gpt_objective, task_loader  # noqa: E402
 from recipes.nlp.hub import resolve_pretrained  # noqa: E402
 from recipes.nlp.model import GPTDownstreamModel, GPTPretextModel, build_gpt  # noqa: E402
+from recipes.nlp.monitor import gpt_monitor_data  # noqa: E402
 from recipes.nlp.pretrain import pretrain  # noqa: E402
 from recipes.nlp.tokenizer import TextEncoder, bpe_from_json  # noqa: E402
 
@@ -168,6 +169,13 @@ class GPTRecipe(Recipe):
     def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> Any:
         """Next-token loss below, task + ν·LM loss above."""
         return bissl_losses(downstream, pretext, self.tasks[target].spec, self.cfg.finetune.nu)
+
+    def monitor_data(self, target: str, pretext: nn.Module) -> Any:
+        """Token-deletion views of the validation texts, θ_P's mean-pooled hidden states, the
+        labelled validation split as the k-NN probe (classification tasks)."""
+        task = self.tasks[target]
+        return gpt_monitor_data(pretext, task.spec, task.val, self.device,  # type: ignore[arg-type]
+                                self.cfg.bissl.monitor_samples)
 
     # -- pretext stage ------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from implicitbilevel.optim import LARS, lars_param_groups
 from recipes.common.cli import main as cli_main
 from recipes.common.finetune import Objective
 from recipes.common.pipeline import Recipe
+from recipes.common.transfer_monitor import MonitorData
 from recipes.vision.bissl_stage import bissl_losses
 from recipes.vision.config import VisionConfig
 from recipes.vision.loaders import Loaders, build_loaders
@@ -118,6 +119,14 @@ class VisionRecipe(Recipe):
     def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> Any:
         """NT-Xent below, cross-entropy above."""
         return bissl_losses(pretext, downstream, self.cfg.pretext.temperature)
+
+    def monitor_data(self, target: str, pretext: nn.Module) -> MonitorData:
+        """Pretext views of the unlabelled validation images, θ_P's backbone features, the
+        labelled validation split as the k-NN probe."""
+        bs, device = self.cfg.finetune.batch_size, self.device
+        return MonitorData(self.data.monitor_views(bs),
+                           lambda x: pretext.backbone(x.to(device)), modules=[pretext],
+                           probe=self.data.val(bs), limit=self.cfg.bissl.monitor_samples)
 
     # -- pretext stage ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ the learning-rate schedules and the trainer, and runs (or resumes) Algorithm 2.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,15 @@ from implicitbilevel import (
 )
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 
+from .appendix_g import appendix_g_parts
 from .ij import problem_options
+from .runtime import per_rank_batch_size
 from .schedules import warmup_cosine
 from .settings import BiSSLStageConfig
 
 __all__ = [
-    "BiSSLLosses", "add_lambda", "build_lambda", "build_problem", "run_bissl", "stage_schedulers",
+    "BiSSLLosses", "add_lambda", "bissl_batch_sizes", "build_lambda", "build_problem", "run_bissl",
+    "stage_schedulers",
 ]
 
 
@@ -53,6 +56,15 @@ class BiSSLLosses:
     pretext: Callable[[dict[str, Tensor], Any], Tensor]
     gauss_newton: GaussNewton | None
     backbone: list[str]
+
+
+def bissl_batch_sizes(cfg: BiSSLStageConfig, world_size: int) -> tuple[int, int]:
+    """Per-rank ``(upper, lower)`` BiSSL batch sizes (``ValueError`` naming the key when the
+    ranks cannot share one evenly)."""
+    return (
+        per_rank_batch_size(cfg.upper_batch_size, world_size, "bissl.upper_batch_size"),
+        per_rank_batch_size(cfg.lower_batch_size, world_size, "bissl.lower_batch_size"),
+    )
 
 
 def build_lambda(cfg: BiSSLStageConfig) -> float | Any:
@@ -95,16 +107,33 @@ def build_problem(
     cfg: BiSSLStageConfig,
     losses: BiSSLLosses,
     reducer: Callable[[Mapping[str, Tensor]], dict] | None = None,
+    model: nn.Module | None = None,
 ) -> BilevelProblem:
     """The BiSSL problem: upper ``L^D(θ_P, φ_D) + L^D(θ_D, φ_D)``, lower ``L^P`` plus
-    ``λ/2 ‖θ_D − θ_P‖²`` over the backbone names, λ and the IJ settings from ``cfg``."""
+    ``λ/2 ‖θ_D − θ_P‖²`` over the backbone names, λ and the IJ settings from ``cfg``.
+
+    ``model`` is the pretext model: its norm layers resolve ``bissl.ij_subset`` and its names
+    outside the backbone are the pretext head φ_P of ``bissl.variant=appendix-g``
+    (:mod:`recipes.common.appendix_g`, solved over ω = (θ_P, φ_P))."""
+    options = problem_options(cfg, losses.gauss_newton, model, losses.backbone)
+    upper_loss: Any = bissl_upper_loss(losses.downstream, losses.backbone)
+    regularizer: Any = ProximalL2(losses.backbone)
+    if cfg.variant == "appendix-g":
+        if cfg.lam_schedule != "constant" or model is None:
+            raise ValueError("bissl.variant=appendix-g needs bissl.lam_schedule=constant (1/λ "
+                             "enters its regulariser) and the pretext model")
+        known = set(losses.backbone)
+        head = [n for n, _ in model.named_parameters() if n not in known]
+        upper_loss, regularizer = appendix_g_parts(losses.downstream, losses.pretext,
+                                                   losses.backbone, head, cfg.lam, cfg.mu_g)
+        options["solve_over"] = "all"
     return BilevelProblem(
-        upper_loss=bissl_upper_loss(losses.downstream, losses.backbone),
+        upper_loss=upper_loss,
         lower_loss=losses.pretext,
-        regularizer=ProximalL2(losses.backbone),
+        regularizer=regularizer,
         lam=build_lambda(cfg),
         reducer=reducer,
-        **problem_options(cfg, losses.gauss_newton),
+        **options,
     )
 
 
@@ -142,16 +171,19 @@ def run_bissl(
     resume: bool = False,
     reducer: Callable[[Mapping[str, Tensor]], dict] | None = None,
     progress: bool = True,
+    callbacks: Sequence[Callable[[BiSSLTrainer, int, dict[str, Any]], Any]] = (),
 ) -> list[dict[str, Any]]:
     """Run Algorithm 2 in place: (θ_D, φ_D) end in ``downstream``, (θ_P, φ_P) in ``pretext``.
 
     ``reducer`` averages gradients and curvature products across data-parallel ranks (give each
     rank its shard of both loaders). With ``resume`` the trainer continues from
-    ``out_dir/checkpoint.pt`` when it exists. Returns the per-alternation metrics.
+    ``out_dir/checkpoint.pt`` when it exists. ``callbacks`` run after every alternation (the
+    transfer monitor, :mod:`recipes.common.transfer_monitor`). Returns the per-alternation
+    metrics.
     """
     if set(losses.backbone) - {n for n, _ in pretext.named_parameters()}:
         raise ValueError("the pretext and downstream backbones must have the same parameter names")
-    problem = build_problem(cfg, losses, reducer)
+    problem = build_problem(cfg, losses, reducer, model=pretext)
     upper_params = add_lambda(
         problem, dict(downstream.named_parameters()), upper_optimizer, cfg, device
     )
@@ -178,6 +210,7 @@ def run_bissl(
         device=device,
         out_dir=out_dir,
         modules={"pretext": pretext, "downstream": downstream},
+        callbacks=callbacks,
     )
     downstream.to(device).train()
     pretext.to(device).train()

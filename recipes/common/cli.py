@@ -2,13 +2,16 @@
 
     python recipes/<recipe>.py [STAGE ...] [--config FILE] [--set KEY=VALUE ...] [--resume]
     python recipes/<recipe>.py sweep --param NAME [--config FILE] [--set KEY=VALUE ...]
+    python recipes/<recipe>.py study [--config FILE] [--set KEY=VALUE ...] [--overwrite]
 
 ``STAGE``: ``all`` (default: every stage, then the report), ``pretext``, ``only-ft``,
 ``head-warmup``, ``bissl``, ``finetune``, ``report``; several run in the pipeline's order.
 ``--resume`` continues a killed BiSSL stage from its checkpoint and skips the stages whose
 outputs exist (unless ``--overwrite``); it stops when a stage was recorded under another
 configuration, unless ``--allow-changed-config``. Without either flag a finished stage is not
-run again. A sweep always reuses what exists. While a command runs, ``run.out_dir/.lock`` names
+run again. A sweep always reuses what exists; so does a ``study`` (Only-FT vs BiSSL+FT over
+fine-tuning budgets and paired seeds, :mod:`recipes.common.study`), which continues from its
+finished cells (``--overwrite`` runs them again). While a command runs, ``run.out_dir/.lock`` names
 its process, and a second command on the same folder stops at once.
 """
 
@@ -28,11 +31,12 @@ from .config import load_config
 from .guard import RunLock
 from .pipeline import STAGES, Recipe
 from .results import report
+from .study import run_study
 from .sweep import SWEEPS, run_sweep
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("all", *STAGES, "report", "sweep")
+COMMANDS = ("all", *STAGES, "report", "sweep", "study")
 
 
 def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> argparse.Namespace:
@@ -56,8 +60,8 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> a
     unknown = [s for s in args.stages if s not in COMMANDS]
     if unknown:
         p.error(f"unknown stage {unknown[0]!r}; choose from {', '.join(COMMANDS)}")
-    if len(args.stages) > 1 and ("sweep" in args.stages or "all" in args.stages):
-        p.error("'all' and 'sweep' run alone")
+    if len(args.stages) > 1 and {"sweep", "all", "study"} & set(args.stages):
+        p.error("'all', 'sweep' and 'study' run alone")
     return args
 
 
@@ -85,6 +89,9 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
             return run_sweep(recipe_class, args.config, args.overrides, args.param)
         start = time.perf_counter()
         recipe = recipe_class(cfg)
+        if args.stages == ["study"]:
+            return run_study(recipe, overwrite=args.overwrite,
+                             allow_changed_config=args.allow_changed_config)
         wanted = STAGES if args.stages == ["all"] else [s for s in args.stages if s in STAGES]
         for stage in wanted:
             t0 = time.perf_counter()

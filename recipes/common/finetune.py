@@ -4,6 +4,11 @@ A recipe describes its downstream task by an :class:`Objective` (training loss, 
 metrics) and passes its optimiser; :func:`fit` trains with a linear warm-up and cosine decay (or
 a constant lr for a head warm-up on a frozen backbone), validates ``evals_per_epoch`` times per
 epoch at evenly spaced steps and restores the weights of the best validation score.
+
+Early stopping (thesis Sec. 9.1, fifth item; :class:`EarlyStopping`): with ``patience`` set,
+training ends at the first validation after ``min_epochs`` at which the best score is
+``patience`` validations old; the learning-rate schedule still spans the full ``epochs``, so a run
+that does not stop is the run without early stopping.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .guard import check_loss, check_weights
 from .runtime import autocast
 from .schedules import warmup_cosine
 
-__all__ = ["FitResult", "Objective", "evaluate", "fit", "to_device"]
+__all__ = ["EarlyStopping", "FitResult", "Objective", "evaluate", "fit", "to_device"]
 
 
 @dataclass
@@ -77,11 +82,46 @@ def evaluate(
 
 @dataclass
 class FitResult:
-    """The best validation metrics, every validation and the number of update steps."""
+    """The best validation metrics, every validation, the update steps taken and the epochs they
+    make (fewer than asked when early stopping ended the run)."""
 
     best_val: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    epochs: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class EarlyStopping:
+    """The stopping rule of thesis Sec. 9.1 (fifth item): train at least ``min_epochs``, then stop
+    once the validation score has not improved for ``patience`` validations.
+
+    With scores ``s_1, s_2, …`` at epochs ``e_1 < e_2 < …``, let ``b(i) = argmax_{j≤i} s_j`` (the
+    first maximum: an improvement must be strict). The run stops at the first ``i`` with
+    ``e_i ≥ min_epochs`` and ``i − b(i) ≥ patience``. ``patience=None`` or ``0`` never stops.
+    """
+
+    patience: int | None = None
+    min_epochs: float = 0.0
+    best: float = -math.inf
+    since_best: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"finetune.patience must be >= 0 or None, got {self.patience}")
+        if self.min_epochs < 0:
+            raise ValueError(f"finetune.min_epochs must be >= 0, got {self.min_epochs}")
+
+    def update(self, score: float, epoch: float) -> bool:
+        """Record the validation ``score`` reached at ``epoch``; whether to stop now."""
+        if score > self.best:
+            self.best, self.since_best = score, 0
+        else:
+            self.since_best += 1
+        return bool(self.patience) and epoch >= self.min_epochs and (
+            self.since_best >= self.patience  # type: ignore[operator]
+        )
 
 
 def _cycle(loader: Iterable) -> Iterator[Any]:
@@ -107,6 +147,8 @@ def fit(
     progress: bool = True,
     desc: str = "fine-tune",
     strict: str | None = None,
+    patience: int | None = None,
+    min_epochs: float = 0.0,
 ) -> FitResult:
     """Train ``model`` and load the weights of its best validation (by ``objective.key``).
 
@@ -117,6 +159,8 @@ def fit(
     loss ends the run and scores its validation ``-inf``. ``checkpoint`` also writes the best
     weights to disk (never non-finite ones). ``strict=STAGE``: a non-finite loss or weight stops
     the run with :class:`~recipes.common.guard.NonFiniteStage` naming the stage and step.
+    ``patience``/``min_epochs``: early stopping by :class:`EarlyStopping` on ``objective.key``
+    (``None``/``0``: off); ``FitResult.epochs`` records the epochs actually trained.
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be > 0, got {epochs}")
@@ -138,6 +182,7 @@ def fit(
     torch.manual_seed(seed)
     result = FitResult(best_val={objective.key: -math.inf})
     best_state: dict[str, Tensor] | None = None
+    stopper = EarlyStopping(patience, min_epochs)
     batches = _cycle(train_loader)
     finite, running, count = True, 0.0, 0
     try:
@@ -174,12 +219,16 @@ def fit(
                 best_state = copy.deepcopy(model.state_dict())
                 if checkpoint is not None:
                     save_checkpoint(best_state, checkpoint)
+            result.steps = step
             if not finite:
+                break
+            if stopper.update(val[objective.key], step / steps_per_epoch):
+                result.stopped_early = step < total
                 break
     finally:
         for _, p in frozen:
             p.requires_grad_(True)
     if best_state is not None:
         model.load_state_dict(best_state)
-    result.steps = total
+    result.epochs = result.steps / steps_per_epoch
     return result

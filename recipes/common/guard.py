@@ -2,7 +2,7 @@
 
 Each stage records, next to its output (``<output>.config.json``), the configuration that
 determines its result: every config section except ``run`` (only ``run.seed`` and ``run.bf16``
-count) and ``sweep``, without the sections of later stages (``finetune``, ``warmup``,
+count), ``sweep`` and ``study``, without the sections of later stages (``finetune``, ``warmup``,
 ``bissl``), plus ``implicitbilevel.__version__``. ``--resume`` compares it with the current
 configuration and stops on a difference unless ``--allow-changed-config`` is given (recorded in
 the file). While a command runs, ``run.out_dir`` holds ``.lock`` (pid, host, start time).
@@ -60,7 +60,7 @@ def fingerprint(cfg: Any, stage: str) -> dict[str, Any]:
     index = ORDER.index(stage)
     kept: dict[str, Any] = {}
     for section, value in tree.items():
-        if section == "sweep":
+        if section in ("sweep", "study"):  # what runs, not what a stage computes
             continue
         if section == "run":
             kept["run"] = {k: value[k] for k in RUN_KEYS if k in value}

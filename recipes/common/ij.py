@@ -14,6 +14,8 @@ One config block and one builder, so every solver and curvature option exists in
                      approximation of the curvature, built once per alternation
 ``nystrom-minres``   MINRES with the same preconditioner
 ``nystrom``          the Woodbury inverse of ``I + Ĥ/μ``: no products per solve
+``mfac``             M-FAC (Sec. 9.1): the Woodbury inverse of ``I + F̂/μ``, ``F̂`` the
+                     empirical Fisher of the last ``mfac_m`` lower-level gradients; no products
 ``dense``            exact (small models only)
 ===================  ==========================================================================
 
@@ -21,15 +23,23 @@ One config block and one builder, so every solver and curvature option exists in
 into outputs and a convex output loss; positive semi-definite, so CG converges).
 ``bissl.solve_over``: ``coupled`` (Prop. 4.2) or ``all`` (the concatenated head, Sec. 5.3.4), with
 ``bissl.head_damping`` on the head block.
+``bissl.ij_subset`` (Sec. 9.1, :mod:`implicitbilevel.subset`): solve only over the backbone's
+``batchnorm`` or ``layernorm`` affine parameters, or the names a regular expression matches
+(``none``: the whole backbone); ``bissl.ij_outside``: ``u = v`` (``identity``) or ``u = 0``
+(``zero``) on the other backbone names.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from implicitbilevel import (
     CG,
+    MFAC,
     MINRES,
     Dense,
     GaussNewton,
@@ -41,10 +51,12 @@ from implicitbilevel import (
 
 from .config import field
 
-__all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "problem_options"]
+__all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "problem_options", "subset_names"]
+
+_NORM_KINDS = {"batchnorm": nn.modules.batchnorm._NormBase, "layernorm": nn.LayerNorm}
 
 IJ_SOLVERS = ("cg", "cg-blockwise", "minres", "neumann", "nystrom-pcg", "nystrom-minres",
-              "nystrom", "dense")
+              "nystrom", "mfac", "dense")
 
 
 @dataclass
@@ -56,12 +68,17 @@ class IJSettings:
     cg_iters: int = field(5, ge=1, doc="N_c: curvature products per solve")
     neumann_alpha: float = field(1.0, gt=0.0, doc="step α of the Neumann series")
     nystrom_rank: int = field(20, ge=1, doc="rank of the Nyström curvature (nystrom-*)")
+    mfac_m: int = field(20, ge=1, doc="gradients in the M-FAC window (mfac)")
     warm_start: bool = field(False, doc="start each solve from the previous one (cg, minres)")
     curvature: str = field("hessian", choices=("hessian", "gauss-newton"))
     solve_over: str = field("coupled", choices=("coupled", "all"),
                             doc="all: the concatenated head (Sec. 5.3.4)")
     head_damping: float = field(0.0, ge=0.0, doc="ridge on the head block (solve_over=all)")
     on_breakdown: str = field("warn", choices=("raise", "warn", "ignore"))
+    ij_subset: str = field("none", doc="none, batchnorm, layernorm or a regex of backbone names: "
+                           "solve the IJ over those only (Sec. 9.1)")
+    ij_outside: str = field("identity", choices=("identity", "zero"),
+                            doc="ij_subset: u = v (identity) or u = 0 on the other names")
 
 
 def build_solver(s: IJSettings) -> LinearSolver:
@@ -83,16 +100,50 @@ def build_solver(s: IJSettings) -> LinearSolver:
                       preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
     if s.ij == "nystrom":
         return NystromSolver(rank=s.nystrom_rank)
+    if s.ij == "mfac":
+        return MFAC(m=s.mfac_m)
     if s.ij == "dense":
         return Dense()
     raise ValueError(f"bissl.ij: unknown solver {s.ij!r}; choose one of {list(IJ_SOLVERS)}")
 
 
-def problem_options(s: IJSettings, gauss_newton: GaussNewton | None) -> dict[str, Any]:
+def subset_names(spec: str, model: nn.Module | None, backbone: list[str]) -> list[str] | None:
+    """The backbone names ``bissl.ij_subset`` selects (``None`` for ``none``).
+
+    ``batchnorm`` and ``layernorm`` select the affine parameters of the model's BatchNorm or
+    LayerNorm modules; anything else is a regular expression searched in each backbone name.
+    """
+    if spec == "none":
+        return None
+    if spec in _NORM_KINDS:
+        if model is None:
+            raise ValueError(f"bissl.ij_subset={spec} needs the model to find its norm layers")
+        kind = _NORM_KINDS[spec]
+        owned = {f"{m}.{p}" if m else p for m, sub in model.named_modules()
+                 if isinstance(sub, kind) for p, _ in sub.named_parameters(recurse=False)}
+        names = [n for n in backbone if n in owned]
+    else:
+        try:
+            pattern = re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"bissl.ij_subset: {spec!r} is neither none, batchnorm, layernorm "
+                             f"nor a valid regular expression ({err})") from err
+        names = [n for n in backbone if pattern.search(n)]
+    if not names:
+        raise ValueError(f"bissl.ij_subset={spec} selects no backbone parameter of this model "
+                         f"(e.g. {backbone[:3]}); choose none, batchnorm, layernorm or a regex")
+    return names
+
+
+def problem_options(
+    s: IJSettings, gauss_newton: GaussNewton | None, model: nn.Module | None = None,
+    backbone: list[str] | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of :class:`~implicitbilevel.BilevelProblem` for these settings.
 
     ``gauss_newton`` is the recipe's split of its pretext loss (outputs, convex output loss); it is
-    used when ``s.curvature == "gauss-newton"``.
+    used when ``s.curvature == "gauss-newton"``. ``model`` (the pretext model) and ``backbone``
+    (its coupled names) resolve ``s.ij_subset``.
     """
     if s.curvature == "gauss-newton":
         if gauss_newton is None:
@@ -106,6 +157,9 @@ def problem_options(s: IJSettings, gauss_newton: GaussNewton | None) -> dict[str
         raise ValueError(f"bissl.ij={s.ij} assumes the system I + H/μ over the coupled names; "
                          "use bissl.solve_over=coupled, or bissl.ij=minres for the concatenated "
                          "head")
+    if s.ij == "mfac" and s.solve_over == "all" and not s.head_damping:
+        raise ValueError("bissl.ij=mfac with bissl.solve_over=all needs bissl.head_damping > 0 "
+                         "(M-FAC inverts the damping D of D + F̂/μ)")
     return {
         "damping": s.damping,
         "ij": build_solver(s),
@@ -113,4 +167,8 @@ def problem_options(s: IJSettings, gauss_newton: GaussNewton | None) -> dict[str
         "head_damping": s.head_damping,
         "curvature": curvature,
         "on_breakdown": s.on_breakdown,
+        "ij_subset": subset_names(s.ij_subset, model, list(backbone or [])),
+        "ij_outside": s.ij_outside,
+        # M-FAC takes no curvature products: keep no graph (the logged residual re-runs the loss).
+        "reuse_graph": s.ij != "mfac",
     }

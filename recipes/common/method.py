@@ -6,8 +6,11 @@ The one result schema of both recipes (``only_ft.json``, ``bissl_ft.json`` and t
     {"method": "Only-FT", "lr": 0.03, "weight_decay": 0.001, "selection": "metric",
      "trials": 50,                                   # search trials run (0: none)
      "search": [{"lr", "weight_decay", "score", "val_<metric>", ...}, ...],   # best first
-     "runs": [{"seed", "val_<metric>", ..., "test_<metric>", ...}, ...],
-     "summary": {"test_<metric>": {"mean", "std", "n"}, ...}}
+     "runs": [{"seed", "val_<metric>", ..., "test_<metric>", ..., "epochs"}, ...],
+     "summary": {"test_<metric>": {"mean", "std", "n"}, ..., "epochs": {...}}}
+
+``epochs`` is the number of epochs a run trained: ``finetune.epochs``, or fewer when early
+stopping (``finetune.patience``) ended it.
 """
 
 from __future__ import annotations

@@ -30,29 +30,21 @@ from torch import nn
 from implicitbilevel.sync_batchnorm import convert_sync_batchnorm
 
 from . import guard
-from .bissl_stage import BiSSLLosses, run_bissl
+from .bissl_stage import BiSSLLosses, bissl_batch_sizes, run_bissl
 from .checkpoint import load_checkpoint, save_checkpoint
 from .finetune import Objective, evaluate, fit
 from .method import fine_tune_method
 from .report import write_json
-from .runtime import derive_seed, init_distributed, per_rank_batch_size, seed_everything
+from .runtime import derive_seed, init_distributed, seed_everything
 from .search import RankFailure
-from .settings import BiSSLStageConfig
+from .settings import FinetuneConfig
+from .transfer_monitor import MonitorData, transfer_monitor
 
-__all__ = ["OUTPUTS", "STAGES", "Recipe", "bissl_batch_sizes"]
+__all__ = ["OUTPUTS", "STAGES", "Recipe"]
 
 STAGES = ("pretext", "only-ft", "head-warmup", "bissl", "finetune")
 OUTPUTS = {"pretext": "pretext.pt", "only-ft": "only_ft.json", "head-warmup": "warmup.pt",
            "bissl": "bissl.pt", "finetune": "bissl_ft.json"}
-
-
-def bissl_batch_sizes(cfg: BiSSLStageConfig, world_size: int) -> tuple[int, int]:
-    """Per-rank ``(upper, lower)`` BiSSL batch sizes (``ValueError`` naming the key when the
-    ranks cannot share one evenly)."""
-    return (
-        per_rank_batch_size(cfg.upper_batch_size, world_size, "bissl.upper_batch_size"),
-        per_rank_batch_size(cfg.lower_batch_size, world_size, "bissl.lower_batch_size"),
-    )
 
 
 class Recipe(abc.ABC):
@@ -133,6 +125,11 @@ class Recipe(abc.ABC):
         """The recipe's losses as functions of parameter dicts."""
         raise NotImplementedError
 
+    def monitor_data(self, target: str, pretext: nn.Module) -> MonitorData:
+        """The transfer monitor's inputs (``bissl.monitor_every``): unlabelled view pairs of the
+        target's inputs, ``pretext``'s backbone as the embedding, the labelled validation probe."""
+        raise NotImplementedError(f"{self.name}: bissl.monitor_every needs monitor_data")
+
     def warmup_epochs(self, target: str) -> float:
         """Head warm-up epochs (the config's, else the recipe's default for the target)."""
         return float(self.cfg.warmup.epochs or 0.0)
@@ -154,8 +151,10 @@ class Recipe(abc.ABC):
     def require(self, path: Path) -> Path:
         """``path``, or ``FileNotFoundError`` naming the stage to run first."""
         if not path.exists():
-            stage = next((s for s, n in OUTPUTS.items() if n == path.name), "an earlier stage")
-            raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage first")
+            made_by = {**{n: s for s, n in OUTPUTS.items()}, "pretext_baseline.pt": "pretext"}
+            stage = made_by.get(path.name)
+            raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage first" if stage
+                                    else f"{path} is missing: run the earlier stages first")
         return path
 
     def read_json(self, target: str | None, name: str) -> dict[str, Any]:
@@ -258,7 +257,9 @@ class Recipe(abc.ABC):
     def train_eval(self, source: nn.Module, target: str, lr: float, wd: float, seed: int,
                    epochs: float, test: bool, checkpoint: Path | None = None) -> dict[str, float]:
         """Fine-tune a fresh downstream model from ``source``; best-validation metrics
-        (``val_*``) and, with ``test``, its test metrics (``test_*``). Seeded by ``seed`` only."""
+        (``val_*``), the ``epochs`` trained (early stopping: ``finetune.patience``) and, with
+        ``test``, the test metrics of the best-validation weights (``test_*``). Seeded by ``seed``
+        only."""
         ft = self.cfg.finetune
         seed_everything(seed)
         model = self.downstream_from(source, target)
@@ -268,9 +269,11 @@ class Recipe(abc.ABC):
             self.eval_loader(target, "val"), lambda named: self.optimizer(named, lr, wd),
             epochs=epochs, device=self.device, seed=seed, evals_per_epoch=ft.evals_per_epoch,
             warmup_fraction=ft.warmup_fraction, bf16=self.cfg.run.bf16, checkpoint=checkpoint,
-            progress=False, desc=f"{target} lr={lr:.2g}",
+            progress=False, desc=f"{target} lr={lr:.2g}", patience=ft.patience,
+            min_epochs=ft.min_epochs,
         )
         out = {f"val_{k}": v for k, v in result.best_val.items()}
+        out["epochs"] = result.epochs  # fewer than ``epochs`` when early stopping ended the run
         if test:
             metrics = evaluate(model, self.eval_loader(target, "test"), objective, self.device,
                                self.cfg.run.bf16)
@@ -278,10 +281,12 @@ class Recipe(abc.ABC):
         return out
 
     def fine_tune(self, target: str, source: Path, name: str, search: bool = True,
-                  chosen: tuple[float, float] | None = None) -> dict[str, Any]:
-        """Sec. 6.1.2 / 7.1.2 from the backbone in ``source``; writes nothing (see callers)."""
+                  chosen: tuple[float, float] | None = None,
+                  ft: FinetuneConfig | None = None) -> dict[str, Any]:
+        """Sec. 6.1.2 / 7.1.2 from the backbone in ``source``; writes nothing (see callers).
+        ``ft`` replaces ``finetune``'s budget, search and seeds (the ``study`` cells)."""
         model = self.load_pretext(source)
-        ft = self.cfg.finetune
+        ft = self.cfg.finetune if ft is None else ft
         folder = self.path(target, "checkpoints")
 
         def train(lr: float, wd: float, seed: int, epochs: float, test: bool) -> dict[str, float]:
@@ -386,6 +391,8 @@ class Recipe(abc.ABC):
                                            self.dist.shard),
             device=self.device, bf16=self.cfg.run.bf16, out_dir=self.path(target, "bissl"),
             resume=resume, reducer=self.dist.reducer, progress=self.progress,
+            callbacks=[transfer_monitor(self.monitor_data(target, pretext), cfg.monitor_every,
+                                        cfg.monitor_knn_k, seed)] if cfg.monitor_every else [],
         )
         self.on_main(lambda: self._bissl_done(target, pretext, downstream, history))
 

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "format_table", "plot_bars", "plot_curves", "write_json"]
+__all__ = ["aggregate", "format_comparisons", "format_table", "plot_bars", "plot_curves",
+           "plot_monitor", "write_json"]
 
 
 def aggregate(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -53,6 +54,28 @@ def format_table(
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_comparisons(
+    comparisons: Mapping[str, Any], *, scale: float = 100.0, alpha: float = 0.05
+) -> str:
+    """One line per column: the paired comparison of BiSSL+FT against Only-FT over the same
+    seeds (a :class:`~recipes.common.stats.PairedComparison`, or ``None`` when the methods were
+    not run over the same seeds): the mean difference with its 95% t-interval (×``scale``), the
+    paired t-test's p-value, the std ratio, and whether the difference is significant at
+    ``alpha`` (the thesis's bold, Tables 6.1 and 7.1)."""
+    lines = [f"BiSSL+FT - Only-FT, paired over seeds (significant: paired t-test p < {alpha:g}):"]
+    for column, c in comparisons.items():
+        if c is None:
+            lines.append(f"  {column}: not run over the same seeds, no paired test")
+        elif c.n < 2:
+            lines.append(f"  {column}: {scale * c.diff:+.2f}, {c.note}")
+        else:
+            verdict = "SIGNIFICANT" if c.significant else "not significant"
+            lines.append(f"  {column}: {scale * c.diff:+.2f} [{scale * c.ci[0]:+.2f}, "
+                         f"{scale * c.ci[1]:+.2f}], p = {c.p_value:.3g}, std ratio "
+                         f"{c.std_ratio:.2f}, n = {c.n}: {verdict}")
     return "\n".join(lines)
 
 
@@ -142,6 +165,35 @@ def plot_curves(
     axes[-1].set_xlabel(xlabel)
     if title:
         axes[0].set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+MONITOR_CURVES = ("rankme", "alignment", "uniformity", "gaussian_mi")
+
+
+def plot_monitor(history: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "",
+                 ) -> Path | None:
+    """The transfer monitor against alternations (thesis Sec. 9.1): one panel per unsupervised
+    measure, each beside the k-NN probe accuracy on a second axis. ``None`` (nothing drawn) when
+    no record of ``history`` (the BiSSL metrics) holds the monitor."""
+    rows = [h for h in history if "rankme" in h]
+    if not rows:
+        return None
+    plt = _pyplot()
+    t = [h["alternation"] for h in rows]
+    knn = [h.get("knn_accuracy") for h in rows]
+    fig, axes = plt.subplots(len(MONITOR_CURVES), 1, figsize=(6, 2.2 * len(MONITOR_CURVES)),
+                             sharex=True)
+    for ax, name in zip(axes, MONITOR_CURVES, strict=True):
+        ax.plot(t, [h[name] for h in rows], marker="o", color="C0")
+        ax.set_ylabel(name, color="C0")
+        if any(k is not None for k in knn):
+            twin = ax.twinx()
+            twin.plot(t, knn, marker="s", linestyle="--", color="C1")
+            twin.set_ylabel("k-NN acc.", color="C1")
+    axes[-1].set_xlabel("alternation")
+    axes[0].set_title(title or "transfer monitor (θ_P) and k-NN probe")
     fig.tight_layout()
     return _save(fig, plt, path)
 

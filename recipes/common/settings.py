@@ -17,6 +17,7 @@ __all__ = [
     "BiSSLStageConfig",
     "FinetuneConfig",
     "RunConfig",
+    "StudyConfig",
     "SweepConfig",
     "WarmupConfig",
 ]
@@ -69,6 +70,9 @@ class FinetuneConfig:
     warmup_fraction: float = field(0.0, ge=0.0, lt=1.0, doc="linear lr warm-up, then cosine")
     evals_per_epoch: int = field(1, ge=1, doc="validations per epoch (the best one is kept)")
     save_checkpoints: bool = field(False, doc="write each retrain's best weights to out_dir")
+    patience: int | None = field(None, ge=0, doc="early stopping (Sec. 9.1): stop after this "
+                                 "many validations without improvement; None or 0: off")
+    min_epochs: float = field(0.0, ge=0.0, doc="early stopping: train at least this many epochs")
 
     def __post_init__(self) -> None:
         for name in ("lr_range", "wd_range"):
@@ -123,6 +127,14 @@ class BiSSLStageConfig(IJSettings):
     final_lr_factor: float = field(0.0, ge=0.0, le=1.0, doc="cosine ends at this × peak")
     checkpoint_every: int = field(1, ge=1, doc="alternations between trainer checkpoints")
     sync_batchnorm: bool = field(True, doc="torchrun: BatchNorm statistics over all ranks")
+    variant: str = field("standard", choices=("standard", "appendix-g"),
+                         doc="appendix-g: the pretext head regularised through the upper level "
+                         "(thesis appendix G; solves over ω = (θ_P, φ_P))")
+    mu_g: float = field(1e-3, ge=0.0, doc="appendix-g: μ_G of the upper term μ_G/2 ‖φ_P‖²")
+    monitor_every: int = field(0, ge=0, doc="transfer monitor (Sec. 9.1) every this many "
+                               "alternations; 0: off")
+    monitor_samples: int = field(512, ge=4, doc="transfer monitor: unlabelled inputs used")
+    monitor_knn_k: int = field(10, ge=0, doc="transfer monitor: k of the k-NN probe; 0: none")
 
     def __post_init__(self) -> None:
         if self.lam_schedule not in ("constant", "learnable") and self.alternations < 2:
@@ -144,3 +156,28 @@ class SweepConfig:
     exp_lam_max: list[float] = field([0.1, 0.01, 0.001, 0.0001], gt=0.0)
     exp_alpha: list[float] = field([1.0, 10.0, 100.0], gt=0.0)
     lam_init: list[float] = field([2.0, 1.0, 0.1, 0.01, 0.001, 0.0001, 0.00001], gt=0.0)
+
+
+@dataclass
+class StudyConfig:
+    """The ``study`` command: Only-FT against BiSSL+FT over fine-tuning budgets (the design of
+    Fig. 6.5 / Table F.5) with paired seeds and significance tests (``recipes.common.study``).
+
+    Per budget in ``epochs`` and per method, (lr, wd) is searched on the validation split with
+    trials of that budget (``search_trials``: the random search's H; ``None`` keeps
+    ``finetune.search_trials``), then the choice is retrained over ``seeds`` and tested. A
+    difference is significant when the paired t-test's p-value is below ``alpha``.
+    """
+
+    epochs: list[float] = field([1.0, 2.0, 5.0, 10.0, 20.0], gt=0.0, doc="fine-tuning budgets")
+    seeds: list[int] = field(list(range(8)), ge=0, doc="paired seeds per cell (at least 2)")
+    search_trials: int | None = field(None, ge=1, doc="None: finetune.search_trials")
+    alpha: float = field(0.05, gt=0.0, lt=1.0)
+    wilcoxon: bool = field(True, doc="also the Wilcoxon signed-rank test")
+    bootstrap: int = field(2000, ge=0, doc="bootstrap resamples of the CI (0: t-interval only)")
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds: at least 2 distinct seeds are needed, got {self.seeds}")
+        if not self.epochs or len(set(self.epochs)) != len(self.epochs):
+            raise ValueError(f"study.epochs: distinct budgets are needed, got {self.epochs}")

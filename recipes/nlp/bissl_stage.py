@@ -74,4 +74,5 @@ def build_problem(
     ``reducer`` (e.g. ``DistributedContext.reducer``) averages the gradients and Hessian-vector
     products across data-parallel ranks; ``None`` in a single process.
     """
-    return common.build_problem(settings, bissl_losses(downstream, pretext, spec, nu), reducer)
+    return common.build_problem(settings, bissl_losses(downstream, pretext, spec, nu), reducer,
+                                model=pretext)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from recipes.common import field
 from recipes.common import settings as common
-from recipes.common.settings import SweepConfig, WarmupConfig
+from recipes.common.settings import StudyConfig, SweepConfig, WarmupConfig
 
 from .tasks import TASKS
 
@@ -105,3 +105,4 @@ class RecipeConfig:
     bissl: BiSSLStageConfig = field(default_factory=BiSSLStageConfig)
     run: common.RunConfig = field(default_factory=lambda: common.RunConfig(out_dir="runs/gpt_glue"))
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)

@@ -188,7 +188,8 @@ def pretext_loader(
     if len(chunks) < batch_size * world:
         raise ValueError(
             f"the pretext corpus gives {len(chunks)} chunks of {context} tokens, "
-            f"fewer than one batch of {batch_size * world}"
+            f"fewer than one batch of {batch_size * world}: use a larger data.corpus, or lower "
+            "model.context or the batch size (pretrain.batch_size, bissl.lower_batch_size)"
         )
     if num_batches is None:
         num_batches = len(chunks) // (batch_size * world)

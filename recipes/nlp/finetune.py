@@ -128,10 +128,14 @@ def finetune(
     device: torch.device | None = None,
     desc: str = "fine-tune",
     progress: bool = True,
+    patience: int | None = None,
+    min_epochs: float = 0.0,
 ) -> FitResult:
     """Fine-tune ``model`` on ``train`` with Adam (:func:`recipes.common.fit`), validating on
     ``val``; ``freeze_backbone`` trains only the head φ_D (task layer and new-token rows) at a
-    constant lr, the head warm-up of Sec. 7.1.3. Returns the fit (``best_val[spec.metric]``)."""
+    constant lr, the head warm-up of Sec. 7.1.3; ``patience``/``min_epochs`` stop early (Sec.
+    9.1, :class:`~recipes.common.finetune.EarlyStopping`). Returns the fit
+    (``best_val[spec.metric]``, ``epochs``)."""
     device = device or next(model.parameters()).device
     loader = task_loader(train, batch_size, shuffle=True, seed=seed,
                          drop_last=len(train) > batch_size)
@@ -140,5 +144,6 @@ def finetune(
         lambda named: torch.optim.AdamW(adam_param_groups(named, weight_decay), lr=lr),
         epochs=epochs, device=device, seed=seed, evals_per_epoch=evals_per_epoch,
         warmup_fraction=warmup_fraction, freeze=BACKBONE_PREFIX if freeze_backbone else None,
-        checkpoint=checkpoint, progress=progress, desc=desc,
+        checkpoint=checkpoint, progress=progress, desc=desc, patience=patience,
+        min_epochs=min_epochs,
     )

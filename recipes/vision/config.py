@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from recipes.common import field
 from recipes.common import settings as common
-from recipes.common.settings import SweepConfig
+from recipes.common.settings import StudyConfig, SweepConfig
 
 __all__ = [
     "BiSSLStageConfig",
@@ -18,6 +18,7 @@ __all__ = [
     "FinetuneConfig",
     "ModelConfig",
     "PretextConfig",
+    "StudyConfig",
     "SweepConfig",
     "VisionConfig",
     "WarmupConfig",
@@ -44,6 +45,10 @@ class DataConfig:
     mean: list[float] = field([0.485, 0.456, 0.406])
     std: list[float] = field([0.229, 0.224, 0.224], gt=0.0)
     workers: int = field(8, ge=0)
+    verify_images: str = field(
+        "none", choices=("none", "skip", "fail"),
+        doc="decode every image up front: stop at the first bad one (fail) or leave the bad "
+            "ones out and count them (skip)")
     digits_pretext: int = field(1000, ge=2)
     digits_train: int = field(250, ge=1)
     digits_val: int = field(200, ge=1)
@@ -114,6 +119,7 @@ class VisionConfig:
     bissl: BiSSLStageConfig = field(default_factory=BiSSLStageConfig)
     run: common.RunConfig = field(default_factory=lambda: common.RunConfig(out_dir="runs/vision"))
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         if len(self.data.blur_sigma) != 2 or self.data.blur_sigma[0] > self.data.blur_sigma[1]:

@@ -28,6 +28,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets as tvd
 
+from .verify import verify_images
+
 __all__ = [
     "VOC_CLASSES",
     "DatasetNotFoundError",
@@ -186,8 +188,12 @@ class _First(Dataset):
         return self.base[i][0]
 
 
-def pretext_dataset(name: str, root: str, transform: Callable[[Any], Any]) -> Dataset:
-    """Unlabeled pretext images with ``transform`` applied (usually :func:`simclr_views`)."""
+def pretext_dataset(
+    name: str, root: str, transform: Callable[[Any], Any], *, verify: str = "none",
+    workers: int = 0,
+) -> Dataset:
+    """Unlabeled pretext images with ``transform`` applied (usually :func:`simclr_views`); with
+    ``verify`` (``data.verify_images``) the images are checked first (:mod:`.verify`)."""
     if name == "stl10":
         ds = _open(name, root, lambda: tvd.STL10(root, split="unlabeled", transform=transform))
     elif name == "imagenet":
@@ -197,7 +203,7 @@ def pretext_dataset(name: str, root: str, transform: Callable[[Any], Any]) -> Da
         ds = _open(name, root, lambda: tvd.ImageFolder(root, transform=transform))
     else:
         raise ValueError(f"unknown pretext dataset {name!r}; choose stl10, imagenet, imagefolder")
-    return _First(ds)
+    return _First(verify_images(ds, verify, "pretext", workers=workers))
 
 
 def voc_multi_hot(annotation: dict[str, Any]) -> Tensor:
@@ -246,9 +252,24 @@ def check_class_lists(classes: dict[str, list[str]], root: Path) -> None:
 
 
 def downstream_datasets(
+    name: str, root: str, train_tf: Callable[[Any], Any], eval_tf: Callable[[Any], Any], *,
+    verify: str = "none", workers: int = 0,
+) -> DownstreamData:
+    """The thesis splits of a downstream dataset (see the module docstring); with ``verify``
+    (``data.verify_images``) every split's images are checked first (:mod:`.verify`)."""
+    data = _downstream_datasets(name, root, train_tf, eval_tf)
+    if verify == "none":
+        return data
+    cache: dict[str, str | None] = {}
+    data.train, data.val, data.test = (
+        verify_images(getattr(data, split), verify, f"downstream {split}", workers=workers,
+                      cache=cache) for split in ("train", "val", "test"))
+    return data
+
+
+def _downstream_datasets(
     name: str, root: str, train_tf: Callable[[Any], Any], eval_tf: Callable[[Any], Any]
 ) -> DownstreamData:
-    """The thesis splits of a downstream dataset (see the module docstring)."""
     if name == "dtd":
 
         def dtd(split: str, tf: Callable) -> Dataset:

@@ -23,7 +23,7 @@ from .augment import (
     simclr_views,
 )
 from .config import DataConfig
-from .data import MappedLoader, digits_splits, downstream_datasets, pretext_dataset
+from .data import MappedLoader, _First, digits_splits, downstream_datasets, pretext_dataset
 
 __all__ = ["Loaders", "build_loaders"]
 
@@ -113,6 +113,22 @@ class Loaders:
         """Test batches (evaluation transform)."""
         return self._eval(self.test_set, batch_size)
 
+    def monitor_views(self, batch_size: int) -> Iterable:
+        """Unlabelled ``(view1, view2)`` batches of the validation images for the transfer
+        monitor: the pretext views (crop, flip, blur, solarise) of each image, applied to the
+        images alone (the labels are dropped before loading, never read)."""
+        c = self.cfg
+        first, second = pretext_batch_views(
+            c.image_size, scale=(c.crop_scale_min, 1.0), blur_kernel=c.blur_kernel,
+            blur_sigma=(c.blur_sigma[0], c.blur_sigma[1]), mean=c.mean, std=c.std,
+        )
+        mean = torch.tensor(c.mean).view(1, 3, 1, 1)
+        std = torch.tensor(c.std).view(1, 3, 1, 1)
+        # real datasets arrive normalised by the evaluation transform: back to [0, 1] first
+        raw = (lambda b: b) if self.embedded else (lambda b: (b * std + mean).clamp(0, 1))
+        loader = DataLoader(_First(self.val_set), batch_size, shuffle=False, **self._kw())
+        return MappedLoader(loader, lambda b: (first(raw(b)), second(raw(b))))
+
 
 def build_loaders(cfg: DataConfig, device: torch.device) -> Loaders:
     """Open the configured datasets (raising ``DatasetNotFoundError`` early when one is
@@ -129,12 +145,15 @@ def build_loaders(cfg: DataConfig, device: torch.device) -> Loaders:
         mean=cfg.mean,
         std=cfg.std,
     )
-    pre = pretext_dataset(cfg.pretext, cfg.pretext_root, views)
+    pre = pretext_dataset(cfg.pretext, cfg.pretext_root, views, verify=cfg.verify_images,
+                          workers=cfg.workers)
     down = downstream_datasets(
         cfg.downstream,
         cfg.downstream_root,
         downstream_train_transform(cfg.image_size, cfg.crop_scale_min, cfg.mean, cfg.std),
         downstream_eval_transform(cfg.image_size, cfg.test_resize, cfg.mean, cfg.std),
+        verify=cfg.verify_images,
+        workers=cfg.workers,
     )
     return Loaders(
         cfg, device, pre, down.train, down.val, down.test, down.num_classes, down.multilabel, False

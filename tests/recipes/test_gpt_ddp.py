@@ -23,7 +23,7 @@ from test_gpt_end_to_end import sets as _sets
 
 from implicitbilevel.checkpoint import load_checkpoint
 from recipes.common import RankFailure, map_over_ranks, per_rank_batch_size
-from recipes.common.pipeline import bissl_batch_sizes
+from recipes.common.bissl_stage import bissl_batch_sizes
 from recipes.nlp.config import RecipeConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -263,3 +263,77 @@ def test_gpt_kill_after_wrapped_passes_resumes_exactly(tmp_path, kill_bissl_at):
     # wraps within a run; the kill comes in its first pass.
     _kill_resume_matches(gpt.main, args, "stsb", tmp_path, kill_bissl_at, "_lower_stage", 3,
                          {"upper_stack": 2})
+
+
+# -- images are verified up front; a short corpus is read again ---------------------------------
+
+
+def _real_images(root, splits, bad=()):
+    from PIL import Image
+
+    for split in splits:
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (8, 8), (40 * i, 90 * c, 7)).save(root / split / name / f"{i}.png")
+    for path, data in bad:
+        (root / path).write_bytes(data)
+
+
+def test_images_are_verified_up_front_when_asked(tmp_path):
+    from recipes.vision.config import DataConfig
+    from recipes.vision.data import downstream_datasets, pretext_dataset
+    from recipes.vision.loaders import build_loaders
+
+    _real_images(tmp_path, ("train", "test"))
+    png = (tmp_path / "train" / "cat" / "0.png").read_bytes()
+    (tmp_path / "train" / "dog" / "1.png").write_bytes(png[: len(png) // 2])  # truncated
+    (tmp_path / "test" / "cat" / "2.png").write_bytes(b"")  # empty
+    cfg = DataConfig(pretext="imagefolder", pretext_root=str(tmp_path / "train"),
+                     downstream="imagefolder", downstream_root=str(tmp_path),
+                     image_size=8, test_resize=8, workers=0, verify_images="fail")
+    with pytest.raises(ValueError, match=r"dog/1\.png: not a usable image.*data\.verify_images="
+                                         "skip"):
+        build_loaders(cfg, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"test/cat/2\.png: not a usable image \(empty file\)"):
+        pretext_dataset("imagefolder", str(tmp_path / "test"), None, verify="fail")
+    with pytest.warns(UserWarning, match=r"left out 1 of 10 pretext images"):
+        pre = pretext_dataset("imagefolder", str(tmp_path / "train"), None, verify="skip")
+    assert len(pre) == 9 and all(pre[i].size == (8, 8) for i in range(9))  # each one decodes
+    with pytest.warns(UserWarning) as caught:
+        data = downstream_datasets("imagefolder", str(tmp_path), None, None, verify="skip")
+    said = {str(w.message).split(" images")[0].split("left out ")[1] for w in caught}
+    assert said in ({"1 of 2 downstream val", "1 of 10 downstream test"},
+                    {"1 of 8 downstream train", "1 of 10 downstream test"})
+    assert len(data.train) + len(data.val) == 9 and len(data.test) == 9
+    assert data.num_classes == 2
+    unchecked = downstream_datasets("imagefolder", str(tmp_path), None, None)
+    assert len(unchecked.test) == 10  # verify_images=none (default) checks nothing
+
+
+def test_a_pretext_corpus_shorter_than_a_pass_is_read_again(tmp_path):
+    from recipes.nlp.config import DataConfig
+    from recipes.nlp.data import pretext_chunks, pretext_loader
+    from recipes.nlp.synthetic import pretext_corpus
+    from recipes.nlp.tokenizer import bpe_from_json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(pretext_corpus(900, seed=3)))  # 900 sentences
+    gpt = _load_script()
+    out = tmp_path / "run"
+    args = gpt_sets(*GPT_TINY, "data.tasks=[sst2]", f"data.corpus={corpus}",
+                    "bissl.alternations=8", "bissl.lower_steps=5", "bissl.lower_batch_size=16",
+                    "warmup.lr=0.001", "warmup.weight_decay=0.0", f"run.out_dir={out}")
+    gpt.main(["pretext", "head-warmup", "bissl", *args])
+    encoder = bpe_from_json((out / "tokenizer.json").read_text())
+    chunks = len(pretext_chunks(DataConfig(corpus=str(corpus)), encoder, 48))
+    assert chunks < 8 * (5 + 1) * 16  # one lower pass needs more chunks than the corpus holds
+    state = load_checkpoint(out / "sst2" / "bissl" / "checkpoint.pt")
+    assert state["alternation"] == 8 and state["ranks"][0]["lower_stack"]["passes"] == 1
+    assert torch.isfinite(load_checkpoint(out / "sst2" / "bissl.pt")["pretext"][
+        "gpt.transformer.tokens_embed.weight"]).all()
+    tiny = tmp_path / "tiny.txt"  # not even one batch: rejected up front, sizes and keys named
+    tiny.write_text(pretext_corpus(12, seed=3)[0])
+    with pytest.raises(ValueError, match=r"gives \d+ chunks of 48 tokens, fewer than one batch of "
+                                         r"16: use a larger data\.corpus"):
+        pretext_loader(DataConfig(corpus=str(tiny)), encoder, 48, 16, 4)

@@ -38,7 +38,9 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
         torch.set_num_threads(threads)
     ranks_dir = tmp_path / "two_ranks"
     ranks_dir.mkdir()
-    shutil.copy(tmp_path / "pretext.pt", ranks_dir / "pretext.pt")
+    for name in ("pretext.pt", "pretext_baseline.pt"):  # the latter: Only-FT's longer pretext
+        if (tmp_path / name).exists():
+            shutil.copy(tmp_path / name, ranks_dir / name)
     digits = tmp_path / "digits"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(SCRIPT.parents[1])

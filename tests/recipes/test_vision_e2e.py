@@ -17,6 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke do
 TINY = [
     "data.image_size=8", "data.test_resize=8", "data.digits_pretext=128", "data.digits_train=40",
     "data.digits_val=30", "model.width=4", "model.proj_dim=16", "pretext.epochs=2",
+    "pretext.baseline_extra_epochs=1",
     "pretext.batch_size=64", "pretext.warmup_epochs=1", "finetune.epochs=2",
     "finetune.batch_size=20", "finetune.search_trials=2", "finetune.search_epochs=1",
     "finetune.seeds=[0, 1, 2]", "warmup.epochs=1", "bissl.alternations=3", "bissl.lower_steps=2",
