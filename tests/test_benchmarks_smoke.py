@@ -145,3 +145,37 @@ def test_robust_ij_memory_worker(one_thread):
                                     "fine-tuning step (again, check)"}
     assert all(math.isfinite(v["delta_mib"]) and v["delta_mib"] >= 0
                for v in out["variants"].values())
+
+
+def test_external_benchmark_smoke(tmp_path, one_thread):
+    """External problems at tiny size: the library's Dense and converged CG hypergradients equal
+    the closed-form float64 reference; a peer's CG is the same algorithm as ours."""
+    from benchmarks.external import Settings, render_markdown
+    from benchmarks.external import run as run_external
+
+    settings = Settings.tiny()
+    run_external(settings, str(tmp_path), "pytest smoke", log=lambda *_: None)
+    saved = json.loads((tmp_path / "external-cpu.json").read_text())
+    assert (tmp_path / "external-cpu.md").read_text() == render_markdown(saved)
+    assert (tmp_path / "external-cpu.png").stat().st_size > 1000
+    assert set(saved["problems"]) == {"quadratic", "logreg"}
+    n_c = str(settings.iterations[0])
+    for problem in saved["problems"].values():
+        assert problem["exact"]["Dense"] < 1e-10
+        assert problem["exact"]["CG converged"] < 1e-10
+        rows = problem["methods"]
+        assert rows["Dense"]["points"][n_c]["relative_error"] < 1e-10
+        for label, row in rows.items():
+            point = row["points"][n_c]
+            assert "error" not in point, (label, point)
+            assert math.isfinite(point["relative_error"]) and point["seconds"] > 0
+        ours = rows["CG"]["points"][n_c]["relative_error"]
+        assert 0 < ours < 1  # two iterations: better than nothing, not converged
+        for peer in ("TorchOpt custom_root + solve_cg", "JAXopt custom_root + solve_cg (jit)"):
+            if peer in rows:
+                assert rows[peer]["points"][n_c]["relative_error"] == pytest.approx(ours,
+                                                                                    rel=1e-8)
+        if "Betty neumann (alpha = 1/lambda_max)" in rows:
+            theirs = rows["Betty neumann (alpha = 1/lambda_max)"]["points"][n_c]
+            assert theirs["relative_error"] == pytest.approx(
+                rows["Neumann (alpha = 1/lambda_max)"]["points"][n_c]["relative_error"], rel=1e-8)
