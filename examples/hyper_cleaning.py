@@ -1,4 +1,8 @@
-"""Data hyper-cleaning (Franceschi et al. 2017) on scikit-learn's digits: learn a weight per
+"""
+Data hyper-cleaning
+===================
+
+Data hyper-cleaning (Franceschi et al. 2017) on scikit-learn's digits: learn a weight per
 training example by hypergradient so that corrupted labels stop counting.
 
 A share of the training labels is replaced by random classes. The bilevel problem::

@@ -1,4 +1,8 @@
-"""iMAML (Rajeswaran et al. 2019) on sinusoid regression, against first-order MAML.
+"""
+iMAML on sinusoid regression
+============================
+
+iMAML (Rajeswaran et al. 2019) on sinusoid regression, against first-order MAML.
 
 Each task is ``t = A sin(s − φ)`` with ``A ∈ [0.1, 5]``, ``φ ∈ [0, π]``, ``s ∈ [−5, 5]``, seen
 through ``K`` support and ``K`` query points. A tanh MLP with meta-parameters ``θ`` adapts to a task

@@ -1,4 +1,8 @@
-"""Per-feature ℓ2 penalties of a logistic regression by hypergradient descent (Pedregosa 2016,
+"""
+Per-feature penalties of a logistic regression (HOAG)
+=====================================================
+
+Per-feature ℓ2 penalties of a logistic regression by hypergradient descent (Pedregosa 2016,
 "HOAG"), on scikit-learn's bundled breast-cancer data.
 
 The bilevel problem::

@@ -1,4 +1,8 @@
-"""Learn per-feature ridge penalties by hypergradient descent (a use of the library outside BiSSL).
+"""
+Ridge penalties by hypergradient descent
+========================================
+
+Learn per-feature ridge penalties by hypergradient descent (a use of the library outside BiSSL).
 
 The bilevel problem::
 

@@ -18,10 +18,12 @@ import pytest
 
 import implicitbilevel
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 API = DOCS / "api.rst"
 # Modules whose public names the API reference must document besides the top-level package.
-SUBMODULES = ("bissl", "checkpoint", "tree", "optim", "distributed")
+SUBMODULES = ("bissl", "checkpoint", "tree", "optim", "distributed", "sync_batchnorm", "mfac",
+              "subset")
 
 _DIRECTIVE = re.compile(r"^\.\. ([\w:-]+)::[ \t]*(.*)$")
 
@@ -53,7 +55,9 @@ def _run(code: str) -> str:
 
 
 def _pages() -> list[Path]:
-    return sorted(DOCS.rglob("*.rst"))
+    """The hand-written pages (not the gallery sphinx-gallery generates from ``examples/``)."""
+    return sorted(p for p in DOCS.rglob("*.rst")
+                  if p.relative_to(DOCS).parts[0] not in ("gallery", "_build"))
 
 
 def test_quickstart_has_examples():
@@ -83,10 +87,17 @@ def test_page_doctests_pass(page):
 
 
 def _documented_objects() -> set[int]:
-    """``id`` of every object the API page documents (directive targets and automodule members)."""
+    """``id`` of every object the API pages document (directive targets and automodule members)."""
+    documented: set[int] = set()
+    for page in (API, *sorted((DOCS / "api").glob("*.rst"))):
+        documented |= _documented_on(page)
+    return documented
+
+
+def _documented_on(page: Path) -> set[int]:
     documented: set[int] = set()
     current = "implicitbilevel"
-    lines = API.read_text().splitlines()
+    lines = page.read_text().splitlines()
     for i, line in enumerate(lines):
         match = _DIRECTIVE.match(line)
         if not match:
@@ -110,7 +121,7 @@ def _documented_objects() -> set[int]:
                     excluded |= {n.strip() for n in option.split(":", 2)[2].split(",")}
             documented |= {id(getattr(module, n)) for n in module.__all__ if n not in excluded}
             continue
-        if not (kind.startswith("auto") or kind.startswith("py:")):
+        if not (kind.startswith("auto") or kind.startswith("py:")) or kind == "autosummary":
             continue
         dotted = target if target.startswith("implicitbilevel") else f"{current}.{target}"
         module_name, _, attr = dotted.rpartition(".")
@@ -129,7 +140,7 @@ def _public() -> dict[str, object]:
 
 
 def test_api_reference_covers_every_public_name():
-    source = API.read_text()
+    source = "\n".join(p.read_text() for p in (API, *(DOCS / "api").glob("*.rst")))
     missing_text = [n for n in implicitbilevel.__all__ if not re.search(rf"\b{n}\b", source)]
     assert not missing_text, f"names of implicitbilevel.__all__ absent from api.rst: {missing_text}"
     documented = _documented_objects()
@@ -140,9 +151,92 @@ def test_api_reference_covers_every_public_name():
 def test_sphinx_build_has_no_warnings(tmp_path):
     pytest.importorskip("sphinx")
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+        [sys.executable, "-m", "sphinx", "-W", "-n", "--keep-going", "-q", "-b", "html",
          str(DOCS), str(tmp_path / "html")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "html" / "api.html").is_file()
+
+
+# -- one source for every stated fact ------------------------------------------------------------
+
+
+def _facts():
+    spec = importlib.util.spec_from_file_location("docs_facts", DOCS / "facts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fact_sources() -> dict[str, str]:
+    """Every text that states a fact: README files, docs pages, config comments, docstrings."""
+    paths = [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+             *ROOT.glob("recipes/*/README.md"), *ROOT.glob("recipes/configs/*.yaml"), *_pages(),
+             ROOT / "implicitbilevel" / "hessian.py"]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in paths}
+
+
+def test_facts_are_read_from_the_measured_benchmark():
+    facts = _facts()
+    table = (ROOT / "benchmarks" / "results" / "quick-cpu.md").read_text()
+    row = next(ln for ln in table.splitlines() if ln.startswith("| resnet18"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # workload | gradient (s) | forward-over-reverse | reverse-over-reverse | kept graph | build
+    assert cells[2:5] == [facts.HVP["fr_resnet"], facts.HVP["rr_resnet"], facts.HVP["kept_resnet"]]
+    assert facts.HVP["kept_resnet"] == "1.67"
+
+
+def test_readme_docs_and_configs_agree_with_the_facts():
+    facts = _facts()
+    sources = _fact_sources()
+    for name, text in sources.items():
+        for retired in facts.RETIRED:
+            assert retired not in text, f"{name} states {retired!r}, against docs/facts.py"
+    minutes = f"{facts.VISION_EMBEDDED_MINUTES} minutes"
+    assert minutes in sources["README.md"]
+    assert minutes in sources["recipes/configs/vision_embedded.yaml"]
+    hessian = sources["implicitbilevel/hessian.py"]
+    for key in ("kept_resnet", "rr_resnet", "fr_resnet", "kept_gpt"):
+        assert f"{facts.HVP[key]}x" in hessian, f"hessian.py: HVP ratio {key}"
+    # Data roots: Pets is read as <root>/oxford-iiit-pet/..., so the root is the folder above.
+    downstream = re.compile(r"data\.downstream_root=([^\s`]*[\w|])")
+    corpus = re.compile(r"data\.corpus=([^\s`]*[\w|])")
+    for name, text in sources.items():
+        assert set(downstream.findall(text)) <= {facts.PETS_ROOT, "|pets_root|"}, name
+        assert set(corpus.findall(text)) <= {facts.CORPUS_ROOT, "|corpus_root|"}, name
+    from recipes.vision import data as vision_data
+    assert facts.PETS_LAYOUT in Path(vision_data.__file__).read_text()
+
+
+def test_docs_use_the_substitutions_they_define():
+    prolog = _facts().rst_prolog()
+    used = set(re.findall(r"\|(\w+)\|", "\n".join(p.read_text() for p in _pages())))
+    defined = set(re.findall(r"^\.\. \|(\w+)\|", prolog, re.M))
+    # An undefined substitution fails the Sphinx build; here: the facts are used, not restated.
+    assert {"hvp_kept_resnet", "hvp_rr_resnet", "vision_embedded_minutes", "pets_root",
+            "corpus_root"} <= used & defined
+
+
+def test_user_facing_pages_carry_no_internal_notes():
+    text = (ROOT / "benchmarks" / "README.md").read_text() + "".join(
+        p.read_text() for p in _pages())
+    for note in ("The issue", "FACTS.md", "DESIGN.md", "STYLE.md"):
+        assert note not in text
+
+
+def test_display_math_never_puts_a_tag_inside_split():
+    """Sphinx wraps a display block holding ``\\\\`` in ``split``, where ``\\tag`` fails."""
+    for page in _pages():
+        for block in _blocks(page, "math"):
+            if "\\tag" in block:
+                assert "\\\\" not in block, f"{page.name}: \\tag with a line break:\n{block}"
+
+
+def test_every_example_is_a_gallery_entry():
+    examples = ROOT / "examples"
+    assert (examples / "README.txt").is_file()
+    for path in examples.glob("*.py"):
+        lines = path.read_text().splitlines()
+        assert lines[0] == '"""' and set(lines[2]) == {"="} and len(lines[2]) == len(lines[1]), (
+            f"{path.name}: the docstring must open with a reST title (sphinx-gallery)")
