@@ -104,7 +104,15 @@ def _label(spec: TaskSpec, raw: str, where: str, column: str) -> float | int:
 
 def _read_tsv(spec: TaskSpec, path: Path) -> RawSplit:
     """The examples of one GLUE TSV file; ``ValueError`` naming the file, line and column of a
-    missing column or a bad label."""
+    missing column or a bad label, or naming the file when it holds no example."""
+    split = _parse_tsv(spec, path)
+    if len(split) == 0:
+        raise ValueError(f"{path} holds no {spec.name} example (an empty file, or a header "
+                         "alone): point data.glue at the unpacked GLUE folders")
+    return split
+
+
+def _parse_tsv(spec: TaskSpec, path: Path) -> RawSplit:
     csv.field_size_limit(sys.maxsize)
     with path.open(encoding="utf-8", newline="") as handle:
         if spec.name == "cola":  # no header: source, label, original label, sentence

@@ -188,8 +188,11 @@ def test_image_folder_splits_must_share_their_classes(tmp_path):
         ("sst2", "text\tlabel\ngood\t1\n", r"train\.tsv:1: .*columns \['sentence'\]"),
         ("stsb", "sentence1\tsentence2\tscore\na\tb\tnan\n", r"train\.tsv:2: column 'score'"),
         ("cola", "src\t1\t\tok\nsrc\t2\t\tbad\n", r"train\.tsv:2: column 'label \(column 2\)'"),
+        ("sst2", "sentence\tlabel\n", r"train\.tsv holds no sst2 example.*data\.glue"),
+        ("cola", "", r"train\.tsv holds no cola example"),
     ],
-    ids=["not-a-number", "class-out-of-range", "missing-column", "nan-score", "cola-label"],
+    ids=["not-a-number", "class-out-of-range", "missing-column", "nan-score", "cola-label",
+         "header-only", "empty"],
 )
 def test_glue_tsv_names_file_line_and_column(tmp_path, task, text, match):
     from recipes.nlp.glue import TSV_DIRS, load_glue_task
