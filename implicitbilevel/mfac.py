@@ -58,8 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .solvers.base import LinearSolver, MatVec, SolveInfo, dtype_of, threshold
-from .tree import Params, tree_axpy, tree_norm, tree_sub
+from .solvers.base import LinearSolver, MatVec, SolveInfo, direct_solve_info
+from .tree import Params, tree_axpy, tree_norm
 
 __all__ = ["MFAC", "GradientWindow", "load_solver_state", "observe_lower_gradient",
            "solver_state"]
@@ -294,15 +294,7 @@ class MFAC(LinearSolver):
             coef = torch.cholesky_solve(w.project(b, diagonal).unsqueeze(1), chol).squeeze(1)
             correction = w.combine(coef)
             u = {n: u[n] - (correction[n] / diagonal[n]).to(u[n].dtype) for n in u}
-        rhs_norm = float(tree_norm(b))
-        breakdown = None if math.isfinite(rhs_norm) else "non-finite right-hand side"
-        if not self.measure_residual:
-            return u, SolveInfo(0, math.nan, rhs_norm, False, breakdown)
-        residual = float(tree_norm(tree_sub(b, matvec(u))))
-        if breakdown is None and not math.isfinite(residual):
-            breakdown = "non-finite residual"
-        converged = residual <= threshold(self.tol, 0.0, rhs_norm, dtype_of(b))
-        return u, SolveInfo(1, residual, rhs_norm, converged, breakdown)
+        return u, direct_solve_info(matvec, b, u, self.tol, self.measure_residual)
 
 
 def observe_lower_gradient(problem: Any, upper: Mapping[str, Tensor],

@@ -35,8 +35,14 @@ import torch
 from torch import Tensor
 
 from ._checks import check_bool, check_int
-from .solvers.base import LinearSolver, MatVec, SolveInfo, check_real, dtype_of, threshold
-from .tree import Params, tree_norm, tree_sub
+from .solvers.base import (
+    LinearSolver,
+    MatVec,
+    SolveInfo,
+    check_real,
+    direct_solve_info,
+)
+from .tree import Params
 
 __all__ = ["LowRank", "NystromPreconditioner", "NystromSolver", "nystrom_approximation"]
 
@@ -318,12 +324,4 @@ class NystromSolver(LinearSolver):
         lam = lr.eigenvalues
         correction = lr.expand((lam / (lam + mu)) * lr.project(b))
         x = {name: b[name] - correction[name] for name in b}
-        rhs_norm = float(tree_norm(b))
-        breakdown = None if math.isfinite(rhs_norm) else "non-finite right-hand side"
-        if not self.measure_residual:
-            return x, SolveInfo(0, math.nan, rhs_norm, False, breakdown)
-        residual = float(tree_norm(tree_sub(b, matvec(x))))
-        if breakdown is None and not math.isfinite(residual):
-            breakdown = "non-finite residual"
-        converged = residual <= threshold(self.tol, 0.0, rhs_norm, dtype_of(b))
-        return x, SolveInfo(1, residual, rhs_norm, converged, breakdown)
+        return x, direct_solve_info(matvec, b, x, self.tol, self.measure_residual)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int
-from ..tree import Params, tree_clone, tree_dot
+from ..tree import Params, tree_clone, tree_dot, tree_norm, tree_sub
 
 __all__ = [
     "KrylovSolver",
@@ -141,6 +141,22 @@ class KrylovSolver(LinearSolver):
 def threshold(tol: float, atol: float, rhs_norm: float, dtype: torch.dtype) -> float:
     """The convergence threshold, never below the rounding floor ``10·eps·||b||``."""
     return max(tol * rhs_norm, atol, 10 * torch.finfo(dtype).eps * rhs_norm)
+
+
+def direct_solve_info(matvec: MatVec, b: Params, x: Params, tol: float,
+                      measure_residual: bool) -> SolveInfo:
+    """The :class:`SolveInfo` of a direct (non-iterative) solve ``x ≈ A⁻¹ b``: one iteration, and
+    the true residual ``‖b − A x‖`` from one more product when ``measure_residual`` (else NaN,
+    not converged); non-finite ``b`` or residual is a breakdown."""
+    rhs_norm = float(tree_norm(b))
+    breakdown = None if math.isfinite(rhs_norm) else "non-finite right-hand side"
+    if not measure_residual:
+        return SolveInfo(0, math.nan, rhs_norm, False, breakdown)
+    residual = float(tree_norm(tree_sub(b, matvec(x))))
+    if breakdown is None and not math.isfinite(residual):
+        breakdown = "non-finite residual"
+    converged = residual <= threshold(tol, 0.0, rhs_norm, dtype_of(b))
+    return SolveInfo(1, residual, rhs_norm, converged, breakdown)
 
 
 def list_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
