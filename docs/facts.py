@@ -34,6 +34,10 @@ HVP = {
 #: cores, as measured and stated in the config's header comment.
 VISION_EMBEDDED_MINUTES = "3.4"
 
+#: Wall time of ``python recipes/gpt_glue_bissl.py`` (every stage, all seven embedded tasks,
+#: gpt_glue_embedded.yaml) on 2 CPU cores, as stated in the config's header comment.
+GPT_EMBEDDED_MINUTES = "5.3"
+
 #: Data roots in the examples. torchvision's OxfordIIITPet(root) reads
 #: ``<root>/oxford-iiit-pet/{images,annotations}``, so the Pets root is the folder above it.
 PETS_ROOT = "/data"
@@ -48,7 +52,8 @@ RETIRED = ["2.2-2.35", "/data/pets", "data.corpus=/data/books ", "8-10 minutes",
 def substitutions() -> dict[str, str]:
     """The reST substitutions the pages use, name to text."""
     subs = {f"hvp_{k}": v for k, v in HVP.items()}
-    subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES, pets_root=PETS_ROOT,
+    subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES,
+                gpt_embedded_minutes=GPT_EMBEDDED_MINUTES, pets_root=PETS_ROOT,
                 corpus_root=CORPUS_ROOT)
     return subs
 
