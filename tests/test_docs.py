@@ -196,6 +196,9 @@ def test_readme_docs_and_configs_agree_with_the_facts():
     minutes = f"{facts.VISION_EMBEDDED_MINUTES} minutes"
     assert minutes in sources["README.md"]
     assert minutes in sources["recipes/configs/vision_embedded.yaml"]
+    study = f"{facts.STUDY_MINUTES} minutes"
+    assert study in sources["README.md"]
+    assert study in sources["recipes/configs/vision_embedded.yaml"]
     gpt_minutes = f"{facts.GPT_EMBEDDED_MINUTES} minutes"
     assert gpt_minutes in sources["recipes/configs/gpt_glue_embedded.yaml"]
     hessian = sources["implicitbilevel/hessian.py"]
