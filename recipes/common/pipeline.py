@@ -95,35 +95,35 @@ class Recipe(abc.ABC):
     def downstream_from(self, pretext: nn.Module, target: str) -> nn.Module:
         """A downstream model: a copy of ``pretext``'s backbone and a fresh head."""
 
+    @abc.abstractmethod
     def objective(self, target: str) -> Objective:
         """The target's loss, predictions and metrics."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_loader(self, target: str, batch_size: int, seed: int,
                      shard: tuple[int, int] | None = None) -> Any:
         """Shuffled training batches of the target (this rank's share with ``shard``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_loader(self, target: str, split: str) -> Any:
         """Batches of the ``val`` or ``test`` split."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pretext_loader(self, batch_size: int, seed: int, shard: tuple[int, int] | None) -> Any:
         """Pretext batches for the BiSSL lower level."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def optimizer(self, named: list[tuple[str, nn.Parameter]], lr: float,
                   weight_decay: float) -> torch.optim.Optimizer:
         """The downstream optimiser (fine-tuning, head warm-up and the BiSSL upper level)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lower_optimizer(self, pretext: nn.Module) -> torch.optim.Optimizer:
         """The BiSSL lower-level optimiser."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> BiSSLLosses:
         """The recipe's losses as functions of parameter dicts."""
-        raise NotImplementedError
 
     def monitor_data(self, target: str, pretext: nn.Module) -> MonitorData:
         """The transfer monitor's inputs (``bissl.monitor_every``): unlabelled view pairs of the
