@@ -38,6 +38,10 @@ VISION_EMBEDDED_MINUTES = "3.4"
 #: run folder: pretext and BiSSL included) on 2 CPU cores, as stated in the config's comment.
 STUDY_MINUTES = "6.8"
 
+#: Wall time of ``python recipes/gpt_glue_bissl.py study --set "data.tasks=[cola, sst2, stsb]"``
+#: (gpt_glue_embedded.yaml, from an empty run folder) on 2 CPU cores, as in the config's comment.
+GPT_STUDY_MINUTES = "4.7"
+
 #: Wall time of ``python recipes/gpt_glue_bissl.py`` (every stage, all seven embedded tasks,
 #: gpt_glue_embedded.yaml) on 2 CPU cores, as stated in the config's header comment.
 GPT_EMBEDDED_MINUTES = "5.3"
@@ -58,6 +62,7 @@ def substitutions() -> dict[str, str]:
     subs = {f"hvp_{k}": v for k, v in HVP.items()}
     subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES,
                 gpt_embedded_minutes=GPT_EMBEDDED_MINUTES, study_minutes=STUDY_MINUTES,
+                gpt_study_minutes=GPT_STUDY_MINUTES,
                 pets_root=PETS_ROOT,
                 corpus_root=CORPUS_ROOT)
     return subs

@@ -199,6 +199,7 @@ def test_readme_docs_and_configs_agree_with_the_facts():
     study = f"{facts.STUDY_MINUTES} minutes"
     assert study in sources["README.md"]
     assert study in sources["recipes/configs/vision_embedded.yaml"]
+    assert f"{facts.GPT_STUDY_MINUTES} minutes" in sources["recipes/configs/gpt_glue_embedded.yaml"]
     gpt_minutes = f"{facts.GPT_EMBEDDED_MINUTES} minutes"
     assert gpt_minutes in sources["recipes/configs/gpt_glue_embedded.yaml"]
     hessian = sources["implicitbilevel/hessian.py"]
