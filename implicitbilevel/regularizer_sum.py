@@ -68,20 +68,21 @@ class SumRegularizer(BaseRegularizer):
         self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor], z: Mapping[str, Tensor]
     ) -> Params:
         """``Σ_k ∇²_yy r_k · z`` (each term over its coupled names present in ``z``)."""
-        parts = []
-        for term in self.terms:
-            names = [n for n in term.coupled_names(upper, lower) if n in z]
-            if names:
-                parts.append(term.lower_hvp(upper, lower, {n: z[n] for n in names}))
-        return _accumulate(parts)
+        return self._restricted_sum("lower_hvp", upper, lower, z)
 
     def mixed_vjp(
         self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor], u: Mapping[str, Tensor]
     ) -> Params:
         """``Σ_k ∇_x ⟨∇_y r_k, u⟩`` (each term over its coupled names present in ``u``)."""
+        return self._restricted_sum("mixed_vjp", upper, lower, u)
+
+    def _restricted_sum(self, method: str, upper: Mapping[str, Tensor],
+                        lower: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> Params:
+        """``Σ_k term_k.method(upper, lower, v restricted to term_k's coupled names)``, skipping
+        the terms none of whose names are in ``v``."""
         parts = []
         for term in self.terms:
-            names = [n for n in term.coupled_names(upper, lower) if n in u]
+            names = [n for n in term.coupled_names(upper, lower) if n in v]
             if names:
-                parts.append(term.mixed_vjp(upper, lower, {n: u[n] for n in names}))
+                parts.append(getattr(term, method)(upper, lower, {n: v[n] for n in names}))
         return _accumulate(parts)
