@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -274,62 +273,14 @@ def test_trainer_resume_restores_the_window_bit_identical(tmp_path):
 
 # -- the recipes ---------------------------------------------------------------------------------
 
-VISION_TINY = [
-    "data.image_size=8", "data.test_resize=8", "data.digits_pretext=64", "data.digits_train=40",
-    "data.digits_val=30", "model.width=4", "model.proj_dim=16", "pretext.epochs=1",
-    "pretext.batch_size=32", "pretext.warmup_epochs=1", "finetune.epochs=1",
-    "finetune.batch_size=20", "finetune.search_trials=1", "finetune.search_epochs=1",
-    "finetune.seeds=[0]", "warmup.epochs=1", "bissl.alternations=3", "bissl.lower_steps=2",
-    "bissl.upper_steps=2", "bissl.lower_batch_size=16", "bissl.upper_batch_size=20",
-    "bissl.lower_warmup_alternations=1", "run.threads=1", "run.progress=false",
-]  # fmt: skip
-GPT_TINY = [
-    "data.tasks=[sst2]", "data.embedded_train=40", "data.embedded_test=20",
-    "data.embedded_corpus_sentences=300", "model.context=32", "model.width=16", "model.layers=1",
-    "model.heads=2", "model.bpe_vocab=200", "pretrain.steps=2", "finetune.epochs=1",
-    "finetune.lrs=[1.0e-3]", "finetune.weight_decays=[0.01]", "finetune.seeds=[0]",
-    "finetune.evals_per_epoch=1", "bissl.alternations=3", "bissl.lower_steps=2",
-    "bissl.upper_steps=1", "bissl.lower_batch_size=4", "bissl.damping=100.0",
-    "run.progress=false",
-]  # fmt: skip
 
+@pytest.mark.parametrize("recipe", ["vision", "gpt"])
+def test_each_recipes_bissl_stage_runs_with_mfac(recipe):
+    from tiny_stages import gpt_stage, vision_stage
 
-def _sets(*overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def _main(kind):
-    if kind == "vision":
-        from recipes import vision_bissl
-
-        return vision_bissl.main
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "recipes" / "gpt_glue_bissl.py"
-    spec = importlib.util.spec_from_file_location("gpt_glue_bissl_mfac", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
-@pytest.mark.parametrize("kind,tiny,target", [("vision", VISION_TINY, "digits"),
-                                              ("gpt", GPT_TINY, "sst2")])
-def test_each_recipes_bissl_stage_runs_with_mfac(kind, tiny, target, tmp_path):
-    main = _main(kind)
-    threads = torch.get_num_threads()
-    try:
-        args = _sets(*tiny, f"run.out_dir={tmp_path}")
-        # The GPT head warm-up takes its learning rate from the Only-FT search.
-        for stage in ("pretext", "head-warmup") if kind == "vision" else (
-                "pretext", "only-ft", "head-warmup"):
-            main([stage, *args])
-        main(["bissl", *args, *_sets("bissl.ij=mfac", "bissl.mfac_m=3")])
-    finally:
-        torch.set_num_threads(threads)
-    history = json.loads((tmp_path / target / "bissl_history.json").read_text())
-    assert len(history) == 3
+    stage = vision_stage if recipe == "vision" else gpt_stage
+    history = stage(ij="mfac", mfac_m=3)
+    assert len(history) == 2
     assert all(math.isfinite(h["upper_loss"]) and h["solver_iterations"] == 0 for h in history)
     # No products but the one that measures the logged residual against the Hessian system.
     assert all(h["hessian_products"] == 1 and math.isfinite(h["ij_relative_residual"])
