@@ -43,7 +43,6 @@ from torch import nn
 from benchmarks.pretrained import vision_network
 from implicitbilevel import MFAC, MINRES, BilevelProblem, ProximalL2
 from implicitbilevel.bissl import bissl_upper_loss
-from implicitbilevel.mfac import observe_lower_gradient
 from implicitbilevel.tree import tree_norm, tree_sub
 from recipes.common.appendix_g import appendix_g_parts
 
@@ -78,8 +77,8 @@ def _mfac_problem(net: Any, mu: float, m: int = 20) -> BilevelProblem:
     for _ in range(m):
         idx = torch.randperm(size, generator=g)[: size // 2]
         half = tuple(t[idx] for t in net.lower_batch)
-        observe_lower_gradient(problem, net.upper, net.lower,
-                               problem.lower_grad(net.upper, net.lower, half))
+        problem.observe_lower_gradient(net.upper, net.lower,
+                                       problem.lower_grad(net.upper, net.lower, half))
     return problem
 
 

@@ -112,7 +112,7 @@ def hvp_and_solver_costs(w: LossWorkload, mu: float, repeats: int, warmup: int =
 
     Returns per-quantity ratios to the gradient's time and the solver-overhead fractions:
 
-    - ``forward-over-reverse``, ``reverse-over-reverse``: one :func:`implicitbilevel.hessian`;
+    - ``forward-over-reverse``, ``reverse-over-reverse``: one :func:`implicitbilevel.curvature.hessian`;
     - ``kept-graph``: one product of ``HessianOperator(reuse=True)`` (graph already built);
       ``kept-graph build``: building that operator (the gradient with ``create_graph=True``);
     - ``cg5``/``neumann5``: one ``CG(max_iter=5)`` / ``Neumann(max_iter=5)`` solve of

@@ -4,7 +4,7 @@
 
 Two ranks (gloo on CPU, or NCCL with one GPU per rank) each hold a ResNet-18 (random init, train
 mode, 32x32 images, ``--batch`` per rank) twice: with plain BatchNorm and converted by
-:func:`~implicitbilevel.sync_batchnorm.convert_sync_batchnorm`. Per rank, interleaved as in
+:func:`~implicitbilevel.parallel.sync_batchnorm.convert_sync_batchnorm`. Per rank, interleaved as in
 ``benchmarks/run.py``, it times a gradient, the kept first-order graph's build (the gradient with
 ``create_graph=True``) and one Hessian-vector product on that graph, and reports the median
 SyncBatchNorm/BatchNorm time ratio of each. The gradient averaging across ranks, the same for
@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 from benchmarks.measure import paired_times, ratio  # noqa: E402
 from benchmarks.workloads import _classification_loss, _cnn  # noqa: E402
 from implicitbilevel import HessianOperator  # noqa: E402
-from implicitbilevel.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
+from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 
 
 def _free_port() -> int:

@@ -1,28 +1,37 @@
 """implicitbilevel: implicit differentiation through bilevel problems in PyTorch.
 
-The pieces, bottom to top: parameter-dict arithmetic (:mod:`implicitbilevel.tree`), Hessian-vector
-products on ``torch.func`` (:mod:`implicitbilevel.hessian`), linear solvers over parameter dicts
-(:mod:`implicitbilevel.solvers`: CG, MINRES, Neumann, dense), generalised Gauss–Newton curvature
-(:mod:`implicitbilevel.gauss_newton`), randomized Nyström curvature reused across solves
-(:mod:`implicitbilevel.nystrom`), the M-FAC empirical-Fisher solve
-(:mod:`implicitbilevel.mfac`), the implicit-Jacobian operator (:mod:`implicitbilevel.system`),
-λ schedules (:mod:`implicitbilevel.schedules`), regularisers
-(:mod:`implicitbilevel.regularizers`), the :class:`BilevelProblem` (:mod:`implicitbilevel.problem`),
-the differentiable :func:`argmin` (:mod:`implicitbilevel.implicit_argmin`, the same implicit step
-for an inner problem solved by any means) and the BiSSL trainer (:mod:`implicitbilevel.bissl`).
-Data-parallel runs use :mod:`implicitbilevel.distributed` (bucketed all-reduce and broadcast) and
-:mod:`implicitbilevel.sync_batchnorm` (BatchNorm over all ranks, twice differentiable).
+The package is layered, each layer knowing only those below it:
+
+1. :mod:`implicitbilevel.tree`: arithmetic on parameter dicts ``{name: Tensor}``.
+2. :mod:`implicitbilevel.curvature`: products with the lower-level curvature (the exact Hessian on
+   ``torch.func``, the generalised Gauss–Newton matrix), one tangent or ``k`` batched.
+3. :mod:`implicitbilevel.solvers`: linear solvers over parameter dicts (CG, MINRES, Neumann,
+   dense, Nyström, M-FAC), each preparing once per operator and solving per right-hand side.
+4. :mod:`implicitbilevel.implicit_jacobian`: the implicit-Jacobian system, its settings
+   (:class:`ImplicitJacobian`) and the one implicit step shared by the two entry points below.
+5. :class:`BilevelProblem` (:mod:`implicitbilevel.problem`) and the differentiable :func:`argmin`
+   (:mod:`implicitbilevel.implicit_argmin`), with regularisers (:mod:`implicitbilevel.regularizers`)
+   and λ constant, scheduled or learnable (:mod:`implicitbilevel.lam`); what they return is in
+   :mod:`implicitbilevel.results`, what they raise in :mod:`implicitbilevel.errors`.
+6. :mod:`implicitbilevel.bissl`: the BiSSL trainer (thesis Algorithm 2) with its batch stacks,
+   run state, log and checkpoints; :mod:`implicitbilevel.parallel`: all-reduce helpers and a
+   twice-differentiable SyncBatchNorm for data-parallel runs.
 """
 
-from .gauss_newton import GaussNewton, GaussNewtonOperator
-from .hessian import HessianOperator, HVPMode, HVPModeError, functional_module, hvp, in_hvp
+from .curvature import (
+    CurvatureOperator,
+    GaussNewton,
+    GaussNewtonOperator,
+    HessianOperator,
+    HVPMode,
+    functional_module,
+    hvp,
+    in_hvp,
+)
+from .errors import CheckpointError, HVPModeError, NonFiniteError, SolverBreakdownError
 from .implicit_argmin import ArgminSolve, argmin
-from .mfac import MFAC, GradientWindow
-from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
-from .problem import BilevelProblem, LowerGradient, NonFiniteError, UpperGradient, assign_grads
-from .regularizer_sum import SumRegularizer
-from .regularizers import BaseRegularizer, ProximalL2, Regularizer
-from .schedules import (
+from .implicit_jacobian import IJSystem, ImplicitJacobian
+from .lam import (
     ConstantSchedule,
     CosineDecay,
     CosineIncrease,
@@ -30,10 +39,24 @@ from .schedules import (
     LambdaSchedule,
     LearnableLambda,
 )
-from .solvers import CG, Dense, LinearSolver, Neumann, SolveInfo, SolverBreakdownError
-from .solvers.minres import MINRES
+from .problem import BilevelProblem
+from .regularizers import BaseRegularizer, ProximalL2, Regularizer, SumRegularizer
+from .results import LowerGradient, UpperGradient, assign_grads
+from .solvers import (
+    CG,
+    MFAC,
+    MINRES,
+    Dense,
+    GradientWindow,
+    LinearSolver,
+    LowRank,
+    Neumann,
+    NystromPreconditioner,
+    NystromSolver,
+    SolveInfo,
+    nystrom_approximation,
+)
 from .subset import IJSubset
-from .system import IJSystem
 from .tree import Params
 
 __version__ = "0.1.0"
@@ -43,9 +66,11 @@ __all__ = [
     "ArgminSolve",
     "BaseRegularizer",
     "BilevelProblem",
+    "CheckpointError",
     "ConstantSchedule",
     "CosineDecay",
     "CosineIncrease",
+    "CurvatureOperator",
     "Dense",
     "ExponentialIncrease",
     "GaussNewton",
@@ -56,6 +81,7 @@ __all__ = [
     "HessianOperator",
     "IJSubset",
     "IJSystem",
+    "ImplicitJacobian",
     "LambdaSchedule",
     "LearnableLambda",
     "LinearSolver",

@@ -21,12 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteError
+
 __all__ = [
     "check_bool",
     "check_coupled",
     "check_distinct_levels",
     "check_int",
     "name_list",
+    "require_finite",
     "require_finite_grads",
 ]
 
@@ -99,8 +102,6 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
 def require_finite_grads(grads: Mapping[str, Tensor], what: str, t: int | None = None) -> None:
     """Raise :class:`NonFiniteError` naming the first non-finite entry of ``grads`` (one host
     synchronisation for the whole dict)."""
-    from .gradients import NonFiniteError  # the solvers import this module; gradients them
-
     if not grads:
         return
     device = next(iter(grads.values())).device
@@ -110,3 +111,11 @@ def require_finite_grads(grads: Mapping[str, Tensor], what: str, t: int | None =
     name = list(grads)[int((~finite).nonzero()[0])]
     where = "" if t is None else f" at alternation {t}"
     raise NonFiniteError(f"non-finite {what} of {name!r}{where}")
+
+
+def require_finite(value: Tensor, what: str, t: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` (and alternation ``t``) unless finite."""
+    value = value.detach()
+    if not bool(torch.isfinite(value)):
+        where = "" if t is None else f" at alternation {t}"
+        raise NonFiniteError(f"non-finite {what} ({float(value)}){where}")

@@ -34,33 +34,32 @@ loss, ``torch.optim`` on ``x``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._implicit import (
-    check_curvature,
-    check_policy,
-    check_solver,
+from ._checks import require_finite
+from .curvature.hessian import _hvp_context
+from .implicit_jacobian import (
+    IJSystem,
+    ImplicitJacobian,
     curvature_operator,
+    from_legacy,
     implicit_step,
 )
-from .gauss_newton import GaussNewton
-from .gradients import require_finite
-from .hessian import HVPMode, _hvp_context
 from .regularizers import Regularizer
-from .solvers import CG, LinearSolver, SolveInfo
-from .system import IJSystem
+from .solvers.base import LinearSolver, SolveInfo
+from .solvers.cg import CG
 from .tree import Params, tree_norm, tree_scale, tree_sub
 
 __all__ = ["ArgminSolve", "argmin"]
 
 InnerObjective = Callable[..., Tensor]
+_ARGMIN_LEGACY = ("solver", "curvature", "hvp_mode", "reuse_graph", "damping", "on_breakdown")
 
 
 @dataclass
@@ -97,12 +96,8 @@ class _Spec:
     y_names: list[str]
     x_names: list[str]
     args: tuple
+    ij: ImplicitJacobian
     solver: LinearSolver
-    curvature: Any
-    hvp_mode: HVPMode
-    reuse_graph: bool
-    damping: float
-    on_breakdown: str
     check_finite: bool
     reducer: Callable[[Mapping[Any, Tensor]], dict]
     on_solve: Callable[[ArgminSolve], Any] | None
@@ -138,14 +133,14 @@ def _implicit_backward(
     """``dL/dx`` over ``wanted`` for the cotangent ``dL/dy*`` (the module docstring's equation)."""
     objective, args = spec.objective, spec.args
     rhs = spec.reducer({n: cotangent[n].to(y[n].dtype) for n in spec.y_names})
-    operator = curvature_operator(objective, spec.curvature, y, (x, *args), embed=lambda s: s,
-                                  mode=spec.hvp_mode, reuse=spec.reuse_graph)
+    ij = spec.ij
+    operator = curvature_operator(objective, ij.curvature, y, (x, *args), embed=lambda s: s,
+                                  mode=ij.hvp_mode, reuse=ij.reuse_graph)
     if spec.check_finite and operator.loss is not None:
         require_finite(operator.loss, "inner objective")
-    if spec.damping > 0:  # (H + δI) u = v  ⇔  (I + H/δ) u = v/δ: the form the Nyström solvers take
-        system = IJSystem(operator, spec.damping, identity=spec.y_names,
-                                 reducer=spec.reducer)
-        rhs = tree_scale(rhs, 1.0 / spec.damping)
+    if ij.damping > 0:  # (H + δI) u = v  ⇔  (I + H/δ) u = v/δ: the form the Nyström solvers take
+        system = IJSystem(operator, ij.damping, identity=spec.y_names, reducer=spec.reducer)
+        rhs = tree_scale(rhs, 1.0 / ij.damping)
     else:
         system = IJSystem(operator, 1.0, identity=[], reducer=spec.reducer)
 
@@ -159,7 +154,7 @@ def _implicit_backward(
             mixed = coupling.mixed_vjp({n: x[n] for n in wanted}, y, u)
         return spec.reducer(mixed)
 
-    step = implicit_step(system, rhs, spec.solver, mixed_vjp, on_breakdown=spec.on_breakdown,
+    step = implicit_step(system, rhs, spec.solver, mixed_vjp, on_breakdown=ij.on_breakdown,
                          check_finite=spec.check_finite, where="argmin implicit solve",
                          stacklevel=3)
     grads = {n: (-step.mixed[n]).to(x[n].dtype) for n in wanted}
@@ -192,15 +187,11 @@ def argmin(
     y: Mapping[str, Tensor],
     x: Mapping[str, Tensor],
     *args: Any,
-    solver: LinearSolver | None = None,
-    curvature: Literal["hessian"] | GaussNewton = "hessian",
-    hvp_mode: HVPMode = "auto",
-    reuse_graph: bool = True,
-    damping: float = 0.0,
-    on_breakdown: Literal["raise", "warn", "ignore"] = "raise",
+    ij: ImplicitJacobian | LinearSolver | None = None,
     check_finite: bool = True,
     reducer: Callable[[Mapping[Any, Tensor]], dict] | None = None,
     on_solve: Callable[[ArgminSolve], Any] | None = None,
+    **legacy: Any,
 ) -> dict[str, Tensor]:
     """``y*(x) = argmin_y g(y, x, *args)``, differentiable in ``x`` by the implicit function
     theorem.
@@ -217,22 +208,30 @@ def argmin(
         x: the outer variables; the entries that require grad receive gradients.
         *args: further arguments of ``g`` (the batch), held fixed; they receive no gradient (a
             tensor that requires grad here raises: pass it in ``x``).
-        solver: for ``[∇²_yy g + δI] u = dL/dy*``: :class:`~implicitbilevel.CG` (default
-            ``CG(max_iter=100, tol=1e-6)``, for a positive definite Hessian),
-            :class:`~implicitbilevel.MINRES` (indefinite), :class:`~implicitbilevel.Neumann`,
-            :class:`~implicitbilevel.Dense`, and, with ``damping > 0`` (the system is then
-            ``I + H/δ``), :class:`~implicitbilevel.NystromSolver` or CG with a
-            :class:`~implicitbilevel.NystromPreconditioner`.
-        curvature: ``"hessian"`` (exact ``∇²_yy g``) or a :class:`~implicitbilevel.GaussNewton`
-            with ``outputs(y, x, *args)`` and ``output_loss(z, x, *args)`` (``g`` must equal their
-            composition; the mixed term always uses ``g`` itself).
-        hvp_mode: how Hessian-vector products are formed when not reusing a graph.
-        reuse_graph: build ``g``'s first-order graph once per backward pass and reuse it for every
-            product (:class:`~implicitbilevel.HessianOperator`).
-        damping: ``δ ≥ 0`` added to the inner Hessian (a ridge on the implicit system, as in
-            Algorithm 3); 0 is the exact gradient.
-        on_breakdown: ``"raise"`` a :class:`~implicitbilevel.SolverBreakdownError` (out of
-            ``backward()``), ``"warn"`` and use the iterate reached, or ``"ignore"``.
+        ij: how ``[∇²_yy g + δI] u = dL/dy*`` is formed and solved, an
+            :class:`~implicitbilevel.ImplicitJacobian` (its ``solve_over``, ``head_damping`` and
+            ``subset`` are for bilevel problems and must keep their defaults here):
+
+            - ``solver``: :class:`~implicitbilevel.CG` (default ``CG(max_iter=100, tol=1e-6)``,
+              for a positive definite Hessian), :class:`~implicitbilevel.MINRES` (indefinite),
+              :class:`~implicitbilevel.Neumann`, :class:`~implicitbilevel.Dense`, and, with
+              ``damping > 0`` (the system is then ``I + H/δ``),
+              :class:`~implicitbilevel.NystromSolver` or CG with a
+              :class:`~implicitbilevel.NystromPreconditioner`;
+            - ``curvature``: ``"hessian"`` (exact ``∇²_yy g``) or a
+              :class:`~implicitbilevel.GaussNewton` with ``outputs(y, x, *args)`` and
+              ``output_loss(z, x, *args)`` (``g`` must equal their composition; the mixed term
+              always uses ``g`` itself);
+            - ``hvp_mode`` and ``reuse_graph``: how products are taken (``reuse_graph`` builds
+              ``g``'s first-order graph once per backward pass);
+            - ``damping``: ``δ ≥ 0`` added to the inner Hessian (a ridge on the implicit system,
+              as in Algorithm 3); 0 is the exact gradient;
+            - ``on_breakdown``: ``"raise"`` a :class:`~implicitbilevel.SolverBreakdownError` (out
+              of ``backward()``), ``"warn"`` and use the iterate reached, or ``"ignore"``.
+
+            The keywords ``solver``, ``curvature``, ``hvp_mode``, ``reuse_graph``, ``damping``
+            and ``on_breakdown`` of earlier releases are still accepted with a
+            ``DeprecationWarning``.
         check_finite: raise :class:`~implicitbilevel.NonFiniteError` on a NaN/inf objective or
             solution.
         reducer: averages ``dL/dy*``, every curvature product and the mixed product across
@@ -252,12 +251,14 @@ def argmin(
     floats = [n for n, t in y.items() if not t.is_floating_point()]
     if floats:
         raise TypeError(f"the inner variables must be floating-point tensors; {floats[:5]} are not")
-    solver = CG(max_iter=100, tol=1e-6) if solver is None else solver
-    check_solver(solver, "solver")
-    check_curvature(curvature)
-    check_policy(on_breakdown)
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    spec_ij = from_legacy(ij, legacy, "argmin", allowed=_ARGMIN_LEGACY)
+    bilevel_only = [name for name, value in (("solve_over", spec_ij.solve_over != "coupled"),
+                                             ("head_damping", spec_ij.head_damping != 0),
+                                             ("subset", spec_ij.subset is not None)) if value]
+    if bilevel_only:
+        raise ValueError(f"argmin solves over every inner variable: ImplicitJacobian's "
+                         f"{bilevel_only} apply to bilevel problems only")
+    solver = CG(max_iter=100, tol=1e-6) if spec_ij.solver is None else spec_ij.solver
     grad_args = _args_requiring_grad(args)
     if grad_args:
         raise ValueError(
@@ -273,8 +274,7 @@ def argmin(
                          f"got {shape}; reduce it (e.g. .mean()) first")
     if check_finite:
         require_finite(value, "inner objective")
-    spec = _Spec(objective, list(y), list(x), args, solver, curvature, hvp_mode, reuse_graph,
-                 float(damping), on_breakdown, check_finite,
+    spec = _Spec(objective, list(y), list(x), args, spec_ij, solver, check_finite,
                  reducer if reducer is not None else dict, on_solve)
     outputs = _Argmin.apply(spec, *x.values(), *y.values())
     return dict(zip(spec.y_names, outputs))

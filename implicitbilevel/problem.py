@@ -18,17 +18,20 @@ With ``λ_damp = 0`` this is eq. 3.2-3.3 exactly (``G``'s Hessian is ``λ`` time
 the proximal regulariser ``r = ½‖θ_D − θ_P‖²`` the bracket is ``I + H/μ`` and the mixed term is
 ``+u`` (eq. 4.8-4.9); ``λ_damp > 0`` is the damped operator of Algorithm 3.
 
-- ``S`` = the coupled variables (``solve_over="coupled"``, default; the pretext head is held fixed,
-  Prop. 4.2), or every lower variable (``solve_over="all"``: the concatenated head, Sec. 5.3.4,
-  Cor. 5.6, where the bracket becomes ``diag(I, 0) + H_ω/μ``, indefinite in general, so the default
-  solver there is :class:`~implicitbilevel.MINRES`; ``head_damping = ε`` adds ``εI`` on the head
-  block).
-- ``ij_subset`` restricts ``S`` to named variables (the BatchNorm affine parameters, Sec. 9.1),
+How the system is formed and solved is one value, ``ij=``
+:class:`~implicitbilevel.ImplicitJacobian`; its fields below are written ``ij.<field>``.
+
+- ``S`` = the coupled variables (``ij.solve_over="coupled"``, default; the pretext head is held
+  fixed, Prop. 4.2), or every lower variable (``ij.solve_over="all"``: the concatenated head, Sec.
+  5.3.4, Cor. 5.6, where the bracket becomes ``diag(I, 0) + H_ω/μ``, indefinite in general, so the
+  default solver there is :class:`~implicitbilevel.MINRES`; ``ij.head_damping = ε`` adds ``εI``
+  on the head block).
+- ``ij.subset`` restricts ``S`` to named variables (the BatchNorm affine parameters, Sec. 9.1),
   the curvature elsewhere taken as zero: ``u = v`` (or ``0``) on the other coupled names
   (:mod:`implicitbilevel.subset`).
-- ``∇²_yy ℓ`` is the exact Hessian (``curvature="hessian"``) or, for a lower loss given as
+- ``∇²_yy ℓ`` is the exact Hessian (``ij.curvature="hessian"``) or, for a lower loss given as
   ``ℓ(y) = L(z(y))`` with ``L`` convex in the outputs ``z``, the generalised Gauss–Newton matrix
-  ``Jᵀ∇²L J`` (``curvature=GaussNewton(outputs, output_loss)``), positive semi-definite by
+  ``Jᵀ∇²L J`` (``ij.curvature=GaussNewton(outputs, output_loss)``), positive semi-definite by
   construction, so ``I + G/μ`` is positive definite and CG converges.
 - A learnable ``λ = σ(ρ)`` makes ``ρ`` a parameter of the problem itself
   (:attr:`~BilevelProblem.params`, ``{"lam.rho": ρ}``), optimised with the upper level. Its
@@ -45,39 +48,30 @@ problem's own :attr:`~BilevelProblem.params`), ready for ``torch.optim``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._checks import check_distinct_levels, require_finite_grads
-from ._implicit import (
-    check_curvature,
-    check_policy,
-    check_solver,
+from ._autograd import check_loss, grads_of, leaves
+from ._checks import check_distinct_levels, require_finite, require_finite_grads
+from .curvature.gauss_newton import GaussNewtonOperator
+from .curvature.hessian import HessianOperator
+from .errors import NonFiniteError
+from .implicit_jacobian import (
+    IJSystem,
+    ImplicitJacobian,
     curvature_operator,
+    from_legacy,
     implicit_step,
 )
-from .gauss_newton import GaussNewton, GaussNewtonOperator
-from .gradients import (
-    LAM_RHO,
-    LowerGradient,
-    NonFiniteError,
-    UpperGradient,
-    assign_grads,
-    check_loss,
-    grads_of,
-    leaves,
-    require_finite,
-)
-from .hessian import HessianOperator, HVPMode
+from .lam import LambdaSchedule, LearnableLambda, as_lambda
 from .regularizers import BaseRegularizer, ProximalL2
-from .schedules import LambdaSchedule, LearnableLambda, as_lambda
-from .solvers import CG, LinearSolver
+from .results import LAM_RHO, LowerGradient, UpperGradient, assign_grads
+from .solvers.base import LinearSolver
+from .solvers.cg import CG
 from .solvers.minres import MINRES
-from .subset import IJSubset, Outside
-from .system import IJSystem
 from .tree import Params, tree_axpy, tree_dot
 
 __all__ = [
@@ -105,33 +99,19 @@ class BilevelProblem:
             becomes the problem parameter ``"lam.rho"``, see ``params`` below).
         regularizer: the coupling ``r(x, y)``; default :class:`ProximalL2` over every name the two
             levels share.
-        damping: ``λ_damp ≥ 0``; the implicit Jacobian is evaluated with ``μ = λ + λ_damp``
-            (Algorithm 3; thesis default 10, 0 for the exact hypergradient). A learnable λ's
-            gradient uses it too unless the :class:`~implicitbilevel.LearnableLambda` has a
-            ``damping`` of its own.
-        ij: the linear solver for the implicit-Jacobian system (:class:`CG`,
-            :class:`~implicitbilevel.MINRES`, :class:`Neumann`, :class:`Dense`,
-            :class:`~implicitbilevel.NystromSolver`, or CG/MINRES with a
-            :class:`~implicitbilevel.NystromPreconditioner`). Default: ``CG()`` over the coupled
-            variables, ``MINRES()`` over all of them.
-        solve_over: ``"coupled"`` (Prop. 4.2, the pretext head held fixed) or ``"all"`` (the
-            concatenated head, Sec. 5.3.4).
-        head_damping: ``ε ≥ 0`` added on the head block with ``solve_over="all"`` (the system is
-            then ``diag(I, εI) + H_ω/μ``; 0 in the thesis).
-        curvature: ``"hessian"`` (exact) or a :class:`~implicitbilevel.GaussNewton` splitting the
-            lower loss into outputs and a convex output loss (positive semi-definite curvature).
-        ij_subset: solve over a subset ``S`` of the solved names only (names, or a predicate
-            ``name -> bool``), the curvature outside ``S × S`` taken as zero (Sec. 9.1; see
-            :mod:`implicitbilevel.subset`). ``None``: every solved name.
-        ij_outside: with ``ij_subset``, ``u`` on the coupled names outside ``S``: ``"identity"``
-            (``u = v``) or ``"zero"`` (held fixed, ``u = 0``).
-        hvp_mode: how curvature products are formed: for the exact Hessian when not reusing a
-            graph; for Gauss–Newton also how ``J t`` is taken on the kept graph.
-        reuse_graph: build the first-order graph of ``ℓ`` once per solve (or per
-            :meth:`lower_hessian`) and reuse it for every product (faster, more memory; see
-            :mod:`implicitbilevel.hessian`).
-        on_breakdown: ``"raise"`` a :class:`SolverBreakdownError`, ``"warn"`` and use the iterate
-            reached, or ``"ignore"`` (the diagnostics are in :class:`UpperGradient` either way).
+        ij: how the implicit-Jacobian system is formed and solved, an
+            :class:`~implicitbilevel.ImplicitJacobian`: the solver (default ``CG()`` over the
+            coupled variables, ``MINRES()`` over all of them), ``damping`` ``λ_damp`` (the system
+            is evaluated with ``μ = λ + λ_damp``, Algorithm 3; thesis default 10, 0 for the exact
+            hypergradient; a learnable λ's gradient uses it too unless the
+            :class:`~implicitbilevel.LearnableLambda` has a ``damping`` of its own), the
+            curvature (exact Hessian or Gauss–Newton), ``solve_over`` (``"coupled"``, Prop. 4.2,
+            or ``"all"``, the concatenated head, Sec. 5.3.4) with ``head_damping``, a ``subset``
+            of the solved names (Sec. 9.1), the product mode, graph reuse and the breakdown
+            policy. A bare :class:`~implicitbilevel.LinearSolver`, and the keywords ``damping``,
+            ``solve_over``, ``head_damping``, ``curvature``, ``ij_subset``, ``ij_outside``,
+            ``hvp_mode``, ``reuse_graph`` and ``on_breakdown`` of earlier releases, are still
+            accepted with a ``DeprecationWarning``.
         check_finite: raise :class:`NonFiniteError` on a NaN/inf loss, solution or returned
             gradient, naming it (one host synchronisation per check).
         reducer: averages batch-dependent dicts across data-parallel ranks (gradients of ``ℓ`` and
@@ -148,52 +128,26 @@ class BilevelProblem:
         *,
         lam: float | LambdaSchedule | LearnableLambda,
         regularizer: BaseRegularizer | None = None,
-        damping: float = 0.0,
-        ij: LinearSolver | None = None,
-        solve_over: Literal["coupled", "all"] = "coupled",
-        head_damping: float = 0.0,
-        curvature: Literal["hessian"] | GaussNewton = "hessian",
-        ij_subset: Iterable[str] | Callable[[str], bool] | None = None,
-        ij_outside: Outside = "identity",
-        hvp_mode: HVPMode = "auto",
-        reuse_graph: bool = True,
-        on_breakdown: Literal["raise", "warn", "ignore"] = "raise",
+        ij: ImplicitJacobian | LinearSolver | None = None,
         check_finite: bool = True,
         reducer: Callable[[Mapping[Any, Tensor]], dict] | None = None,
+        **legacy: Any,
     ) -> None:
         self.upper_loss = upper_loss
         self.lower_loss = lower_loss
         self.lam = as_lambda(lam)
         self.regularizer = ProximalL2() if regularizer is None else regularizer
-        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"damping (λ_damp) must be a finite number >= 0, got {damping!r}")
-        self.damping = float(damping)
-        if solve_over not in ("coupled", "all"):
-            raise ValueError(f"solve_over must be 'coupled' or 'all', got {solve_over!r}")
-        self.solve_over = solve_over
-        if not (isinstance(head_damping, (int, float)) and math.isfinite(head_damping)
-                and head_damping >= 0):
-            raise ValueError(f"head_damping must be a finite number >= 0, got {head_damping!r}")
-        if head_damping and solve_over != "all":
-            raise ValueError("head_damping applies to the head block, which is only solved over "
-                             "with solve_over='all'")
-        self.head_damping = float(head_damping)
-        check_curvature(curvature)
-        self.curvature = curvature
-        self.ij_subset = None if ij_subset is None else IJSubset(ij_subset, ij_outside)
-        if (self.ij_subset is not None and ij_outside == "identity"
+        self.ij = from_legacy(ij, legacy, "BilevelProblem")
+        self.ij_subset = self.ij.ij_subset()
+        if (self.ij_subset is not None and self.ij.outside == "identity"
                 and not self.regularizer.identity_lower_hessian):
-            raise ValueError("ij_outside='identity' (u = v outside ij_subset) solves the system "
+            raise ValueError("outside='identity' (u = v outside the subset) solves the system "
                              "only where the regulariser's lower Hessian is the identity "
-                             "(ProximalL2); use ij_outside='zero' with this regulariser")
-        if ij is None:
-            ij = CG() if solve_over == "coupled" else MINRES()
-        check_solver(ij, "ij")
-        self.ij = ij
-        check_policy(on_breakdown)
-        self.hvp_mode = hvp_mode
-        self.reuse_graph = reuse_graph
-        self.on_breakdown = on_breakdown
+                             "(ProximalL2); use ImplicitJacobian(outside='zero') with this "
+                             "regulariser")
+        solver = self.ij.solver
+        self.solver: LinearSolver = solver if solver is not None else (
+            CG() if self.ij.solve_over == "coupled" else MINRES())
         self.check_finite = check_finite
         self.reducer = reducer if reducer is not None else dict
 
@@ -230,7 +184,7 @@ class BilevelProblem:
         return names if self.ij_subset is None else self.ij_subset.names(names)
 
     def _solve_names(self, coupled: list[str], lower: Mapping[str, Tensor]) -> list[str]:
-        if self.solve_over == "all":
+        if self.ij.solve_over == "all":
             known = set(coupled)
             return coupled + [n for n in lower if n not in known]
         return coupled
@@ -264,7 +218,7 @@ class BilevelProblem:
     ) -> HessianOperator | GaussNewtonOperator:
         """The curvature ``z ↦ ∇²_yy ℓ(y) z`` over :meth:`solve_names` at ``lower`` and ``batch``.
 
-        The exact Hessian, or the Gauss–Newton matrix with ``curvature=GaussNewton(...)``.
+        The exact Hessian, or the Gauss–Newton matrix with ``ij.curvature=GaussNewton(...)``.
 
         Build it once and pass it to :meth:`upper_grad` for every upper step that shares the lower
         point and batch (in BiSSL: all ``N_U`` steps of an alternation). With ``reuse_graph`` it
@@ -274,14 +228,35 @@ class BilevelProblem:
         names = self.solve_names(upper, lower)
         fixed = {n: p.detach() for n, p in lower.items()}
         operator = curvature_operator(
-            self.lower_loss, self.curvature, {n: fixed[n] for n in names}, (batch,),
-            embed=lambda sub: {**fixed, **sub}, mode=self.hvp_mode, reuse=self.reuse_graph,
+            self.lower_loss, self.ij.curvature, {n: fixed[n] for n in names}, (batch,),
+            embed=lambda sub: {**fixed, **sub}, mode=self.ij.hvp_mode, reuse=self.ij.reuse_graph,
         )
         # The regulariser at this lower batch (itself unless it reads data), for the upper steps.
         operator.memo["regularizer"] = self.regularizer.bind(batch)
         if self.check_finite and operator.loss is not None:
             require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
+
+    def observe_lower_gradient(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor],
+                               lower_gradient: LowerGradient) -> None:
+        """Send ``∇_y ℓ`` over the solved names to the solver, if it observes gradients
+        (:attr:`LinearSolver.observes_gradients <implicitbilevel.LinearSolver.observes_gradients>`:
+        :class:`~implicitbilevel.MFAC`); otherwise nothing is computed.
+
+        ``lower_gradient`` is :meth:`lower_grad`'s result at ``(upper, lower)``,
+        ``∇_y ℓ + λ ∇_y r`` (Algorithm 2 line 6); the regulariser's part is taken off, so the
+        solver sees gradients of the lower loss alone (whose Fisher stands in for its Hessian).
+        Call it before the lower optimiser steps (the point must be the one of the gradient).
+        """
+        if not self.solver.observes_gradients:
+            return
+        x = {n: p.detach() for n, p in upper.items()}
+        y = {n: p.detach() for n, p in lower.items()}
+        grads = {n: lower_gradient.grads[n] for n in self.solve_names(x, y)}
+        reg = self.regularizer.lower_grad(x, y)
+        grads.update(tree_axpy(-lower_gradient.lam, {n: reg[n] for n in reg if n in grads},
+                               grads))
+        self.solver.observe(grads)
 
     # -- the upper level ---------------------------------------------------------------------
 
@@ -309,7 +284,7 @@ class BilevelProblem:
             lower_hessian: a :meth:`lower_hessian` operator to reuse.
         """
         lam = self.lam_at(t)
-        mu = lam + self.damping
+        mu = lam + self.ij.damping
         clash = sorted(set(upper) & set(self.params))
         if clash:
             raise ValueError(f"the upper variables must not contain the problem's own parameters "
@@ -347,8 +322,8 @@ class BilevelProblem:
 
         system = self.system(x, y, lower_hessian, mu, coupled)
         step = implicit_step(
-            system, v, self.ij, lambda u_: reg.mixed_vjp(x, y, complete(u_)),
-            on_breakdown=self.on_breakdown, check_finite=self.check_finite,
+            system, v, self.solver, lambda u_: reg.mixed_vjp(x, y, complete(u_)),
+            on_breakdown=self.ij.on_breakdown, check_finite=self.check_finite,
             where="implicit-Jacobian solve", t=t, stacklevel=2,
         )
         u, info = step.u, step.info
@@ -358,11 +333,11 @@ class BilevelProblem:
             # eq. 5.6: −σ'(ρ)/(σ(ρ) + λ_damp^ρ) ⟨∇_y r, u⟩, u from the solve above (damped with μ).
             reg_grad, u_all = reg.lower_grad(x, y), complete(u)
             inner = tree_dot({n: reg_grad[n] for n in reg_grad if n in u_all}, u_all)
-            scale = self.lam.gradient_scale(self.damping)
+            scale = self.lam.gradient_scale(self.ij.damping)
             grad_x[LAM_RHO] = (-scale * inner).to(self.lam.rho.dtype)
         if self.check_finite:
             require_finite_grads(grad_x, "upper-level gradient (hypergradient)", t)
-        return UpperGradient(grad_x, loss.detach(), u, info, lam, v, system)
+        return UpperGradient(grad_x, loss.detach(), u, info, lam, v, system, step.prepare_seconds)
 
     def system(
         self,
@@ -388,7 +363,7 @@ class BilevelProblem:
                 return reg.lower_hvp(upper, lower, z)
 
         return IJSystem(lower_hessian, mu, identity=identity, lower_hvp=lower_hvp,
-                        ridge=self.head_damping, ridge_names=uncoupled, reducer=self.reducer)
+                        ridge=self.ij.head_damping, ridge_names=uncoupled, reducer=self.reducer)
 
     def _average(self, grads: dict, loss: Tensor) -> tuple[dict, Tensor]:
         """Average gradients and the loss across ranks in one collective call."""

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` importable
 import torch
 from torch import nn
 
-from implicitbilevel.optim import LARS, lars_param_groups
+from implicitbilevel.bissl.lars import LARS, lars_param_groups
 from recipes.common.cli import main as cli_main
 from recipes.common.finetune import Objective
 from recipes.common.pipeline import Recipe

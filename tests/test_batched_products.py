@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from implicitbilevel.hessian import HessianOperator, functional_module
+from implicitbilevel.curvature.hessian import HessianOperator, functional_module
 
-products_module = importlib.import_module("implicitbilevel._products")
+products_module = importlib.import_module("implicitbilevel.curvature.base")
 
 DT = torch.float64
 MODES = ["auto", "forward-over-reverse", "reverse-over-reverse"]

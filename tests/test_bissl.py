@@ -32,7 +32,7 @@ from implicitbilevel import (
     functional_module,
 )
 from implicitbilevel.bissl import BatchStack, BiSSLConfig, BiSSLTrainer, bissl_upper_loss
-from implicitbilevel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from implicitbilevel.bissl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 D = torch.float64
 

@@ -23,8 +23,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from implicitbilevel import CG, BilevelProblem, LearnableLambda, ProximalL2, functional_module
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
-from implicitbilevel.checkpoint import load_checkpoint
-from implicitbilevel.distributed import AllReduceMean, _buckets
+from implicitbilevel.bissl.checkpoint import load_checkpoint
+from implicitbilevel.parallel.distributed import AllReduceMean, _buckets
 
 D = torch.float64
 

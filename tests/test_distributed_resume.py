@@ -16,8 +16,8 @@ import torch
 from ranks import run_ranks
 from test_distributed import _models, _trainer
 
-from implicitbilevel.checkpoint import load_checkpoint
-from implicitbilevel.distributed import AllReduceMean
+from implicitbilevel.bissl.checkpoint import load_checkpoint
+from implicitbilevel.parallel.distributed import AllReduceMean
 
 ALTERNATIONS = 6
 

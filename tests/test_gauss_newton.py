@@ -1,4 +1,4 @@
-"""Tests of :mod:`implicitbilevel.gauss_newton` against dense Gauss–Newton matrices.
+"""Tests of :mod:`implicitbilevel.curvature.gauss_newton` against dense Gauss–Newton matrices.
 
 Every reference is built independently of the library: the parameter dict is flattened by hand
 into one float64 vector, ``J = ∂z/∂θ`` is materialised by ``torch.autograd.functional.jacobian``
@@ -41,11 +41,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from implicitbilevel.gauss_newton import GaussNewton, GaussNewtonOperator
-from implicitbilevel.hessian import HessianOperator, HVPModeError, functional_module
+from implicitbilevel.curvature.gauss_newton import GaussNewton, GaussNewtonOperator
+from implicitbilevel.curvature.hessian import HessianOperator, HVPModeError, functional_module
 
-gn_module = importlib.import_module("implicitbilevel.gauss_newton")
-products_module = importlib.import_module("implicitbilevel._products")
+gn_module = importlib.import_module("implicitbilevel.curvature.gauss_newton")
+products_module = importlib.import_module("implicitbilevel.curvature.base")
 
 DT = torch.float64
 MODES = ["auto", "forward-over-reverse", "reverse-over-reverse"]

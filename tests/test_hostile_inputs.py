@@ -15,7 +15,7 @@ from test_bissl import _Pair
 import implicitbilevel as ib
 import implicitbilevel.bissl
 from implicitbilevel.bissl import BiSSLTrainer
-from implicitbilevel.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from implicitbilevel.bissl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _alternations(out_dir):
@@ -240,7 +240,7 @@ class _ShortPass:
 
 
 def test_a_pass_shorter_than_its_length_is_named_not_a_bare_stop_iteration():
-    from implicitbilevel.batch_stack import BatchStack
+    from implicitbilevel.bissl.batch_stack import BatchStack
 
     stack = BatchStack(_ShortPass())
     stack.reserve(4)

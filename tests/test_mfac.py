@@ -1,4 +1,4 @@
-"""Tests of :mod:`implicitbilevel.mfac` (M-FAC, thesis Sec. 9.1) against dense float64 solves.
+"""Tests of :mod:`implicitbilevel.solvers.mfac` (M-FAC, thesis Sec. 9.1) against dense float64 solves.
 
 - The solve equals the dense ``(D + GᵀG/(kμ))⁻¹ v`` for several window sizes ``m``, fewer
   gradients than ``m``, windows that slid past ``m`` several times, damping values ``μ`` from
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from implicitbilevel import MFAC, BilevelProblem, GradientWindow, ProximalL2
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
-from implicitbilevel.system import IJSystem
+from implicitbilevel.implicit_jacobian import IJSystem
 from implicitbilevel.tree import tree_flatten, tree_unflatten
 
 D64 = torch.float64
@@ -247,7 +247,7 @@ def test_trainer_feeds_the_pretext_gradient_of_every_lower_step():
 
     problem.lower_grad = recording
     history = trainer.run()
-    window = problem.ij.window
+    window = problem.solver.window
     assert window.count == 3 and len(lower_opt.points) == 6
     # The last three lower steps' ∇L^P = Q θ + c + mean(x), at the point before each step.
     expected = [q @ th + c + x for th, x in zip(lower_opt.points, batches)][-3:]
@@ -264,7 +264,7 @@ def test_trainer_resume_restores_the_window_bit_identical(tmp_path):
     cut.run()
     resumed, resumed_problem, _, _ = _trainer(tmp_path / "cut", alternations=4)
     resumed.run(resume=True)
-    a, b = full_problem.ij.window, resumed_problem.ij.window
+    a, b = full_problem.solver.window, resumed_problem.ij.window
     assert a.count == b.count == 3 and a.position == b.position
     assert torch.equal(a.buffer["th"], b.buffer["th"]) and torch.equal(a.gram["th"], b.gram["th"])
     for name in full.upper_params:

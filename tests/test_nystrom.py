@@ -1,8 +1,8 @@
-"""Tests of :mod:`implicitbilevel.nystrom` on dense positive semi-definite curvatures.
+"""Tests of :mod:`implicitbilevel.solvers.nystrom` on dense positive semi-definite curvatures.
 
 The curvature is a dense symmetric matrix ``H = Q diag(s) Qᵀ`` (random orthogonal ``Q``, chosen
 spectrum ``s``) acting on a parameter dict of three tensors of different shapes, wrapped in the
-real :class:`~implicitbilevel.system.IJSystem` with the identity over every name, so the system is
+real :class:`~implicitbilevel.implicit_jacobian.IJSystem` with the identity over every name, so the system is
 ``A = I + H/μ``. Everything runs in float64, and every assertion is against an independent dense
 reference (``torch.linalg.eigh``, ``torch.linalg.solve``, matrix norms of ``H − Ĥ``):
 
@@ -25,14 +25,14 @@ import math
 import pytest
 import torch
 
-from implicitbilevel.nystrom import (
+from implicitbilevel.solvers.nystrom import (
     LowRank,
     NystromPreconditioner,
     NystromSolver,
     nystrom_approximation,
 )
 from implicitbilevel.solvers import CG
-from implicitbilevel.system import IJSystem
+from implicitbilevel.implicit_jacobian import IJSystem
 from implicitbilevel.tree import tree_flatten, tree_unflatten
 
 DTYPE = torch.float64

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from implicitbilevel.optim import LARS, lars_param_groups
+from implicitbilevel.bissl.lars import LARS, lars_param_groups
 
 
 def _reference_step(w, g, m, *, lr, mu, wd, eta, denominator, adapt):

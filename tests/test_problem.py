@@ -185,8 +185,8 @@ def test_concatenated_head_indefinite_head_block_cg_breaks_minres_solves():
     # MINRES is the default over all lower variables and solves the indefinite system exactly.
     minres = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
                             regularizer=ProximalL2(["th"]), solve_over="all")
-    minres.ij.max_iter, minres.ij.tol = 40, 1e-13
-    assert type(minres.ij).__name__ == "MINRES"
+    minres.solver.max_iter, minres.solver.tol = 40, 1e-13
+    assert type(minres.solver).__name__ == "MINRES"
     expected = _closed_form(q, dim, down, upper, lower, mu, concat=True)
     out = minres.upper_grad(upper, lower, None, None)
     assert out.info.breakdown is None

@@ -143,8 +143,8 @@ def test_concatenated_head_on_an_indefinite_batchnorm_net_matches_the_dense_bloc
     with pytest.raises(SolverBreakdownError, match="non-positive curvature"):
         cg.upper_grad(upper, lower, upper_batch, lower_batch)
     minres = BilevelProblem(upper_loss, pretext_loss, **kwargs)
-    assert isinstance(minres.ij, MINRES)
-    minres.ij.max_iter, minres.ij.tol = 2 * a.shape[0], 1e-13
+    assert isinstance(minres.solver, MINRES)
+    minres.solver.max_iter, minres.solver.tol = 2 * a.shape[0], 1e-13
     running = pretext.backbone[1].running_mean.clone()
     out = minres.upper_grad(upper, lower, upper_batch, lower_batch)
     u = torch.cat([out.u[n].reshape(-1) for n in backbone])

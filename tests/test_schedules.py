@@ -1,4 +1,4 @@
-"""Tests of :mod:`implicitbilevel.schedules` against thesis Sec. 5.2.1 and Definition 5.1.
+"""Tests of :mod:`implicitbilevel.lam` against thesis Sec. 5.2.1 and Definition 5.1.
 
 - ``ConstantSchedule``: the same value at every t; non-positive / non-finite values rejected.
 - ``CosineDecay``, ``CosineIncrease``, ``ExponentialIncrease``: ``λ(t) = (λ_max − λ_min) f(t) +
@@ -22,7 +22,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from implicitbilevel.schedules import (
+from implicitbilevel.lam import (
     ConstantSchedule,
     CosineDecay,
     CosineIncrease,

@@ -19,8 +19,8 @@ from torch import nn
 
 from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
 from implicitbilevel.bissl import bissl_upper_loss
-from implicitbilevel.distributed import AllReduceMean, broadcast_from_main
-from implicitbilevel.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from implicitbilevel.parallel.distributed import AllReduceMean, broadcast_from_main
+from implicitbilevel.parallel.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 D = torch.float64
 MODES = ("kept-graph", "forward-over-reverse", "reverse-over-reverse")

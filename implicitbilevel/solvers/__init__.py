@@ -2,7 +2,9 @@
 
 Every solver has the same shape, ``solver(matvec, b, x0=None) -> (x, SolveInfo)``, so swapping one
 for another is changing one name. The matrix is never a type, only a callable; :class:`Dense`
-materialises it column by column for small problems and reference checks.
+materialises it column by column for small problems and reference checks. Work that depends only
+on the matrix happens once per operator in :meth:`LinearSolver.prepare`, the rest per right-hand
+side (:mod:`~implicitbilevel.solvers.base`).
 
 In a bilevel problem the system is the implicit-Jacobian system of thesis eq. 4.8-4.9 (Algorithm 3):
 
@@ -10,35 +12,42 @@ In a bilevel problem the system is the implicit-Jacobian system of thesis eq. 4.
     \\Big(I + \\tfrac{1}{\\lambda + \\lambda_{damp}} \\nabla^2_\\theta \\mathcal{L}^P\\Big) u = v,
 
 but the solvers are generic: which system is solved is the problem's choice
-(:class:`~implicitbilevel.BilevelProblem`'s ``solve_over`` and ``head_damping``).
+(:class:`~implicitbilevel.ImplicitJacobian`'s ``solve_over`` and ``head_damping``).
 
-==================  ===============================================  ============================
-solver              system                                           products per solve
-==================  ===============================================  ============================
-:class:`CG`         symmetric positive definite                      ``max_iter``
-:class:`MINRES`     symmetric, possibly indefinite                   ``max_iter``
-:class:`Neumann`    eigenvalues of ``αA`` in ``(0, 2)``              ``max_iter``
-:class:`Dense`      any non-singular (small)                         one per unknown
-==================  ===============================================  ============================
-
-Two solvers outside this package replace the curvature by an approximation and spend no products
-per solve: :class:`~implicitbilevel.NystromSolver` (:mod:`implicitbilevel.nystrom`) and
-:class:`~implicitbilevel.MFAC`, the empirical Fisher of recent gradients
-(:mod:`implicitbilevel.mfac`).
+=========================  ================================================  =====================
+solver                     system                                            products per solve
+=========================  ================================================  =====================
+:class:`CG`                symmetric positive definite                       ``max_iter``
+:class:`MINRES`            symmetric, possibly indefinite                    ``max_iter``
+:class:`Neumann`           eigenvalues of ``αA`` in ``(0, 2)``               ``max_iter``
+:class:`Dense`             any non-singular (small)                          one per unknown
+:class:`NystromSolver`     ``I + H/μ``, ``H`` positive semi-definite         0 (``k`` per operator)
+:class:`MFAC`              ``D + F̂/μ``, ``F̂`` an empirical Fisher            0
+=========================  ================================================  =====================
 """
 
 from .base import LinearSolver, MatVec, Preconditioner, SolveInfo, SolverBreakdownError
 from .cg import CG
 from .dense import Dense
+from .mfac import MFAC, GradientWindow
+from .minres import MINRES
 from .neumann import Neumann
+from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
 
 __all__ = [
     "CG",
+    "MFAC",
+    "MINRES",
     "Dense",
+    "GradientWindow",
     "LinearSolver",
+    "LowRank",
     "MatVec",
     "Neumann",
+    "NystromPreconditioner",
+    "NystromSolver",
     "Preconditioner",
     "SolveInfo",
     "SolverBreakdownError",
+    "nystrom_approximation",
 ]

@@ -2,9 +2,19 @@
 
 A solver only solves ``A x = b`` given ``matvec(v) = A v``; which system is solved (over the coupled
 lower variables or all of them, with or without a ridge on the head block) is decided by
-:class:`~implicitbilevel.BilevelProblem`, as a ridge is a matvec wrapper in JAXopt. Solvers that
-use curvature built once and reused (the randomized Nyström solvers) read it from the system object
-the problem passes as ``matvec`` (:class:`~implicitbilevel.system.IJSystem`).
+:class:`~implicitbilevel.BilevelProblem`, as a ridge is a matvec wrapper in JAXopt.
+
+Besides the call, every :class:`LinearSolver` has a small protocol with no-op defaults, so code
+that drives a solver (the implicit step, the BiSSL trainer) never asks which one it holds:
+
+- :meth:`~LinearSolver.prepare` does the work that depends only on the matrix, once per operator
+  (a Nyström sketch of the curvature, an M-FAC factorisation), as Lineax's ``init`` does; each
+  call then solves one right-hand side;
+- :meth:`~LinearSolver.observe` receives the lower-level gradients of a training loop (used by
+  :class:`~implicitbilevel.MFAC`; :attr:`~LinearSolver.observes_gradients` says whether to send
+  them);
+- :meth:`~LinearSolver.state_dict` / :meth:`~LinearSolver.load_state_dict` checkpoint what the
+  solver carries between alternations.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int
+from ..errors import SolverBreakdownError
 from ..tree import Params, tree_clone, tree_dot, tree_norm, tree_sub
 
 __all__ = [
@@ -67,16 +79,38 @@ class SolveInfo:
         return self.residual_norm / self.rhs_norm if self.rhs_norm > 0 else 0.0
 
 
-class SolverBreakdownError(RuntimeError):
-    """A linear solve broke down; ``info`` holds its diagnostics."""
-
-    def __init__(self, message: str, info: SolveInfo) -> None:
-        super().__init__(message)
-        self.info = info
-
-
 class LinearSolver(abc.ABC):
-    """Base of the solvers: ``solver(matvec, b, x0=None) -> (x, SolveInfo)``."""
+    """Base of the solvers: ``solver(matvec, b, x0=None) -> (x, SolveInfo)``.
+
+    Attributes:
+        observes_gradients: whether :meth:`observe` uses the gradients it is given (a training
+            loop computes and sends them only then).
+    """
+
+    observes_gradients: ClassVar[bool] = False
+
+    def prepare(self, matvec: MatVec) -> float:
+        """Do the work that depends only on the matrix, once per operator.
+
+        Called before each solve by the implicit step; a solver prepared for this operator
+        already returns at once. The default does nothing.
+
+        Returns:
+            the seconds spent (0 when nothing was done).
+        """
+        return 0.0
+
+    def observe(self, grads: Mapping[str, Tensor]) -> None:
+        """Receive a lower-level gradient of a training loop (default: ignored)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the solver carries across alternations, for checkpoints (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (default: nothing to restore)."""
+        return None
 
     @abc.abstractmethod
     def __call__(
@@ -124,11 +158,18 @@ class KrylovSolver(LinearSolver):
         if x0 is None and self.warm_start and self._previous is not None:
             if self._previous.keys() == b.keys():
                 x0 = self._previous
+        self.prepare(matvec)
         apply = None if self.preconditioner is None else self.preconditioner(matvec)
         x, info = self.solve(matvec, b, x0, apply)
         if self.warm_start:
             self._previous = tree_clone(x)
         return x, info
+
+    def prepare(self, matvec: MatVec) -> float:
+        """Prepare the preconditioner for this operator (the seconds spent; see
+        :meth:`LinearSolver.prepare`)."""
+        prepare = getattr(self.preconditioner, "prepare", None)
+        return 0.0 if prepare is None else float(prepare(matvec))
 
     @abc.abstractmethod
     def solve(

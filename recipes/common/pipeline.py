@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from implicitbilevel.sync_batchnorm import convert_sync_batchnorm
+from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm
 
 from . import guard
 from .bissl_stage import BiSSLLosses, bissl_batch_sizes, run_bissl

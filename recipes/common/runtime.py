@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from implicitbilevel.distributed import AllReduceMean, broadcast_from_main
+from implicitbilevel.parallel.distributed import AllReduceMean, broadcast_from_main
 
 __all__ = [
     "derive_seed",

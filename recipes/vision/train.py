@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from implicitbilevel.optim import LARS, lars_param_groups
+from implicitbilevel.bissl.lars import LARS, lars_param_groups
 from recipes.common import autocast, warmup_cosine
 from recipes.common.finetune import Objective
 from recipes.common.guard import check_loss

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from implicitbilevel.batch_stack import BatchStack
+from implicitbilevel.bissl.batch_stack import BatchStack
 from recipes.nlp import data as data_module
 from recipes.nlp.config import DataConfig
 from recipes.nlp.corpus import (

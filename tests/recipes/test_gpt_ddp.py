@@ -21,7 +21,7 @@ from test_gpt_end_to_end import TINY as E2E_TINY
 from test_gpt_end_to_end import _load_script
 from test_gpt_end_to_end import sets as _sets
 
-from implicitbilevel.checkpoint import load_checkpoint
+from implicitbilevel.bissl.checkpoint import load_checkpoint
 from recipes.common import RankFailure, map_over_ranks, per_rank_batch_size
 from recipes.common.bissl_stage import bissl_batch_sizes
 from recipes.nlp.config import RecipeConfig

@@ -46,18 +46,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError, NonFiniteError
+from ..parallel.distributed import is_main_process
+from ..problem import BilevelProblem
+from ..results import LAM_RHO, assign_grads
+from ..tree import Params
 from .batch_stack import BatchStack, to_device
-from .bissl_objective import bissl_upper_loss
-from .checkpoint import CheckpointError, load_checkpoint
-from .distributed import is_main_process
-from .gradients import LAM_RHO
-from .mfac import load_solver_state, observe_lower_gradient, solver_state
-from .problem import BilevelProblem, NonFiniteError, assign_grads
+from .checkpoint import load_checkpoint
 from .run_log import progress_bar, rewrite_log
 from .run_state import RunState, save_on_main
-from .tree import Params
 
-__all__ = ["BatchStack", "BiSSLConfig", "BiSSLTrainer", "bissl_upper_loss"]
+__all__ = ["BiSSLConfig", "BiSSLTrainer"]
 
 _FORMAT = "implicitbilevel.bissl/2"
 _FORMAT_V1 = "implicitbilevel.bissl/1"  # a learnable λ's ρ under "lam_rho", apart from upper_params
@@ -241,7 +240,7 @@ class BiSSLTrainer:
             except NonFiniteError as err:
                 raise NonFiniteError(f"lower level, {step}: {err}") from err
             # A solver that observes gradients (MFAC) gets ∇L^P before the step moves θ_P.
-            observe_lower_gradient(self.problem, self.upper_params, self.lower_params, out)
+            self.problem.observe_lower_gradient(self.upper_params, self.lower_params, out)
             assign_grads(self.lower_params, out.grads)
             norms.append(self._clip(self.lower_params, "lower", step))
             self.lower_optimizer.step()
@@ -266,7 +265,7 @@ class BiSSLTrainer:
             raise NonFiniteError(f"upper level, alternation {t}, Hessian: {err}") from err
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
-        true_residual = math.nan
+        true_residual, prepare_seconds = math.nan, 0.0
         for n in range(cfg.upper_steps):
             step = f"alternation {t}, upper step {n}"
             batch = to_device(self.upper_stack.next(), self.device)
@@ -285,6 +284,7 @@ class BiSSLTrainer:
                 self.upper_scheduler.step()
             losses.append(float(out.loss))
             iters.append(out.info.iterations)
+            prepare_seconds += out.prepare_seconds
             residuals.append(out.info.relative_residual)
             breakdowns += out.info.breakdown is not None
             if n == cfg.upper_steps - 1 and cfg.measure_residual:
@@ -299,7 +299,7 @@ class BiSSLTrainer:
             "ij_relative_residual": true_residual,
             "solver_breakdowns": breakdowns,
             "hessian_products": hessian.calls,
-            "curvature_build_seconds": hessian.memo.get("build_seconds", 0.0),
+            "curvature_build_seconds": prepare_seconds,
         }
         if lam_grads:
             metrics["lam_grad"] = lam_grads[-1]
@@ -319,8 +319,13 @@ class BiSSLTrainer:
             "config": asdict(self.config),
             **self.run_state.state_dict(),
             "history": self.history,
-            **solver_state(self.problem.ij),  # the M-FAC gradient window
+            **self._solver_state(),
         }
+
+    def _solver_state(self) -> dict[str, Any]:
+        """``{"ij": ...}`` when the solver carries state across alternations (M-FAC's window)."""
+        state = self.problem.solver.state_dict()
+        return {"ij": state} if state else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` into the live parameters, optimisers and stacks."""
@@ -331,7 +336,8 @@ class BiSSLTrainer:
                 f"not a BiSSL trainer checkpoint (format {state.get('format')!r})"
             )
         self.run_state.load_state_dict(state)
-        load_solver_state(self.problem.ij, state)
+        if "ij" in state:
+            self.problem.solver.load_state_dict(state["ij"])
         self.history = list(state["history"])
         self.alternation = int(state["alternation"])
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tree import Params
+from ..tree import Params
 
 _BATCHED_FALLBACK_WARNED: set[tuple[int, str]] = set()
 _FORWARD_AD_HINTS = ("forward ad", "forward-mode", "forward mode", "jvp", "forward grad")

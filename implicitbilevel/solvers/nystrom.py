@@ -1,0 +1,365 @@
+"""Randomized Nyström approximation of the curvature, reused across a BiSSL alternation.
+
+Within one alternation the lower point and the Hessian batch are fixed, so every upper step solves
+``A x = b`` with the same ``A = I + H/μ`` (thesis eq. 4.8-4.9, Algorithm 3). A rank-``k``
+approximation ``Ĥ = U diag(λ̂) Uᵀ ≈ H``, built once from ``k`` curvature products, then serves
+every solve of the alternation:
+
+- :class:`NystromPreconditioner` preconditions :class:`~implicitbilevel.CG` (one product per
+  iteration, plus ``O(nk)`` to apply the preconditioner; Frangella, Tropp & Udell 2023);
+- :class:`NystromSolver` replaces the iterative solve by the Woodbury inverse of ``I + Ĥ/μ``
+  (``O(nk)``, no products per solve; the use of Nyström approximations for hypergradients is
+  Hataya & Yamada 2023).
+
+Both assume a positive semi-definite curvature (Gauss–Newton, or the Hessian near a minimum) and
+the proximal system ``A = I + H/μ``
+(:attr:`IJSystem.identity_plus_curvature <implicitbilevel.IJSystem.identity_plus_curvature>`). The
+approximation is built by each one's :meth:`prepare` step, once per curvature operator (so once
+per alternation), and kept by the solver until it meets another operator.
+
+References:
+    Z. Frangella, J. A. Tropp, M. Udell. Randomized Nyström preconditioning. SIAM J. Matrix Anal.
+    Appl. 44(2), 2023.
+    J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. Fixed-rank approximation of a positive-
+    semidefinite matrix from streaming data. NeurIPS 2017.
+    R. Hataya, M. Yamada. Nyström method for accurate and scalable implicit differentiation.
+    AISTATS 2023.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import check_bool, check_int
+from ..tree import Params
+from .base import (
+    LinearSolver,
+    MatVec,
+    SolveInfo,
+    check_real,
+    direct_solve_info,
+)
+
+__all__ = ["LowRank", "NystromPreconditioner", "NystromSolver", "nystrom_approximation"]
+
+_INDEFINITE = (
+    "the Nyström core ΩᵀHΩ is not positive definite: the curvature is indefinite (e.g. the exact "
+    "Hessian of a network away from a minimum). The Nyström preconditioner and solver assume a "
+    "positive semi-definite curvature: use Gauss-Newton curvature (PSD by construction), or "
+    "MINRES without preconditioning"
+)
+
+
+@dataclass
+class LowRank:
+    """A symmetric low-rank operator ``Ĥ = U diag(λ̂) Uᵀ`` over parameter dicts.
+
+    Attributes:
+        basis: the ``k`` orthonormal columns of ``U``, stored as a dict whose entries have a
+            leading dimension ``k`` (``basis[name][i]`` is the ``name`` block of ``u_i``, shaped
+            like the parameter).
+        eigenvalues: ``λ̂``, shape ``(k,)``, descending and ``>= 0``.
+
+    Memory: ``k·n`` numbers for the basis (``n`` unknowns) plus ``k``.
+    """
+
+    basis: Params
+    eigenvalues: Tensor
+
+    def __post_init__(self) -> None:
+        k = self.eigenvalues.shape[0] if self.eigenvalues.dim() == 1 else -1
+        if k < 1 or any(t.shape[0] != k for t in self.basis.values()):
+            raise ValueError(
+                "LowRank needs eigenvalues of shape (k,) and basis entries of leading dimension k"
+            )
+
+    @property
+    def rank(self) -> int:
+        """``k``, the number of basis vectors."""
+        return int(self.eigenvalues.shape[0])
+
+    def project(self, v: Mapping[str, Tensor]) -> Tensor:
+        """``Uᵀ v``: the ``k`` coordinates of ``v`` in the basis (``O(nk)``), shape ``(k,)``."""
+        k = self.rank
+        parts = [u.reshape(k, -1) @ v[name].reshape(-1) for name, u in self.basis.items()]
+        return torch.stack(parts).sum(0)
+
+    def expand(self, c: Tensor) -> Params:
+        """``U c`` for coordinates ``c`` of shape ``(k,)`` (``O(nk)``)."""
+        return {name: torch.tensordot(c, u, dims=1) for name, u in self.basis.items()}
+
+    def matvec(self, v: Mapping[str, Tensor]) -> Params:
+        """``Ĥ v = U diag(λ̂) Uᵀ v`` (``O(nk)``, no curvature products)."""
+        return self.expand(self.eigenvalues * self.project(v))
+
+
+def _validate(rank: Any, seed: Any) -> None:
+    check_int(rank, "rank", 1)
+    check_int(seed, "seed")
+
+
+def nystrom_approximation(
+    batched_matvec: Callable[[Params], Params],
+    like: Mapping[str, Tensor],
+    rank: int,
+    *,
+    seed: int = 0,
+) -> LowRank:
+    """The stable randomized Nyström approximation ``Ĥ = U diag(λ̂) Uᵀ ≈ H`` of rank ``k``.
+
+    ``Ĥ = (HΩ)(ΩᵀHΩ)⁺(HΩ)ᵀ`` for a random orthonormal ``Ω`` (``n × k``), computed with the
+    numerically stable algorithm of Tropp, Yurtsever, Udell & Cevher (2017), as stated by
+    Frangella, Tropp & Udell (2023): ``Y = HΩ``; shift ``ν = sqrt(n)·eps·||Y||₂``;
+    ``Y_ν = Y + νΩ``; ``C = chol(ΩᵀY_ν)``; ``B = Y_ν C⁻ᵀ``; thin SVD ``B = U Σ Vᵀ``;
+    ``λ̂ = max(Σ² − ν, 0)``.
+
+    Assumes ``H`` symmetric positive semi-definite. Then ``0 ⪯ Ĥ ⪯ H`` (up to the shift ``ν``),
+    ``Ĥ = H`` when ``rank(H) <= k``, and for ``r < k − 1`` (Tropp et al. 2017)
+    ``E‖H − Ĥ‖_* <= (1 + r/(k − r − 1)) Σ_{j>r} λ_j(H)``.
+
+    ``eps`` is that of the working precision: the parameters' dtype, or float32 for half-precision
+    parameters (whose products are taken in their dtype, the factorisations in float32).
+
+    ``Ω`` is a Gaussian matrix drawn from a CPU ``torch.Generator`` seeded with ``seed``, then
+    moved to the device and dtype of ``like`` and orthonormalised (QR), so every data-parallel rank
+    and every device draws the same ``Ω``.
+
+    Cost: one call of ``batched_matvec`` (``k`` curvature products), once per alternation, plus
+    ``O(nk²)`` for the QR, the triangular solve and the SVD. Memory: the ``k × n`` Gaussian draw on
+    the CPU, and on the device a few ``n·k`` numbers at peak (``Ω``, ``Y`` and the SVD of ``B``),
+    of which the returned basis keeps one ``n·k``.
+
+    Args:
+        batched_matvec: ``Z ↦ HZ``: takes a dict whose entries have a leading dimension ``k``
+            (``k`` tangents) and returns the products ``H z_i`` stacked the same way.
+        like: a parameter dict giving the names, shapes, dtype and device (values are unused).
+        rank: ``k``, an int with ``1 <= k <= n``.
+        seed: seed of the test matrix.
+
+    Raises:
+        ValueError: for a bad ``rank`` or ``seed`` (ints), non-finite products, or when the core
+            ``ΩᵀHΩ`` is not positive definite (indefinite curvature; use Gauss–Newton curvature or
+            MINRES without preconditioning). Indefiniteness is detected only where ``Ω`` sees it.
+    """
+    _validate(rank, seed)
+    if not like:
+        raise ValueError("nystrom_approximation needs at least one parameter in `like`")
+    names = list(like.keys())
+    shapes = [like[name].shape for name in names]
+    sizes = [like[name].numel() for name in names]
+    n = sum(sizes)
+    k = int(rank)
+    if k > n:
+        raise ValueError(f"rank must be <= the number of unknowns n = {n}, got {k}")
+    ref = next(iter(like.values()))
+    dtype, device = ref.dtype, ref.device
+    # The factorisations need at least single precision; the products run in the parameters' dtype.
+    work = torch.promote_types(dtype, torch.float32)
+    draw = torch.float64 if work == torch.float64 else torch.float32
+    generator = torch.Generator().manual_seed(int(seed))
+    omega = torch.randn(k, n, generator=generator, dtype=draw).to(device=device, dtype=work)
+    omega = torch.linalg.qr(omega.mT).Q.mT.contiguous()  # k × n, orthonormal rows
+    tangents = {
+        name: chunk.reshape(k, *shape).to(dtype)
+        for name, shape, chunk in zip(names, shapes, torch.split(omega, sizes, dim=1))
+    }
+    products = batched_matvec(tangents)
+    del tangents
+    with torch.no_grad():
+        y = torch.cat([products[name].detach().reshape(k, -1).to(work) for name in names], dim=1)
+        del products
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("the curvature products are not finite; no Nyström approximation")
+        gram = y @ y.mT
+        norm = float(torch.linalg.eigvalsh(0.5 * (gram + gram.mT))[-1].clamp(min=0).sqrt())
+        # The working precision's eps: that of half-precision products would swamp the spectrum.
+        nu = math.sqrt(n) * torch.finfo(work).eps * norm
+        if nu == 0.0:  # H Ω = 0: the approximation is zero
+            nu = torch.finfo(work).tiny
+        y.add_(omega, alpha=nu)  # Y_ν
+        core = omega @ y.mT
+        del omega
+        chol, info = torch.linalg.cholesky_ex(0.5 * (core + core.mT))
+        if int(info) != 0:
+            note = "" if dtype == work else (
+                f" (or rounding in the {dtype} products: compute the curvature in float32)")
+            raise ValueError(_INDEFINITE + note)
+        # Bᵀ = C⁻¹ Y_νᵀ (k × n); B = U Σ Vᵀ  ⇔  Bᵀ = V Σ Uᵀ, so Uᵀ is the right factor of Bᵀ.
+        b_t = torch.linalg.solve_triangular(chol, y, upper=False)
+        del y
+        _, sigma, u_t = torch.linalg.svd(b_t, full_matrices=False)
+        del b_t
+        eigenvalues = (sigma.square() - nu).clamp(min=0).to(dtype)
+        u_t = u_t.to(dtype)
+        basis = {
+            name: chunk.reshape(k, *shape)
+            for name, shape, chunk in zip(names, shapes, torch.split(u_t, sizes, dim=1))
+        }
+    return LowRank(basis, eigenvalues)
+
+
+class _Sketched:
+    """The prepare step the Nyström preconditioner and solver share: the rank-``rank``
+    approximation of the system's curvature, built once per curvature operator and kept (with a
+    weak reference to that operator) until another operator comes."""
+
+    rank: int
+    seed: int
+    _sketch: tuple[Callable[[], Any], LowRank] | None
+
+    def prepare(self, system: MatVec) -> float:
+        """Build the approximation of ``system``'s curvature unless it is held already (``k``
+        curvature products in one batched call); the seconds spent."""
+        _check_system(system, type(self).__name__)
+        curvature = system.curvature  # type: ignore[attr-defined]
+        if self._sketch is not None and self._sketch[0]() is curvature:
+            return 0.0
+        start = time.perf_counter()
+        low_rank = nystrom_approximation(system.curvature_batched,  # type: ignore[attr-defined]
+                                         curvature.params, self.rank, seed=self.seed)
+        try:
+            ref: Callable[[], Any] = weakref.ref(curvature)
+        except TypeError:  # an operator that takes no weak references is held
+            ref = lambda: curvature  # noqa: E731
+        self._sketch = (ref, low_rank)
+        return time.perf_counter() - start
+
+    def low_rank(self, system: MatVec) -> tuple[LowRank, float]:
+        """The approximation for ``system`` (prepared if needed) and its ``μ``."""
+        self.prepare(system)
+        assert self._sketch is not None
+        return self._sketch[1], float(system.mu)  # type: ignore[attr-defined]
+
+
+def _check_system(system: Any, who: str) -> None:
+    if not getattr(system, "identity_plus_curvature", False):
+        raise ValueError(
+            f"{who} needs the implicit-Jacobian system A = I + H/μ over every solved name (an "
+            "IJSystem with the proximal regulariser over the coupled names, without the "
+            "concatenated head); got a matvec that is not of that form"
+        )
+
+
+@dataclass
+class NystromPreconditioner(_Sketched):
+    """``P⁻¹ = (λ̂_k + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I − UUᵀ)``: randomized Nyström preconditioning.
+
+    The preconditioner of Frangella, Tropp & Udell (2023) for ``H + μI = μA``, a scaling that
+    preconditioned CG ignores. Symmetric positive definite by construction: its eigenvalues are
+    ``(λ̂_k + μ)/(λ̂_i + μ) ∈ (0, 1]`` on the span of ``U`` and ``1`` on its complement. When
+    ``λ̂_k`` is small against ``μ`` (``k`` at least the effective dimension of ``H`` at level
+    ``μ``), the preconditioned system has a condition number of order one and CG needs few
+    iterations.
+
+    Assumes a positive semi-definite curvature and ``A = I + H/μ``
+    (:attr:`~implicitbilevel.IJSystem.identity_plus_curvature`: the proximal regulariser
+    over the coupled names, without the concatenated head). The system passed as ``matvec`` must
+    be an :class:`~implicitbilevel.IJSystem`; the approximation is built by :meth:`prepare`, once
+    per curvature operator.
+
+    Cost: ``k`` curvature products once per alternation (shared by all upper steps); per CG
+    iteration ``O(nk)`` on top of CG's one product. Memory: the ``n·k`` basis.
+
+    Args:
+        rank: ``k``, the rank of the approximation.
+        seed: seed of the random test matrix.
+
+    Raises:
+        ValueError: at construction for a bad ``rank`` or ``seed`` (ints); when called with a
+            system that is not ``I + H/μ``; when the curvature is indefinite (see
+            :func:`nystrom_approximation`).
+    """
+
+    rank: int = 20
+    seed: int = 0
+    _sketch: tuple[Callable[[], Any], LowRank] | None = field(default=None, init=False,
+                                                              repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self.rank, self.seed)
+
+    def __call__(self, system: MatVec) -> Callable[[Params], Params]:
+        """Return ``r ↦ P⁻¹ r`` for the system ``A = I + H/μ``."""
+        lr, mu = self.low_rank(system)
+        lam = lr.eigenvalues
+        # P⁻¹ r = r + U [((λ̂_k + μ)/(λ̂ + μ) − 1) ⊙ Uᵀr]
+        scale = (lam[-1] + mu) / (lam + mu) - 1.0
+
+        def apply(r: Params) -> Params:
+            correction = lr.expand(scale * lr.project(r))
+            return {name: r[name] + correction[name] for name in r}
+
+        return apply
+
+
+@dataclass
+class NystromSolver(_Sketched, LinearSolver):
+    """``x = (I + Ĥ/μ)⁻¹ b = b − U diag(λ̂/(λ̂ + μ)) Uᵀ b``: a direct Nyström–Woodbury solve.
+
+    Solves ``A x = b`` for ``A = I + H/μ`` with ``H`` replaced by its rank-``k`` Nyström
+    approximation ``Ĥ`` (Hataya & Yamada 2023; the approximation of Tropp et al. 2017, Frangella,
+    Tropp & Udell 2023). Exact when ``rank(H) <= k``; otherwise, since ``0 ⪯ Ĥ ⪯ H``, ``x``
+    solves ``I + Ĥ/μ`` exactly, and the error shrinks with ``k`` as ``H − Ĥ`` does.
+
+    Assumes a positive semi-definite curvature and ``A = I + H/μ``
+    (:attr:`~implicitbilevel.IJSystem.identity_plus_curvature`) with no head ridge. The
+    system passed as ``matvec`` must be an :class:`~implicitbilevel.IJSystem`; the approximation
+    is built by :meth:`prepare`, once per curvature operator.
+
+    Cost: ``k`` curvature products once per alternation; per solve ``O(nk)`` and no products.
+    Memory: the ``n·k`` basis. ``x0`` is ignored (the solve is direct).
+
+    Diagnostics: the solve does not measure its residual: ``SolveInfo(iterations=0,
+    residual_norm=nan, rhs_norm=||b||, converged=False)`` (the trainer can measure the true
+    residual with one extra product). With ``measure_residual=True`` one product ``matvec(x)`` is
+    spent: ``iterations=1``, ``residual_norm = ||b − A x||`` with the true ``A``, and
+    ``converged`` against ``tol`` (never below the rounding floor ``10·eps·||b||``).
+
+    Args:
+        rank: ``k``, the rank of the approximation.
+        seed: seed of the random test matrix.
+        measure_residual: spend one product to measure the true residual.
+        tol: relative residual tolerance for ``converged`` when the residual is measured.
+
+    Raises:
+        ValueError: at construction for a bad ``rank``, ``seed`` or ``tol``; when called with a
+            system that is not ``I + H/μ`` (or carries a head ridge); when the curvature is
+            indefinite (see :func:`nystrom_approximation`).
+    """
+
+    rank: int = 20
+    seed: int = 0
+    measure_residual: bool = False
+    tol: float = 1e-6
+    _sketch: tuple[Callable[[], Any], LowRank] | None = field(default=None, init=False,
+                                                              repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self.rank, self.seed)
+        check_bool(self.measure_residual, "measure_residual")
+        check_real(self.tol, "tol")
+
+    def __call__(
+        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    ) -> tuple[Params, SolveInfo]:
+        """Solve ``(I + Ĥ/μ) x = b`` with the Woodbury identity (``x0`` is ignored)."""
+        if getattr(matvec, "ridge_names", None):
+            raise ValueError("NystromSolver solves A = I + H/μ; the system carries a head ridge")
+        lr, mu = self.low_rank(matvec)
+        b = dict(b)
+        if set(b) != set(lr.basis):
+            raise ValueError(
+                f"the right-hand side has names {sorted(b)}, the curvature {sorted(lr.basis)}"
+            )
+        lam = lr.eigenvalues
+        correction = lr.expand((lam / (lam + mu)) * lr.project(b))
+        x = {name: b[name] - correction[name] for name in b}
+        return x, direct_solve_info(matvec, b, x, self.tol, self.measure_residual)
