@@ -41,6 +41,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from recipes.common import check_shard
 from recipes.common.runtime import derive_seed
 
+from .glue import read_utf8
 from .hub import MissingResourceError, hub_reachable
 
 ENCODE_BATCH = 1024
@@ -282,7 +283,10 @@ class ChunkOrderSampler(Sampler[int]):
 
 
 def text_source(source: str) -> Callable[[], Iterable[str]]:
-    """Return a callable producing the documents of ``source`` (see the module docstring)."""
+    """Return a callable producing the documents of ``source`` (see the module docstring).
+
+    Text files are read as UTF-8 (a byte-order mark dropped); one that is not raises
+    ``ValueError`` naming the file and line when it is read."""
     if source.startswith("hub:"):
         name = source[4:]
         if not hub_reachable():
@@ -301,7 +305,7 @@ def text_source(source: str) -> Callable[[], Iterable[str]]:
         return stream
     path = Path(source).expanduser()
     if path.is_file():
-        return lambda: path.read_text(encoding="utf-8").split("\n\n")
+        return lambda: read_utf8(path).split("\n\n")
     if path.is_dir() and (path / "dataset_info.json").is_file():
         import datasets
 
@@ -312,7 +316,7 @@ def text_source(source: str) -> Callable[[], Iterable[str]]:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if files:
-            return lambda: (f.read_text(encoding="utf-8") for f in files)
+            return lambda: (read_utf8(f) for f in files)
     raise MissingResourceError(
         f"pretext corpus {source!r} not found: pass a .txt file, a directory of .txt files, a "
         "dataset saved with save_to_disk (column 'text') or hub:<name>"

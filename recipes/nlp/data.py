@@ -30,7 +30,7 @@ from .corpus import (
 )
 from .glue import RawSplit, load_glue_task, train_validation_split
 from .synthetic import pretext_corpus, synthetic_task
-from .tasks import EncodedTask, SpecialTokens, TaskSpec, encode_split, get_task
+from .tasks import EncodedTask, SpecialTokens, TaskSpec, encode_split, get_task, resolve_tasks
 from .tokenizer import TextEncoder, load_pretrained_tokenizer, train_bpe
 
 
@@ -74,7 +74,10 @@ def _encode(spec: TaskSpec, split: RawSplit, encoder: TextEncoder, context: int)
 
 
 def load_task(name: str, data: DataConfig, encoder: TextEncoder, context: int) -> TaskData:
-    """Load (embedded or real), split 80/20 in order and encode one task."""
+    """Load (embedded or real), split 80/20 in order and encode one task; ``ValueError`` when
+    ``data.tasks``, the run's list, is empty or names a task twice (see
+    :func:`.tasks.resolve_tasks`)."""
+    resolve_tasks(data.tasks)
     spec = get_task(name)
     if data.glue == "embedded":
         train_raw, test_raw = synthetic_task(

@@ -6,7 +6,9 @@ train split (in the published order) is used for training and the remaining 20% 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import sys
 from dataclasses import dataclass
@@ -103,8 +105,9 @@ def _label(spec: TaskSpec, raw: str, where: str, column: str) -> float | int:
 
 
 def _read_tsv(spec: TaskSpec, path: Path) -> RawSplit:
-    """The examples of one GLUE TSV file; ``ValueError`` naming the file, line and column of a
-    missing column or a bad label, or naming the file when it holds no example."""
+    """The examples of one GLUE TSV file (UTF-8, a byte-order mark dropped); ``ValueError``
+    naming the file and line of a byte that is not UTF-8, of a row with a missing or an extra
+    field, of a missing column or of a bad label, or naming the file when it holds no example."""
     split = _parse_tsv(spec, path)
     if len(split) == 0:
         raise ValueError(f"{path} holds no {spec.name} example (an empty file, or a header "
@@ -112,33 +115,62 @@ def _read_tsv(spec: TaskSpec, path: Path) -> RawSplit:
     return split
 
 
+def read_utf8(path: Path, *, newline: str | None = None) -> str:
+    """The text of ``path`` decoded as UTF-8, a leading byte-order mark dropped; ``ValueError``
+    naming the file and line of the first byte that is not UTF-8. ``newline`` as for ``open``:
+    ``None`` turns ``\\r\\n`` and ``\\r`` into ``\\n``, ``""`` leaves line ends as they are."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}: "
+                         f"{err.reason}); save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if newline is None else text
+
+
+def _fields(row: list[str], expected: int, where: str, what: str) -> None:
+    """``ValueError`` naming ``where`` (file:line) unless ``row`` has ``expected`` fields."""
+    if len(row) != expected:
+        why = ("a field is missing" if len(row) < expected
+               else "there are extra fields (a tab inside a text?)")
+        raise ValueError(f"{where}: {len(row)} tab-separated fields, expected {expected} ({what}): "
+                         f"{why}, so the columns cannot be told apart")
+
+
 def _parse_tsv(spec: TaskSpec, path: Path) -> RawSplit:
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as handle:
-        if spec.name == "cola":  # no header: source, label, original label, sentence
-            a, labels = [], []
-            for line, r in enumerate(csv.reader(handle, delimiter="\t",
-                                                quoting=csv.QUOTE_NONE), start=1):
-                if len(r) < 4:
-                    continue
-                labels.append(_label(spec, r[1], f"{path}:{line}", "label (column 2)"))
-                a.append(r[3])
-            return RawSplit(a, None, labels)
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        first, second, label = TSV_COLUMNS[spec.name]
-        header = reader.fieldnames or []
-        missing = [c for c in (first, second, label) if c is not None and c not in header]
-        if missing:
-            raise ValueError(f"{path}:1: GLUE {spec.name} needs the columns {missing}, the "
-                             f"header has {header}")
-        a, b, labels = [], [], []
+    handle = io.StringIO(read_utf8(path, newline=""), newline="")
+    reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    if spec.name == "cola":  # no header: source, label, original label, sentence
+        a, labels = [], []
         for r in reader:
-            if r.get(label) is None or r.get(first) is None:
-                continue  # GLUE's QQP has a few broken lines
-            labels.append(_label(spec, r[label], f"{path}:{reader.line_num}", label))
-            a.append(r[first])
-            if second is not None:
-                b.append(r[second] or "")
+            if not r:
+                continue  # a blank line
+            where = f"{path}:{reader.line_num}"
+            _fields(r, 4, where, "CoLA: source, label, original label, sentence")
+            labels.append(_label(spec, r[1], where, "label (column 2)"))
+            a.append(r[3])
+        return RawSplit(a, None, labels)
+    header = next(reader, [])
+    first, second, label = TSV_COLUMNS[spec.name]
+    missing = [c for c in (first, second, label) if c is not None and c not in header]
+    if missing:
+        raise ValueError(f"{path}:1: GLUE {spec.name} needs the columns {missing}, the "
+                         f"header has {header}")
+    at = {name: header.index(name) for name in (first, second, label) if name is not None}
+    a, b, labels = [], [], []
+    for r in reader:
+        if not r:
+            continue  # a blank line
+        where = f"{path}:{reader.line_num}"
+        _fields(r, len(header), where, f"the header's {header}")
+        labels.append(_label(spec, r[at[label]], where, label))
+        a.append(r[at[first]])
+        if second is not None:
+            b.append(r[at[second]])
     return RawSplit(a, b if second is not None else None, labels)
 
 

@@ -73,6 +73,23 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[key]
 
 
+def resolve_tasks(names: Sequence[str], key: str = "data.tasks") -> list[TaskSpec]:
+    """The :class:`TaskSpec` of every name, in order; ``ValueError`` naming ``key`` when the list
+    is empty, a name is unknown, or two names are one task (``rte``, ``RTE`` and ``R-TE`` alike:
+    a task run twice, under two names)."""
+    if not names:
+        raise ValueError(f"{key} is empty: name at least one GLUE task of {sorted(TASKS)}")
+    specs, seen = [], {}
+    for name in names:
+        spec = get_task(name)
+        if spec.name in seen:
+            raise ValueError(f"{key} names GLUE task {spec.name!r} twice ({seen[spec.name]!r} and "
+                             f"{name!r}): list each task once")
+        seen[spec.name] = name
+        specs.append(spec)
+    return specs
+
+
 @dataclass(frozen=True)
 class SpecialTokens:
     """Ids of the start, delimiter and end tokens appended after a vocabulary of ``base_vocab``."""

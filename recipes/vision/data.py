@@ -35,6 +35,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DownstreamData",
     "MappedLoader",
+    "check_split_sizes",
     "digits_splits",
     "downstream_datasets",
     "pretext_dataset",
@@ -226,6 +227,24 @@ class DownstreamData:
     test: Dataset
     num_classes: int
     multilabel: bool = False
+    split_from: str | None = None
+    """Where train and val come from when they are an 80/20 split of one set (else ``None``)."""
+
+
+def check_split_sizes(data: DownstreamData, name: str, root: str) -> None:
+    """``ValueError`` naming the split and the sizes of all three when one holds no image (an
+    empty validation split otherwise fails evaluation mid-run, ``torch.cat`` of nothing)."""
+    sizes = {split: len(getattr(data, split)) for split in ("train", "val", "test")}
+    empty = [split for split, n in sizes.items() if n == 0]
+    if not empty:
+        return
+    counts = ", ".join(f"{split} {n}" for split, n in sizes.items())
+    source = f"; train and val split 80/20 from {data.split_from}" if data.split_from else ""
+    raise ValueError(
+        f"downstream {name} under {root!r}: the {empty[0]} split holds no image ({counts}"
+        f"{source}). Every split needs at least one image: add images"
+        + (" or a val/ folder" if name == "imagefolder" and data.split_from else "")
+        + " (data.downstream_root)")
 
 
 def _split_80_20(n: int) -> tuple[list[int], list[int]]:
@@ -291,9 +310,8 @@ def _downstream_datasets(
 
         trainval_t, trainval_e = pets("trainval", train_tf), pets("trainval", eval_tf)
         tr, va = _split_80_20(len(trainval_t))
-        return DownstreamData(
-            Subset(trainval_t, tr), Subset(trainval_e, va), pets("test", eval_tf), 37
-        )
+        return DownstreamData(Subset(trainval_t, tr), Subset(trainval_e, va), pets("test", eval_tf),
+                              37, split_from=f"the {len(trainval_t)} trainval images")
     if name == "voc07":
 
         def voc(split: str, tf: Callable) -> Dataset:
@@ -307,16 +325,15 @@ def _downstream_datasets(
 
         trainval_t, trainval_e = voc("trainval", train_tf), voc("trainval", eval_tf)
         tr, va = _split_80_20(len(trainval_t))
-        return DownstreamData(
-            Subset(trainval_t, tr), Subset(trainval_e, va), voc("test", eval_tf), 20, True
-        )
+        return DownstreamData(Subset(trainval_t, tr), Subset(trainval_e, va), voc("test", eval_tf),
+                              20, True, split_from=f"the {len(trainval_t)} trainval images")
     if name == "imagefolder":
         base = Path(root)
 
         def folder(split: str, tf: Callable) -> tvd.ImageFolder:
             return _open(name, root, lambda: tvd.ImageFolder(str(base / split), transform=tf))
 
-        test = folder("test", eval_tf)
+        test, split_from = folder("test", eval_tf), None
         if (base / "val").is_dir():
             train, val = folder("train", train_tf), folder("val", eval_tf)
             check_class_lists({"train": train.classes, "val": val.classes,
@@ -326,7 +343,8 @@ def _downstream_datasets(
             check_class_lists({"train": train_t.classes, "test": test.classes}, base)
             tr, va = _split_80_20(len(train_t))
             train, val = Subset(train_t, tr), Subset(train_e, va)
-        return DownstreamData(train, val, test, len(test.classes))
+            split_from = f"the {len(train_t)} images of {base / 'train'} (no val/ folder)"
+        return DownstreamData(train, val, test, len(test.classes), split_from=split_from)
     raise ValueError(
         f"unknown downstream dataset {name!r}; choose voc07, dtd, pets, flowers, imagefolder"
     )

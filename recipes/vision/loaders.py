@@ -23,7 +23,14 @@ from .augment import (
     simclr_views,
 )
 from .config import DataConfig
-from .data import MappedLoader, _First, digits_splits, downstream_datasets, pretext_dataset
+from .data import (
+    MappedLoader,
+    _First,
+    check_split_sizes,
+    digits_splits,
+    downstream_datasets,
+    pretext_dataset,
+)
 
 __all__ = ["Loaders", "build_loaders"]
 
@@ -132,7 +139,8 @@ class Loaders:
 
 def build_loaders(cfg: DataConfig, device: torch.device) -> Loaders:
     """Open the configured datasets (raising ``DatasetNotFoundError`` early when one is
-    missing) and return the loader factories."""
+    missing, ``ValueError`` when a downstream split holds no image) and return the loader
+    factories."""
     if cfg.pretext == "digits":
         s = digits_splits(cfg.image_size, cfg.digits_pretext, cfg.digits_train, cfg.digits_val)
         return Loaders(cfg, device, s["pretext"], s["train"], s["val"], s["test"], 10, False, True)
@@ -155,6 +163,7 @@ def build_loaders(cfg: DataConfig, device: torch.device) -> Loaders:
         verify=cfg.verify_images,
         workers=cfg.workers,
     )
+    check_split_sizes(down, cfg.downstream, cfg.downstream_root)
     return Loaders(
         cfg, device, pre, down.train, down.val, down.test, down.num_classes, down.multilabel, False
     )
