@@ -17,7 +17,7 @@ corpus in random order. Chunks are therefore shuffled by **chunk-index permutati
   ``b`` chunks would only mix neighbouring chunks: a short run (BiSSL's lower level reads about
   0.12 of an epoch, Sec. 7.1.3) would still see only the first books, for every task and seed;
 - the order is a pure function of ``(seed, pass, rank, world_size)``, so it needs no random state
-  to be saved: a :class:`~implicitbilevel.batch_stack.BatchStack` sets the pass (``set_epoch``)
+  to be saved: a :class:`~implicitbilevel.bissl.BatchStack` sets the pass (``set_epoch``)
   before each ``iter(loader)``, also on resume, and draws exactly the batches it drew before.
 
 The price is one full tokenisation pass before the first batch (which a streamed in-order corpus
@@ -217,7 +217,7 @@ class ChunkOrderSampler(Sampler[int]):
     would draw.
 
     ``set_epoch(p)`` chooses the pass the next ``iter()`` yields (a
-    :class:`~implicitbilevel.batch_stack.BatchStack` calls it before every pass and on resume);
+    :class:`~implicitbilevel.bissl.BatchStack` calls it before every pass and on resume);
     without it a pass follows the previous one (0 first).
 
     Args:
