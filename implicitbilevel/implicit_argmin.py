@@ -27,22 +27,29 @@ first-order graph), any :class:`~implicitbilevel.LinearSolver`, and the mixed pr
 ``ℓ(y) + λ r(x, y)``; the argmin takes it whole.
 
 A function rather than a decorator: the inner solver stays free (any loop, under
-``torch.no_grad``, any signature), and the result is plain tensors that compose with everything
-autograd does (several inner problems in one graph, chained ones, ``y*`` used twice, any upper
-loss, ``torch.optim`` on ``x``).
+``torch.no_grad``, any signature), and the result is plain tensors that compose with first-order
+autograd (several inner problems in one graph, chained ones, ``y*`` used twice, any upper loss,
+``torch.optim`` on ``x``). The backward pass is first order: differentiating it again
+(``create_graph=True``) raises instead of silently dropping the second-order terms of the implicit
+function theorem.
+
+The premise is checked: in each backward pass the argmin measures how far the given ``y`` is from
+a stationary point of ``g`` (one gradient and one curvature product) and warns, or raises with
+``on_nonstationary="raise"``, when it is not (:mod:`implicitbilevel._stationarity`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._checks import require_finite
+from ._stationarity import Stationarity, inner_gradient, measure_stationarity
 from .curvature.hessian import _hvp_context
 from .implicit_jacobian import (
     IJSystem,
@@ -74,6 +81,9 @@ class ArgminSolve:
             It holds the curvature operator (with ``reuse_graph``, ``g``'s first-order graph):
             drop the record to free it.
         grads: ``dL/dx`` for every entry of ``x`` that requires grad.
+        stationarity: how far the given ``y`` is from a stationary point of ``g``
+            (:class:`~implicitbilevel._stationarity.Stationarity`), ``None`` with
+            ``on_nonstationary="ignore"``.
     """
 
     u: Params
@@ -81,6 +91,7 @@ class ArgminSolve:
     rhs: Params
     system: IJSystem
     grads: Params
+    stationarity: Stationarity | None = None
 
     def true_relative_residual(self) -> float:
         """``‖rhs − A u‖ / ‖rhs‖``, measured with one more product (0 when ``rhs = 0``)."""
@@ -101,6 +112,8 @@ class _Spec:
     check_finite: bool
     reducer: Callable[[Mapping[Any, Tensor]], dict]
     on_solve: Callable[[ArgminSolve], Any] | None
+    on_nonstationary: str
+    stationarity_tol: float
 
 
 class _Argmin(torch.autograd.Function):
@@ -113,8 +126,15 @@ class _Argmin(torch.autograd.Function):
         return tuple(t.detach().clone() for t in tensors[len(spec.x_names):])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *cotangents: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the result would be differentiated
+            raise RuntimeError(
+                "argmin's backward pass is first order: differentiating it again (create_graph="
+                "True, e.g. a gradient penalty on dL/dx or a Hessian-vector product through y*) "
+                "would need the second-order terms of the implicit function theorem, which are "
+                "not implemented. Take the gradient with create_graph=False, or differentiate "
+                "the outer loss by other means"
+            )
         spec: _Spec = ctx.spec
         saved = ctx.saved_tensors
         n_x = len(spec.x_names)
@@ -144,6 +164,10 @@ def _implicit_backward(
     else:
         system = IJSystem(operator, 1.0, identity=[], reducer=spec.reducer)
 
+    stationarity = None
+    if spec.on_nonstationary != "ignore":
+        stationarity = _check_stationary(spec, operator, x, y)
+
     fixed = {n: x[n] for n in x if n not in wanted}
     coupling = Regularizer(lambda xx, yy: objective(yy, {**fixed, **xx}, *args))
 
@@ -159,8 +183,24 @@ def _implicit_backward(
                          stacklevel=3)
     grads = {n: (-step.mixed[n]).to(x[n].dtype) for n in wanted}
     if spec.on_solve is not None:
-        spec.on_solve(ArgminSolve(step.u, step.info, rhs, system, grads))
+        spec.on_solve(ArgminSolve(step.u, step.info, rhs, system, grads, stationarity))
     return grads
+
+
+def _check_stationary(spec: _Spec, operator: Any, x: Params, y: Params) -> Stationarity:
+    """Measure how stationary ``y`` is; warn or raise per ``spec.on_nonstationary``."""
+    grad = spec.reducer(inner_gradient(spec.objective, y, x, spec.args))
+    found = measure_stationarity(grad, y, lambda t: spec.reducer(operator(t)))
+    if found.relative > spec.stationarity_tol:
+        message = (f"argmin: y is not a stationary point of g: ‖∇_y g‖ = {found.grad_norm:.3g}, "
+                   f"an estimated distance to the stationary point of {found.step:.3g} "
+                   f"({found.relative:.3g} relative to max(1, ‖y‖), tolerance "
+                   f"{spec.stationarity_tol:g}). The implicit gradient assumes ∇_y g(y, x) = 0: "
+                   "solve the inner problem further (or pass on_nonstationary='ignore')")
+        if spec.on_nonstationary == "raise":
+            raise ValueError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return found
 
 
 def _tensor_dict(value: Any, what: str) -> dict[str, Tensor]:
@@ -191,6 +231,8 @@ def argmin(
     check_finite: bool = True,
     reducer: Callable[[Mapping[Any, Tensor]], dict] | None = None,
     on_solve: Callable[[ArgminSolve], Any] | None = None,
+    on_nonstationary: Literal["warn", "raise", "ignore"] = "warn",
+    stationarity_tol: float = 1e-4,
     **legacy: Any,
 ) -> dict[str, Tensor]:
     """``y*(x) = argmin_y g(y, x, *args)``, differentiable in ``x`` by the implicit function
@@ -237,6 +279,13 @@ def argmin(
         reducer: averages ``dL/dy*``, every curvature product and the mixed product across
             data-parallel ranks (e.g. :class:`~implicitbilevel.distributed.AllReduceMean`), for a
             ``g`` that depends on each rank's batch. ``None``: a single process.
+        on_nonstationary: what to do when ``y`` is not a stationary point of ``g`` (the premise
+            of the implicit function theorem): ``"warn"`` (a ``RuntimeWarning`` naming the
+            measured values), ``"raise"`` a ``ValueError``, or ``"ignore"`` (and skip the
+            measurement). Measured in each backward pass with one gradient and one curvature
+            product: the Cauchy step ``s = ‖∇g‖³ / |∇gᵀ H ∇g|``, an estimate of ``‖y − y*‖``,
+            relative to ``max(1, ‖y‖)`` (:mod:`implicitbilevel._stationarity`).
+        stationarity_tol: the largest relative ``s`` accepted as stationary.
         on_solve: called after every backward pass with an :class:`ArgminSolve` (``u``, the
             :class:`~implicitbilevel.SolveInfo`, the system, the gradients), e.g.
             ``records.append``.
@@ -259,6 +308,16 @@ def argmin(
         raise ValueError(f"argmin solves over every inner variable: ImplicitJacobian's "
                          f"{bilevel_only} apply to bilevel problems only")
     solver = CG(max_iter=100, tol=1e-6) if spec_ij.solver is None else spec_ij.solver
+    if solver.observes_gradients:
+        raise ValueError(f"argmin cannot use {type(solver).__name__}: it builds its curvature from "
+                         "gradients a training loop feeds it (LinearSolver.observe), and argmin "
+                         "has none to give; use CG, MINRES, Neumann, Dense or a Nyström solver")
+    if on_nonstationary not in ("warn", "raise", "ignore"):
+        raise ValueError("on_nonstationary must be 'warn', 'raise' or 'ignore', got "
+                         f"{on_nonstationary!r}")
+    if (isinstance(stationarity_tol, bool) or not isinstance(stationarity_tol, (int, float))
+            or not stationarity_tol >= 0):
+        raise ValueError(f"stationarity_tol must be a number >= 0, got {stationarity_tol!r}")
     grad_args = _args_requiring_grad(args)
     if grad_args:
         raise ValueError(
@@ -275,6 +334,7 @@ def argmin(
     if check_finite:
         require_finite(value, "inner objective")
     spec = _Spec(objective, list(y), list(x), args, spec_ij, solver, check_finite,
-                 reducer if reducer is not None else dict, on_solve)
+                 reducer if reducer is not None else dict, on_solve, on_nonstationary,
+                 float(stationarity_tol))
     outputs = _Argmin.apply(spec, *x.values(), *y.values())
     return dict(zip(spec.y_names, outputs))

@@ -177,6 +177,10 @@ class LearnableLambda:
         self.damping = None if damping is None else float(damping)
         rho = torch.tensor(_inverse_softplus(float(init)), dtype=dtype, device=device)
         self.rho = nn.Parameter(rho)
+        self.init = float(init)
+
+    def __repr__(self) -> str:
+        return f"LearnableLambda(init={self.init!r}, damping={self.damping!r})"
 
     def value(self) -> Tensor:
         """``σ(ρ)`` as a 0-dim tensor (no graph)."""

@@ -56,8 +56,9 @@ from torch import Tensor
 
 from ._autograd import check_loss, grads_of, leaves
 from ._checks import check_distinct_levels, require_finite, require_finite_grads
-from .curvature.gauss_newton import GaussNewtonOperator
-from .curvature.hessian import HessianOperator
+from .curvature.base import RNGPin
+from .curvature.gauss_newton import GaussNewton, GaussNewtonOperator
+from .curvature.hessian import HessianOperator, _hvp_context
 from .errors import NonFiniteError
 from .implicit_jacobian import (
     IJSystem,
@@ -145,6 +146,7 @@ class BilevelProblem:
                              "only where the regulariser's lower Hessian is the identity "
                              "(ProximalL2); use ImplicitJacobian(outside='zero') with this "
                              "regulariser")
+        self._split_checked = False
         solver = self.ij.solver
         self.solver: LinearSolver = solver if solver is not None else (
             CG() if self.ij.solve_over == "coupled" else MINRES())
@@ -231,11 +233,32 @@ class BilevelProblem:
             self.lower_loss, self.ij.curvature, {n: fixed[n] for n in names}, (batch,),
             embed=lambda sub: {**fixed, **sub}, mode=self.ij.hvp_mode, reuse=self.ij.reuse_graph,
         )
+        if isinstance(self.ij.curvature, GaussNewton) and not self._split_checked:
+            self._check_split(self.ij.curvature, fixed, batch)
         # The regulariser at this lower batch (itself unless it reads data), for the upper steps.
         operator.memo["regularizer"] = self.regularizer.bind(batch)
         if self.check_finite and operator.loss is not None:
             require_finite(operator.loss, "lower-level loss on the Hessian batch")
         return operator
+
+    def _check_split(self, split: GaussNewton, lower: Params, batch: Any) -> None:
+        """At the first use, refuse a Gauss–Newton split whose composed loss is not the lower loss
+        at this point (one comparison of the two scalars, under one random state)."""
+        pin = RNGPin(lower.values())
+        with torch.no_grad(), _hvp_context():
+            with pin():
+                composed = float(split(lower, batch))
+            with pin():
+                direct = float(self.lower_loss(lower, batch))
+        rtol = 2e-2 if torch.is_autocast_enabled() else 1e-4
+        if not math.isclose(composed, direct, rel_tol=rtol, abs_tol=1e-6):
+            raise ValueError(
+                f"the GaussNewton split is not the lower loss: output_loss(outputs(y)) = "
+                f"{composed:.6g} but lower_loss(y) = {direct:.6g} at the same point and batch. "
+                "Its curvature would be that of another function: make outputs and output_loss "
+                "compose to the lower loss"
+            )
+        self._split_checked = True
 
     def observe_lower_gradient(self, upper: Mapping[str, Tensor], lower: Mapping[str, Tensor],
                                lower_gradient: LowerGradient) -> None:
@@ -301,6 +324,8 @@ class BilevelProblem:
         elif lower_hessian.names != names:
             raise ValueError("lower_hessian was built over other lower variables than this "
                              "problem solves over; rebuild it with problem.lower_hessian(...)")
+        else:  # bound to its point: refuse one built at other values (or changed via .data)
+            lower_hessian.check_point(at=y)
         reg = lower_hessian.memo.get("regularizer", self.regularizer)
 
         x_leaves = leaves(x)

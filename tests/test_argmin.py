@@ -19,6 +19,7 @@ from implicitbilevel import (
     MINRES,
     Dense,
     GaussNewton,
+    ImplicitJacobian,
     Neumann,
     NystromPreconditioner,
     NystromSolver,
@@ -68,9 +69,9 @@ class Quadratic:
         self.upper(self.solve(a), a).backward()
         return a.grad
 
-    def implicit(self, **kwargs) -> torch.Tensor:
+    def implicit(self, ij: ImplicitJacobian, **kwargs) -> torch.Tensor:
         a = self.x0.clone().requires_grad_(True)
-        w = argmin(self.g, {"w": self.solve(a.detach())}, {"a": a}, **kwargs)["w"]
+        w = argmin(self.g, {"w": self.solve(a.detach())}, {"a": a}, ij=ij, **kwargs)["w"]
         self.upper(w, a).backward()
         return a.grad
 
@@ -82,7 +83,8 @@ def test_quadratic_hypergradient_matches_closed_form(n, m, coupling, seed):
     quad = Quadratic(n, m, coupling, seed)
     expected = quad.reference()
     for solver in (TIGHT, Dense()):
-        torch.testing.assert_close(quad.implicit(solver=solver), expected, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(quad.implicit(ImplicitJacobian(solver)), expected, rtol=1e-8,
+                                   atol=1e-10)
 
 
 def test_every_solver_agrees_with_the_closed_form():
@@ -93,8 +95,8 @@ def test_every_solver_agrees_with_the_closed_form():
     solvers = [TIGHT, MINRES(max_iter=200, tol=1e-13), Dense(),
                Neumann(max_iter=20_000, alpha=alpha, tol=1e-14)]
     for solver in solvers:
-        torch.testing.assert_close(quad.implicit(solver=solver), expected, rtol=1e-7, atol=1e-9,
-                                   msg=lambda m, s=solver: f"{type(s).__name__}: {m}")
+        torch.testing.assert_close(quad.implicit(ImplicitJacobian(solver)), expected, rtol=1e-7,
+                                   atol=1e-9, msg=lambda m, s=solver: f"{type(s).__name__}: {m}")
 
 
 def test_damping_solves_the_ridged_system_and_enables_the_nystrom_solvers():
@@ -116,18 +118,19 @@ def test_damping_solves_the_ridged_system_and_enables_the_nystrom_solvers():
     expected = direct - mixed.T @ u
     for solver in (TIGHT, Dense(), NystromSolver(rank=6, measure_residual=True),
                    CG(max_iter=50, tol=1e-13, preconditioner=NystromPreconditioner(rank=3))):
-        got = quad.implicit(solver=solver, damping=delta)
+        got = quad.implicit(ImplicitJacobian(solver, damping=delta))
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
     # Undamped, the system is ∇²g, not I + H/μ: the Nyström solvers refuse it.
     with pytest.raises(ValueError, match="I \\+ H/μ"):
-        quad.implicit(solver=NystromSolver(rank=6))
+        quad.implicit(ImplicitJacobian(NystromSolver(rank=6)))
 
 
 def test_gradcheck_through_the_inner_solve():
     quad = Quadratic(4, 3, 0.8, seed=3)
 
     def y_star(a):
-        return argmin(quad.g, {"w": quad.solve(a.detach())}, {"a": a}, solver=Dense())["w"]
+        return argmin(quad.g, {"w": quad.solve(a.detach())}, {"a": a},
+                      ij=ImplicitJacobian(Dense()))["w"]
 
     a = quad.x0.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(y_star, (a,), eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -216,9 +219,9 @@ def tanh_net():
     return net, net.solve()
 
 
-def _implicit_grads(net: TanhNet, y: dict, **kwargs) -> dict:
+def _implicit_grads(net: TanhNet, y: dict, ij: ImplicitJacobian, **kwargs) -> dict:
     x = {n: t.clone().requires_grad_(True) for n, t in net.x.items()}
-    y_star = argmin(net.g, y, x, **kwargs)
+    y_star = argmin(net.g, y, x, ij=ij, **kwargs)
     net.upper(y_star, x).backward()
     return {n: t.grad for n, t in x.items()}
 
@@ -227,7 +230,7 @@ def test_tanh_network_matches_the_dense_reference(tanh_net):
     net, y = tanh_net
     expected = net.reference(y)
     # The Hessian at this minimum is positive definite (Newton converged): CG applies.
-    got = _implicit_grads(net, y, solver=TIGHT)
+    got = _implicit_grads(net, y, ImplicitJacobian(TIGHT))
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-8, atol=1e-11)
 
@@ -240,7 +243,7 @@ def test_every_hvp_mode_and_the_kept_graph_agree(tanh_net):
         for m in ("auto", "forward-over-reverse", "reverse-over-reverse")
     ]
     for kwargs in variants:
-        got = _implicit_grads(net, y, solver=MINRES(max_iter=200, tol=1e-13), **kwargs)
+        got = _implicit_grads(net, y, ImplicitJacobian(MINRES(max_iter=200, tol=1e-13), **kwargs))
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-8, atol=1e-11,
                                        msg=lambda m, k=kwargs: f"{k}: {m}")
@@ -249,7 +252,7 @@ def test_every_hvp_mode_and_the_kept_graph_agree(tanh_net):
 def test_solve_record_reaches_the_caller(tanh_net):
     net, y = tanh_net
     records = []
-    got = _implicit_grads(net, y, solver=TIGHT, on_solve=records.append)
+    got = _implicit_grads(net, y, ImplicitJacobian(TIGHT), on_solve=records.append)
     (record,) = records
     assert record.info.converged and record.info.breakdown is None
     assert record.info.iterations == record.system.products >= 1  # one product per CG step
@@ -285,8 +288,8 @@ def test_gauss_newton_curvature_equals_the_hessian_for_linear_outputs():
     s_ref, m_ref = s.clone().requires_grad_(True), m.clone().requires_grad_(True)
     upper(closed(s_ref, m_ref)).backward()
     x = {"s": s.clone().requires_grad_(True), "m": m.clone().requires_grad_(True)}
-    w = argmin(g, {"w": closed(s, m)}, x, curvature=GaussNewton(outputs, output_loss),
-               solver=TIGHT)["w"]
+    w = argmin(g, {"w": closed(s, m)}, x,
+               ij=ImplicitJacobian(TIGHT, curvature=GaussNewton(outputs, output_loss)))["w"]
     upper(w).backward()
     torch.testing.assert_close(x["s"].grad, s_ref.grad, rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(x["m"].grad, m_ref.grad, rtol=1e-8, atol=1e-11)
@@ -317,10 +320,10 @@ def test_two_chained_inner_problems():
 
     x = x0.clone().requires_grad_(True)
     y1_star = argmin(g1, {"y1": torch.linalg.solve(q1, b1 @ torch.sin(x0))}, {"x": x},
-                     solver=TIGHT)["y1"]
+                     ij=ImplicitJacobian(TIGHT))["y1"]
     y1_val = y1_star.detach()
     y2_star = argmin(g2, {"y2": torch.linalg.solve(q2, b2 @ y1_val ** 3)}, {"y1": y1_star},
-                     solver=TIGHT)["y2"]
+                     ij=ImplicitJacobian(TIGHT))["y2"]
     upper(y2_star, x).backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
 
@@ -339,8 +342,10 @@ def test_several_inner_problems_and_y_star_used_twice_with_torch_optim():
     a = x0.clone().requires_grad_(True)
     opt = torch.optim.SGD([a], lr=0.01)
     opt.zero_grad()
-    wa = argmin(quad_a.g, {"w": quad_a.solve(a.detach())}, {"a": a}, solver=TIGHT)["w"]
-    wb = argmin(quad_b.g, {"w": quad_b.solve(a.detach())}, {"a": a}, solver=Dense())["w"]
+    wa = argmin(quad_a.g, {"w": quad_a.solve(a.detach())}, {"a": a},
+                ij=ImplicitJacobian(TIGHT))["w"]
+    wb = argmin(quad_b.g, {"w": quad_b.solve(a.detach())}, {"a": a},
+                ij=ImplicitJacobian(Dense()))["w"]
     loss = (wa ** 2).sum() * wa.sum() + torch.cos(wb).sum() + (wb * wb.flip(0)).sum()
     loss.backward()
     torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-9, atol=1e-12)
@@ -351,7 +356,8 @@ def test_several_inner_problems_and_y_star_used_twice_with_torch_optim():
 def test_upper_loss_of_any_shape_through_torch_autograd_grad():
     quad = Quadratic(5, 3, 1.0, seed=8)
     a = quad.x0.clone().requires_grad_(True)
-    w = argmin(quad.g, {"w": quad.solve(a.detach())}, {"a": a}, solver=Dense())["w"]
+    w = argmin(quad.g, {"w": quad.solve(a.detach())}, {"a": a},
+               ij=ImplicitJacobian(Dense()))["w"]
     cot = torch.randn(2, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
     out = torch.stack([w, w ** 2])  # a (2, 5) "loss"
     (got,) = torch.autograd.grad(out, a, grad_outputs=cot)
@@ -371,8 +377,11 @@ def test_reducer_sees_the_rhs_every_product_and_the_mixed_term():
 
     # A ← 2A, v ← 2v, mixed ← 2·mixed: the implicit part doubles relative to the plain one.
     records = []
-    quad.implicit(solver=Dense(), reducer=double, on_solve=records.append)
-    quad.implicit(solver=Dense(), on_solve=records.append)
+    # The stationarity check (a gradient and a product, reduced too) is off here so that the
+    # count below is that of the solve alone; tests/test_argmin_premises.py covers it.
+    quad.implicit(ImplicitJacobian(Dense()), reducer=double, on_solve=records.append,
+                  on_nonstationary="ignore")
+    quad.implicit(ImplicitJacobian(Dense()), on_solve=records.append)
     torch.testing.assert_close(records[0].grads["a"], 2 * records[1].grads["a"], rtol=1e-9,
                                atol=1e-12)
     torch.testing.assert_close(records[0].u["w"], records[1].u["w"], rtol=1e-9, atol=1e-12)
@@ -398,10 +407,10 @@ def _saddle():
     return g, solve, x0
 
 
-def _saddle_grad(**kwargs):
+def _saddle_grad(ij: ImplicitJacobian):
     g, solve, x0 = _saddle()
     a = x0.clone().requires_grad_(True)
-    w = argmin(g, {"w": solve(x0)}, {"a": a}, **kwargs)["w"]
+    w = argmin(g, {"w": solve(x0)}, {"a": a}, ij=ij)["w"]
     (w.sum() + w[2] * 3).backward()
     return a.grad
 
@@ -414,14 +423,14 @@ def test_breakdown_policy_on_an_indefinite_inner_hessian():
 
     cg = CG(max_iter=20, tol=1e-12)
     with pytest.raises(SolverBreakdownError, match="argmin implicit solve broke down") as err:
-        _saddle_grad(solver=cg)
+        _saddle_grad(ImplicitJacobian(cg))
     assert err.value.info.breakdown is not None
     with pytest.warns(RuntimeWarning, match="broke down"):
-        _saddle_grad(solver=cg, on_breakdown="warn")
+        _saddle_grad(ImplicitJacobian(cg, on_breakdown="warn"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _saddle_grad(solver=cg, on_breakdown="ignore")
-        got = _saddle_grad(solver=MINRES(max_iter=50, tol=1e-13))
+        _saddle_grad(ImplicitJacobian(cg, on_breakdown="ignore"))
+        got = _saddle_grad(ImplicitJacobian(MINRES(max_iter=50, tol=1e-13)))
     torch.testing.assert_close(got, a_ref.grad, rtol=1e-9, atol=1e-12)
 
 
@@ -438,13 +447,13 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="floating-point"):
         argmin(quad.g, {"w": torch.ones(3, dtype=torch.long)}, {"a": a})
     with pytest.raises(TypeError, match="LinearSolver"):
-        argmin(quad.g, y, {"a": a}, solver=torch.linalg.solve)
+        argmin(quad.g, y, {"a": a}, ij=ImplicitJacobian(torch.linalg.solve))
     with pytest.raises(TypeError, match="curvature"):
-        argmin(quad.g, y, {"a": a}, curvature="fisher")
+        argmin(quad.g, y, {"a": a}, ij=ImplicitJacobian(curvature="fisher"))
     with pytest.raises(ValueError, match="on_breakdown"):
-        argmin(quad.g, y, {"a": a}, on_breakdown="retry")
+        argmin(quad.g, y, {"a": a}, ij=ImplicitJacobian(on_breakdown="retry"))
     with pytest.raises(ValueError, match="damping"):
-        argmin(quad.g, y, {"a": a}, damping=-1.0)
+        argmin(quad.g, y, {"a": a}, ij=ImplicitJacobian(damping=-1.0))
     with pytest.raises(ValueError, match="pass such tensors in x"):
         argmin(lambda y_, x_, s: quad.g(y_, x_) * s, y, {"a": a}, a.sum())
     with pytest.raises(ib.NonFiniteError, match="inner objective"):

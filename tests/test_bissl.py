@@ -26,6 +26,7 @@ from implicitbilevel import (
     BilevelProblem,
     CosineIncrease,
     Dense,
+    ImplicitJacobian,
     LearnableLambda,
     NonFiniteError,
     ProximalL2,
@@ -75,7 +76,8 @@ def test_one_alternation_matches_hand_computed_updates():
              "bias": torch.zeros(k, dtype=D).requires_grad_()}
     lower = {"th": theta0.clone().requires_grad_()}
     problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=lam,
-                             damping=damping, regularizer=ProximalL2(["th"]), ij=Dense())
+                             regularizer=ProximalL2(["th"]),
+                             ij=ImplicitJacobian(Dense(), damping=damping))
     ones = TensorDataset(torch.ones(2, 1, dtype=D))
     trainer = BiSSLTrainer(
         problem, upper, lower,
@@ -243,8 +245,9 @@ class _Pair:
         backbone_names = [n for n in self.upper if n.startswith("backbone.")]
         self.lam = learnable if learnable is not None else (lam or 0.1)
         self.problem = BilevelProblem(bissl_upper_loss(downstream_loss, backbone_names),
-                                      pretext_loss, lam=self.lam, damping=10.0,
-                                      regularizer=ProximalL2(backbone_names), ij=CG(max_iter=5))
+                                      pretext_loss, lam=self.lam,
+                                      regularizer=ProximalL2(backbone_names),
+                                      ij=ImplicitJacobian(CG(max_iter=5), damping=10.0))
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
         self.upper_loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
@@ -305,7 +308,11 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     interrupted.config.alternations = 2
     interrupted.trainer().run()
     resumed = _Pair(seed=123, out_dir=tmp_path / "cut")  # different init: all must come from disk
-    history = resumed.trainer().run(resume=True)
+    # The cut run stopped by a smaller T; continuing under T = 4 is a change the resume names.
+    with pytest.raises(ValueError, match=r"alternations: 2 -> 4"):
+        resumed.trainer().run(resume=True)
+    history = resumed.trainer().run(resume=True, allow_changed_config=True)
+    assert history[2]["changed_config"] == {"alternations": [2, 4]}
 
     assert len(history) == 4
     for module in ("downstream", "pretext"):
@@ -359,7 +366,8 @@ def test_learnable_lambda_gradient_is_clipped_with_the_upper_level():
     lower = {"th": lower0.clone().requires_grad_()}
     lam = LearnableLambda(lam0, dtype=D, damping=lam_damping)
     problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=lam,
-                             damping=damping, regularizer=ProximalL2(["th"]), ij=Dense())
+                             regularizer=ProximalL2(["th"]),
+                             ij=ImplicitJacobian(Dense(), damping=damping))
     assert problem.params == {"lam.rho": lam.rho}
     upper_opt = torch.optim.SGD([*upper.values(), lam.rho], lr=0.0)  # grads stay for inspection
     ones = TensorDataset(torch.ones(1, 1, dtype=D))
@@ -403,7 +411,7 @@ def test_learnable_lambda_resumes_bit_identical(tmp_path):
     assert "lam_rho" not in saved
     # Different init and λ: everything must come from disk.
     resumed = _Pair(seed=123, out_dir=tmp_path / "cut", learnable=LearnableLambda(0.7))
-    resumed.trainer().run(resume=True)
+    resumed.trainer().run(resume=True, allow_changed_config=True)  # T: 2 -> 4
 
     assert float(full.lam.rho.detach()) != pytest.approx(float(LearnableLambda(0.05).rho.detach()))
     assert torch.equal(full.lam.rho.detach(), resumed.lam.rho.detach())

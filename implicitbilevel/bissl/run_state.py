@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..parallel.distributed import broadcast_from_main, is_main_process, rank, world_size
+from ..results import LAM_RHO
 from .batch_stack import BatchStack
 from .checkpoint import save_checkpoint
 
-__all__ = ["RunState", "gather_per_rank", "rng_state", "save_on_main", "set_rng_state"]
+__all__ = ["RunState", "config_changes", "gather_per_rank", "rng_state", "save_on_main",
+           "set_rng_state", "upgrade_v1"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -171,3 +173,20 @@ class RunState:
         """Overwrite :meth:`replicated_tensors` with rank 0's values (no-op in one process)."""
         if world_size() > 1:
             broadcast_from_main(self.replicated_tensors())
+
+
+def upgrade_v1(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint of format 1 in format 2: a learnable λ's ``ρ`` joins the upper parameters."""
+    upgraded = {k: v for k, v in state.items() if k != "lam_rho"}
+    if "lam_rho" in state:
+        upgraded["upper_params"] = {**state["upper_params"], LAM_RHO: state["lam_rho"]}
+    upgraded["format"] = "implicitbilevel.bissl/2"
+    return upgraded
+
+
+def config_changes(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> dict[str, tuple]:
+    """``{key: (saved, now)}`` for every setting that differs (none for a checkpoint written
+    before settings were recorded)."""
+    if saved is None:
+        return {}
+    return {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}

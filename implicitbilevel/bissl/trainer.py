@@ -35,7 +35,6 @@ What it does beyond the algorithm's loop, following the thesis's setup (Sec. 6.1
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,18 +46,21 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, NonFiniteError
+from ..lam import LearnableLambda
 from ..parallel.distributed import is_main_process
 from ..problem import BilevelProblem
-from ..results import LAM_RHO, assign_grads
-from ..tree import Params
+from ..results import assign_grads
+from ..tree import Params, tree_dot, tree_norm
 from .batch_stack import BatchStack, to_device
 from .checkpoint import load_checkpoint
-from .run_log import progress_bar, rewrite_log
-from .run_state import RunState, save_on_main
+from .run_log import json_line, progress_bar, rewrite_log
+from .run_state import RunState, config_changes, save_on_main, upgrade_v1
 
 __all__ = ["BiSSLConfig", "BiSSLTrainer"]
 
 _FORMAT = "implicitbilevel.bissl/2"
+#: The loop settings that change what a run computes (progress bars and logging do not).
+_RESULT_SETTINGS = ("alternations", "lower_steps", "upper_steps", "grad_clip", "autocast")
 _FORMAT_V1 = "implicitbilevel.bissl/1"  # a learnable λ's ρ under "lam_rho", apart from upper_params
 
 
@@ -174,6 +176,7 @@ class BiSSLTrainer:
         self.lower_stack = BatchStack(lower_data)
         self.history: list[dict[str, Any]] = []
         self.alternation = 0
+        self._changes: dict[str, list] = {}
         self._validate()
         # Everything the upper optimiser updates: the upper variables and the problem's own.
         self.optimised_upper: Params = {**self.upper_params, **problem.params}
@@ -265,7 +268,7 @@ class BiSSLTrainer:
             raise NonFiniteError(f"upper level, alternation {t}, Hessian: {err}") from err
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
-        true_residual, prepare_seconds = math.nan, 0.0
+        true_residual, prepare_seconds, cosine = math.nan, 0.0, math.nan
         for n in range(cfg.upper_steps):
             step = f"alternation {t}, upper step {n}"
             batch = to_device(self.upper_stack.next(), self.device)
@@ -291,12 +294,16 @@ class BiSSLTrainer:
                 # One more product: ‖v − A u‖/‖v‖ of the last solve, comparable across solvers.
                 with self._autocast():
                     true_residual = out.true_relative_residual()
+            if n == cfg.upper_steps - 1:  # does the solve change v at all? (1: u ∥ v)
+                cosine = float(tree_dot(out.u, out.rhs) / (tree_norm(out.u) * tree_norm(out.rhs)
+                                                           ).clamp_min(1e-30))
         metrics = {
             "upper_loss": sum(losses) / len(losses),
             "upper_grad_norm": sum(norms) / len(norms),
             "solver_iterations": sum(iters) / len(iters),
             "solver_relative_residual": residuals[-1],
             "ij_relative_residual": true_residual,
+            "ij_cosine_u_v": cosine,
             "solver_breakdowns": breakdowns,
             "hessian_products": hessian.calls,
             "curvature_build_seconds": prepare_seconds,
@@ -317,10 +324,19 @@ class BiSSLTrainer:
             "format": _FORMAT,
             "alternation": self.alternation,
             "config": asdict(self.config),
+            "settings": self._settings(),
             **self.run_state.state_dict(),
             "history": self.history,
             **self._solver_state(),
         }
+
+    def _settings(self) -> dict[str, Any]:
+        """What a resume must not change silently: the loop's settings and the problem's."""
+        cfg, ij = asdict(self.config), self.problem.ij
+        return {**{k: cfg[k] for k in _RESULT_SETTINGS}, "lam": _describe_lam(self.problem.lam),
+                "damping": ij.damping, "solver": repr(self.problem.solver),
+                "solve_over": ij.solve_over, "head_damping": ij.head_damping,
+                "curvature": ij.curvature if isinstance(ij.curvature, str) else "gauss-newton"}
 
     def _solver_state(self) -> dict[str, Any]:
         """``{"ij": ...}`` when the solver carries state across alternations (M-FAC's window)."""
@@ -330,7 +346,7 @@ class BiSSLTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` into the live parameters, optimisers and stacks."""
         if state.get("format") == _FORMAT_V1:
-            state = _from_v1(state)
+            state = upgrade_v1(state)
         if state.get("format") != _FORMAT:
             raise CheckpointError(
                 f"not a BiSSL trainer checkpoint (format {state.get('format')!r})"
@@ -352,17 +368,31 @@ class BiSSLTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+    def run(self, resume: bool = False, allow_changed_config: bool = False
+            ) -> list[dict[str, Any]]:
         """Run the remaining alternations; returns the per-alternation metrics.
 
         θ_P is left in ``lower_params`` (the live tensors), as Algorithm 2 returns it.
 
         Args:
             resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+            allow_changed_config: resume even when the loop's settings (``T``, ``N_L``, ``N_U``,
+                clipping, autocast) or the problem's (λ, ``λ_damp``, the solver and the system
+                solved) differ from the checkpoint's; the changes are then recorded in the next
+                alternation's record under ``"changed_config"``. Without it such a resume
+                raises ``ValueError`` naming every change.
         """
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.load_state_dict(load_checkpoint(self.checkpoint_path))
+            state = load_checkpoint(self.checkpoint_path)
+            changes = config_changes(state.get("settings"), self._settings())
+            if changes and not allow_changed_config:
+                listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                raise ValueError(f"the checkpoint in {self.out_dir} was made under other settings "
+                                 f"({listed}); resume with the settings it was made with, or "
+                                 "pass allow_changed_config=True to continue under the new ones")
+            self.load_state_dict(state)
+            self._changes = {k: list(v) for k, v in changes.items()}
         self.run_state.broadcast()
         log = None
         if self.out_dir is not None and is_main_process():
@@ -376,13 +406,15 @@ class BiSSLTrainer:
                 record: dict[str, Any] = {"alternation": t, "lam": self.problem.lam_at(t)}
                 record.update(self._lower_stage(t))
                 record.update(self._upper_stage(t))
+                if self._changes:
+                    record["changed_config"], self._changes = self._changes, {}
                 record["seconds"] = time.perf_counter() - start
                 for callback in self.callbacks:
                     record.update(callback(self, t, record) or {})
                 self.history.append(record)
                 self.alternation += 1
                 if log is not None:
-                    log.write(json.dumps(record) + "\n")
+                    log.write(json_line(record))
                     log.flush()
                 finished = self.alternation == cfg.alternations
                 if self.alternation % cfg.checkpoint_every == 0 or finished:
@@ -390,7 +422,8 @@ class BiSSLTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(lower=f"{record['lower_loss']:.3f}",
-                                    upper=f"{record['upper_loss']:.3f}", lam=f"{record['lam']:.2g}")
+                                    upper=f"{record['upper_loss']:.3f}", lam=f"{record['lam']:.2g}",
+                                    ij_res=f"{record['ij_relative_residual']:.2g}")
         finally:
             if log is not None:
                 log.close()
@@ -399,10 +432,9 @@ class BiSSLTrainer:
         return self.history
 
 
-def _from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint of format 1 in format 2: a learnable λ's ``ρ`` joins the upper parameters."""
-    upgraded = {k: v for k, v in state.items() if k != "lam_rho"}
-    if "lam_rho" in state:
-        upgraded["upper_params"] = {**state["upper_params"], LAM_RHO: state["lam_rho"]}
-    upgraded["format"] = _FORMAT
-    return upgraded
+def _describe_lam(lam: Any) -> str:
+    """λ as a resume compares it: a learnable λ's starting value does not matter once ρ is
+    restored from the checkpoint."""
+    if isinstance(lam, LearnableLambda):
+        return f"LearnableLambda(damping={lam.damping!r})"
+    return repr(lam)

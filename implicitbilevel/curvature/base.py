@@ -140,10 +140,14 @@ class CurvatureOperator(abc.ABC):
         memo: an empty dict at construction, for callers to cache what is derived from this one
             operator (e.g. a low-rank approximation shared by several solves).
 
-    The version counters (``Tensor._version``) of the point are recorded at construction, and
-    every product first checks them: a point changed in place afterwards (an optimiser step on the
-    lower variables) raises a ``RuntimeError`` instead of answering with the curvature of a point
-    that no longer exists (a kept graph need not save the tensors autograd would check).
+    The operator is bound to its point. At construction it records the version counters
+    (``Tensor._version``) of the point and a fingerprint of its values (per tensor, its sum and
+    its 2-norm). Every product first checks the version counters (free): a point changed in place
+    afterwards (an optimiser step on the lower variables) raises a ``RuntimeError`` instead of
+    answering with the curvature of a point that no longer exists (a kept graph need not save the
+    tensors autograd would check). :meth:`check_point` with ``at=`` also compares the fingerprint
+    of the values, which catches what version counters miss: a change made through ``.data``, or
+    a call with another dict of values than the one the operator was built at.
     """
 
     psd: bool = False
@@ -155,18 +159,34 @@ class CurvatureOperator(abc.ABC):
         self.memo: dict[Any, Any] = {}
         self.params = {n: p.detach() for n, p in params.items()}
         self._versions = _versions(self.params.values())
+        self._fingerprint = fingerprint(self.params.values())
 
-    def check_point(self) -> None:
+    def check_point(self, at: Mapping[str, Tensor] | None = None) -> None:
         """Raise ``RuntimeError`` if a tensor of the point was changed in place since
-        construction."""
+        construction; with ``at`` (values by name, e.g. the lower variables an upper step is
+        taken at), also if the point's values or those of ``at`` differ from the values the
+        operator was built at (one reduction over the point and one host synchronisation)."""
         now = _versions(self.params.values())
-        if now == self._versions:
+        if now != self._versions:
+            changed = [n for n, a, b in zip(self.names, self._versions, now) if a != b]
+            self._refuse(f"was modified in place after it was built (parameters {changed[:5]})")
+        if at is None:
             return
-        changed = [n for n, a, b in zip(self.names, self._versions, now) if a != b]
+        missing = [n for n in self.names if n not in at]
+        if missing:
+            self._refuse(f"is not the point asked for: {missing[:5]} are not given")
+        for what, values in (("was modified after it was built (e.g. through .data)",
+                              self.params.values()),
+                             ("differs from the values given", (at[n] for n in self.names))):
+            differ = ~(fingerprint(values) == self._fingerprint).all(dim=1)
+            if bool(differ.any()):
+                names = [self.names[i] for i in differ.nonzero().flatten().tolist()]
+                self._refuse(f"{what} (parameters {names[:5]})")
+
+    def _refuse(self, why: str) -> None:
         raise RuntimeError(
-            f"the point of this curvature operator was modified in place after it was built "
-            f"(parameters {changed[:5]}); its products would not be those of the point it was "
-            "built at. Build a new one at the new point (BilevelProblem.lower_hessian(...))"
+            f"the point of this curvature operator {why}; its products would not be those of the "
+            "point asked for. Build a new one at the new point (BilevelProblem.lower_hessian(...))"
         )
 
     @abc.abstractmethod
@@ -206,6 +226,20 @@ class CurvatureOperator(abc.ABC):
             product = loop_products(self._product, tangents, k, self._warning_key(), err)
         self.calls += k
         return product
+
+
+def fingerprint(tensors: Iterable[Tensor]) -> Tensor:
+    """Per tensor its sum and its 2-norm, shape ``(n, 2)`` in float64: a cheap summary of the
+    values that two equal points share exactly and a changed point almost surely does not."""
+    ts = [t.detach() for t in tensors]
+    if not ts:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    norms = torch._foreach_norm(ts, 2)
+    parts = [torch.stack([t.sum().to(torch.float64), n.to(torch.float64)])
+             for t, n in zip(ts, norms)]
+    if len({part.device for part in parts}) > 1:  # a point spread over devices
+        parts = [part.cpu() for part in parts]
+    return torch.stack(parts).cpu()
 
 
 def _versions(tensors: Iterable[Tensor]) -> tuple[int, ...] | None:

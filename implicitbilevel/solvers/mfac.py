@@ -59,8 +59,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import check_bool
 from ..tree import Params, tree_norm
-from .base import LinearSolver, MatVec, SolveInfo, direct_solve_info
+from .base import LinearSolver, MatVec, SolveInfo, check_real, direct_solve_info
 
 __all__ = ["MFAC", "GradientWindow"]
 
@@ -95,20 +96,6 @@ class GradientWindow:
         self.count = 0
         self.position = 0
         self.version = getattr(self, "version", 0) + 1
-
-    observes_gradients: ClassVar[bool] = True
-
-    def prepare(self, matvec: MatVec) -> float:
-        """Factor ``kμI + G D⁻¹ Gᵀ`` for this system and the current window, unless held (the
-        seconds spent)."""
-        if not self.window.count:
-            return 0.0
-        start = time.perf_counter()
-        held = self._factor
-        diagonal, mu = _diagonal(matvec, list(self.window.names))
-        self.window.to(self.window.gram[self.window.names[0]].device)
-        self._cholesky(diagonal, mu)
-        return 0.0 if self._factor is held else time.perf_counter() - start
 
     def observe(self, grads: Mapping[str, Tensor]) -> None:
         """Add one gradient, replacing the oldest when the window is full (``O(m·n)``).
@@ -260,9 +247,23 @@ class MFAC(LinearSolver):
 
     def __post_init__(self) -> None:
         _validate_m(self.m)
-        if not self.tol >= 0:  # also rejects NaN
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        check_real(self.tol, "tol")  # a finite number >= 0, as MINRES and Nyström require
+        check_bool(self.measure_residual, "measure_residual")
         self.window = GradientWindow(self.m)
+
+    observes_gradients: ClassVar[bool] = True
+
+    def prepare(self, matvec: MatVec) -> float:
+        """Factor ``kμI + G D⁻¹ Gᵀ`` for this system and the current window, unless held (the
+        seconds spent)."""
+        if not self.window.count:
+            return 0.0
+        start = time.perf_counter()
+        held = self._factor
+        diagonal, mu = _diagonal(matvec, list(self.window.names))
+        self.window.to(self.window.gram[self.window.names[0]].device)
+        self._cholesky(diagonal, mu)
+        return 0.0 if self._factor is held else time.perf_counter() - start
 
     def observe(self, grads: Mapping[str, Tensor]) -> None:
         """Add a gradient to the window (the oldest leaves once ``m`` are held)."""
