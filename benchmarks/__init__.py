@@ -1,15 +1,29 @@
 """Benchmarks of implicitbilevel against its peers; each script writes ``results/<name>-<device>``.
 
+Every script runs on one harness, :mod:`benchmarks.harness`: threads and seeds, the interleaved
+timing (median of per-repeat ratios taken side by side in one process), the machine record, the
+JSON and Markdown writers, tables and plots, peak memory in a fresh process, and the flags that
+mean the same in every script (``--out``, ``--threads``, ``--quick``/``--full``, ``--device``,
+``--repeats``).
+
 - :mod:`benchmarks.run` (``python benchmarks/run.py --quick``): HVP cost, solver accuracy and
   cost, memory and time per upper step against TorchOpt, Betty and the original BiSSL scheme;
-  :mod:`benchmarks.workloads` builds the models and batches (ResNet-18, a small GPT, an MLP),
-  :mod:`benchmarks.peers` holds the peers' versions of the same solve, :mod:`benchmarks.measure`
-  the measurements.
-- :mod:`benchmarks.robust_ij`: the implicit-Jacobian solvers on the recipes' pretrained networks
-  (:mod:`benchmarks.pretrained`), against a converged solution.
-- :mod:`benchmarks.beyond_ij`: BN-only IJ, appendix G and M-FAC on the pretrained small ResNet.
-- :mod:`benchmarks.external`: every solver and peer (TorchOpt, JAXopt, Betty) on problems with
-  closed-form hypergradients (:mod:`benchmarks.external_problems`,
+  :mod:`benchmarks.workloads` builds the models and batches (ResNet-18, a small GPT, an MLP) and
+  the BiSSL problem, :mod:`benchmarks.peers` holds the peers' versions of the same solve,
+  :mod:`benchmarks.reference` the original BiSSL scheme (and the converged float64 solutions),
+  :mod:`benchmarks.measure` the measurements.
+- :mod:`benchmarks.robust_ij` (``python benchmarks/robust_ij.py --quick``): the implicit-Jacobian
+  solvers on the recipes' pretrained networks (:mod:`benchmarks.pretrained`), against a converged
+  solution; its methods in :mod:`benchmarks.robust_ij_methods`, one network and μ in
+  :mod:`benchmarks.robust_ij_system`, the converged ``u*`` in :mod:`benchmarks.reference`, peak
+  memory in :mod:`benchmarks.robust_ij_memory`, targets, tables and plot in
+  :mod:`benchmarks.robust_ij_report`.
+- :mod:`benchmarks.beyond_ij` (``python benchmarks/beyond_ij.py``): BN-only IJ, appendix G and
+  M-FAC on the pretrained small ResNet.
+- :mod:`benchmarks.external` (``python benchmarks/external.py``): every solver and peer (TorchOpt,
+  JAXopt, Betty) on problems with closed-form hypergradients (:mod:`benchmarks.external_problems`,
   :mod:`benchmarks.external_methods`).
-- :mod:`benchmarks.sync_batchnorm`: the cost of SyncBatchNorm on two ranks.
+- :mod:`benchmarks.sync_batchnorm` (``python benchmarks/sync_batchnorm.py``): the cost of
+  SyncBatchNorm on two ranks.
+- ``benchmarks/gpu_check.sh``: every check that needs a GPU, in one run.
 """

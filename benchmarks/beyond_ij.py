@@ -25,13 +25,10 @@ Run: ``python benchmarks/beyond_ij.py --epochs 30`` (the SimCLR stage is cached 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -40,9 +37,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torch import nn
 
+from benchmarks.harness import (
+    add_out,
+    add_threads,
+    median,
+    paired_times,
+    parser,
+    row,
+    set_threads,
+    table_head,
+    write_results,
+)
 from benchmarks.pretrained import vision_network
-from implicitbilevel import MFAC, MINRES, BilevelProblem, ProximalL2
-from implicitbilevel.bissl import bissl_upper_loss
+from benchmarks.workloads import bissl_problem
+from implicitbilevel import MFAC, MINRES, BilevelProblem
 from implicitbilevel.tree import tree_norm, tree_sub
 from recipes.common.appendix_g import appendix_g_parts
 
@@ -56,9 +64,8 @@ def _bn_names(model: nn.Module, backbone: list[str]) -> list[str]:
 
 
 def _problem(net: Any, mu: float, solver: Any, **kw: Any) -> BilevelProblem:
-    return BilevelProblem(bissl_upper_loss(net.downstream_loss, net.backbone), net.pretext_loss,
-                          lam=LAM, damping=mu - LAM, regularizer=ProximalL2(net.backbone),
-                          ij=solver, on_breakdown="ignore", **kw)
+    return bissl_problem(net.downstream_loss, net.pretext_loss, net.backbone, mu, LAM, solver,
+                         **kw)
 
 
 def _alternation(problem: BilevelProblem, net: Any) -> tuple[float, list[Any]]:
@@ -84,13 +91,12 @@ def _mfac_problem(net: Any, mu: float, m: int = 20) -> BilevelProblem:
 
 def _gradient_seconds(net: Any, repeats: int = 5) -> float:
     params = {n: p.detach().requires_grad_(True) for n, p in net.upper.items()}
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.autograd.grad(net.downstream_loss(params, net.upper_batches[0]),
-                            list(params.values()))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    def gradient() -> Any:
+        return torch.autograd.grad(net.downstream_loss(params, net.upper_batches[0]),
+                                   list(params.values()))
+
+    return median(paired_times({"gradient": gradient}, repeats, warmup=0)["gradient"])
 
 
 def run(epochs: int, upper_steps: int, n_c: int, mus: list[float]) -> dict[str, Any]:
@@ -121,12 +127,12 @@ def run(epochs: int, upper_steps: int, n_c: int, mus: list[float]) -> dict[str, 
             _alternation(problem, net)  # warm-up
             seconds, outs = _alternation(problem, net)
             grad_s = _gradient_seconds(net)  # next to the step, so both see the same load
-            row = {"mu": mu, "method": label, "n_c": 0 if label.startswith("M-FAC") else n_c,
+            entry = {"mu": mu, "method": label, "n_c": 0 if label.startswith("M-FAC") else n_c,
                    "seconds": seconds,
                    "cost": seconds / grad_s, "gradient_seconds": grad_s,
                    "unknowns": sum(net.lower[n].numel() for n in outs[0].u)}
             if not label.startswith("appendix G"):  # appendix G is another problem: no u*, g*
-                row["g_error"] = statistics.median(
+                entry["g_error"] = median(
                     float(tree_norm(tree_sub({n: o.grads[n] for n in net.backbone}, g))
                           / tree_norm(g)) for o, g in zip(outs, g_ref))
                 outside = "zero" if "u = 0" in label else "identity"
@@ -136,15 +142,15 @@ def run(epochs: int, upper_steps: int, n_c: int, mus: list[float]) -> dict[str, 
                          (r.rhs[n] if outside == "identity" else torch.zeros_like(r.rhs[n]))
                          for n in net.backbone}
                     u_err.append(float(tree_norm(tree_sub(u, u_star)) / tree_norm(u_star)))
-                row["u_error"] = statistics.median(u_err)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                entry["u_error"] = median(u_err)
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
     return {"epochs": epochs, "upper_steps": upper_steps, "bn_unknowns":
             sum(net.lower[n].numel() for n in bn), "backbone_unknowns": net.unknowns,
             "threads": torch.get_num_threads(), "rows": rows}
 
 
-def render(results: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any]) -> str:
     """The Markdown table."""
     lines = [
         "## Beyond the thesis: BN-only IJ, appendix G and M-FAC on the pretrained small ResNet "
@@ -158,31 +164,30 @@ def render(results: dict[str, Any]) -> str:
         "- errors against the full IJ solved by MINRES to relative residual 1e-6; appendix G "
         "solves another problem, so only its cost is comparable",
         "",
-        "| μ | method | N_c | unknowns | s / upper step | cost / gradient | "
-        "rel. error g (median) | rel. error u (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head("μ", "method", "N_c", "unknowns", "s / upper step", "cost / gradient",
+                    "rel. error g (median)", "rel. error u (median)"),
     ]
     for r in results["rows"]:
         u = f"{r['u_error']:.3g}" if "u_error" in r else "—"
         g = f"{r['g_error']:.3g}" if "g_error" in r else "—"
-        lines.append(f"| {r['mu']:g} | {r['method']} | {r['n_c']} | {r['unknowns']} | "
-                     f"{r['seconds']:.3f} | {r['cost']:.2f} | {g} | {u} |")
+        lines.append(row(f"{r['mu']:g}", r["method"], r["n_c"], r["unknowns"],
+                         f"{r['seconds']:.3f}", f"{r['cost']:.2f}", g, u))
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: run, write JSON and Markdown to ``--out``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="SimCLR epochs of the network")
-    parser.add_argument("--upper-steps", type=int, default=4, help="N_U upper batches")
-    parser.add_argument("--nc", type=int, default=5, help="N_c products per solve")
-    parser.add_argument("--mu", type=float, nargs="+", default=[10.001, 1000.0])
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--epochs", type=int, default=30, help="SimCLR epochs of the network")
+    p.add_argument("--upper-steps", type=int, default=4, help="N_U upper batches")
+    p.add_argument("--nc", type=int, default=5, help="N_c products per solve")
+    p.add_argument("--mu", type=float, nargs="+", default=[10.001, 1000.0])
+    add_out(p)
+    add_threads(p, help="torch intra-op CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
     results = run(args.epochs, args.upper_steps, args.nc, args.mu)
-    out = Path(args.out)
-    (out / "beyond_ij-cpu.json").write_text(json.dumps(results, indent=1))
-    (out / "beyond_ij-cpu.md").write_text(render(results))
+    write_results(args.out, "beyond_ij-cpu", results, render_markdown(results))
     return results
 
 

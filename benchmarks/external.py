@@ -13,20 +13,16 @@ CG, MINRES, Neumann, Nyström and dense solvers through :func:`implicitbilevel.a
 TorchOpt, JAXopt and Betty where they import. For each ``N_c`` in ``{1, 2, 5, 10, 20}``: the
 relative error ``‖ĝ − g*‖/‖g*‖`` of the hypergradient ``ĝ`` against the closed-form one ``g*``
 (thesis Theorem 3.2, eq. 3.2-3.3) and the wall time of one hypergradient, median over repeats
-taken round-robin in one process (:func:`benchmarks.measure.paired_times`), also as a ratio to one
+taken round-robin in one process (:func:`benchmarks.harness.paired_times`), also as a ratio to one
 gradient ``∇_y g`` timed beside it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -38,8 +34,27 @@ from torch import Tensor
 import implicitbilevel as ib
 from benchmarks.external_methods import Method, methods, peer_availability
 from benchmarks.external_problems import ExternalProblem, logistic_problem, quadratic_problem
-from benchmarks.measure import paired_times
-from benchmarks.run import machine_info
+from benchmarks.harness import (
+    add_out,
+    add_repeats,
+    add_threads,
+    command_line,
+    finish,
+    header,
+    median,
+    new_results,
+    paired_times,
+    parser,
+    peer_table,
+    pyplot,
+    ratio,
+    relative_error,
+    row,
+    save_figure,
+    set_threads,
+    table_head,
+    write_results,
+)
 
 __all__ = ["Settings", "exact_check", "main", "plot", "render_markdown", "run"]
 
@@ -60,11 +75,6 @@ class Settings:
         return cls(iterations=(2,), repeats=1, warmup=0, quadratic_dim=8, quadratic_samples=32)
 
 
-def _relative_error(got: Tensor, reference: Tensor) -> float:
-    return float((got.double() - reference).norm() / reference.norm())
-
-
-
 def exact_check(problem: ExternalProblem) -> dict[str, float]:
     """Relative error of ``Dense()`` and of CG run to convergence against the reference."""
     def hypergradient(solver: ib.LinearSolver) -> Tensor:
@@ -74,8 +84,8 @@ def exact_check(problem: ExternalProblem) -> dict[str, float]:
         return torch.autograd.grad(problem.outer(y["y"], x), x)[0]
 
     n = problem.y.numel()
-    return {"Dense": _relative_error(hypergradient(ib.Dense()), problem.reference),
-            "CG converged": _relative_error(
+    return {"Dense": relative_error(hypergradient(ib.Dense()), problem.reference),
+            "CG converged": relative_error(
                 hypergradient(ib.CG(max_iter=10 * n, tol=1e-14)), problem.reference)}
 
 
@@ -99,15 +109,14 @@ def _measure_problem(problem: ExternalProblem, all_methods: list[Method], settin
             except Exception as err:  # one failing method is recorded, the others still run
                 rows[m.label]["points"][str(n_c)] = {"error": f"{type(err).__name__}: {err}"}
         times = paired_times(fns, settings.repeats, settings.warmup)
-        grad_s = statistics.median(times["gradient"])
+        grad_s = median(times["gradient"])
         for label, fn in fns.items():
             if label == "gradient":
                 continue
-            t = statistics.median(times[label])
-            ratio = statistics.median(a / b for a, b in zip(times[label], times["gradient"]))
             rows[label]["points"][str(n_c)] = {
-                "relative_error": _relative_error(fn(), problem.reference), "seconds": t,
-                "over_gradient": ratio, "products": products[label]}
+                "relative_error": relative_error(fn(), problem.reference),
+                "seconds": median(times[label]), "over_gradient": ratio(times, label, "gradient"),
+                "products": products[label]}
         log(f"  {problem.name}: N_c = {n_c} done (gradient {grad_s * 1e3:.2f} ms)")
     compile_s = {m.label: {str(k[1]): v for k, v in m.build.compile_seconds.items()
                            if k[0] == problem.name}
@@ -115,7 +124,7 @@ def _measure_problem(problem: ExternalProblem, all_methods: list[Method], settin
     return {"title": problem.title, "info": problem.info, "unknowns": problem.y.numel(),
             "outer_unknowns": problem.x.numel(), "hessian_eigenvalues": [lo, hi],
             "condition": hi / lo, "neumann_alpha": 1.0 / hi, "nystrom_delta": 0.5 * lo,
-            "gradient_seconds": statistics.median(times["gradient"]),
+            "gradient_seconds": median(times["gradient"]),
             "exact": exact_check(problem), "methods": rows, "jax_compile_seconds": compile_s}
 
 
@@ -126,20 +135,13 @@ def run(settings: Settings, out: str | None, command: str, log: Any = print) -> 
     all_methods = methods(status)
     problems = [quadratic_problem(settings.quadratic_dim, settings.quadratic_dim,
                                   settings.quadratic_samples), logistic_problem()]
-    results: dict[str, Any] = {"machine": machine_info("cpu"), "command": command,
-                               "settings": asdict(settings), "peer_status": status,
-                               "problems": {}}
+    results = new_results(command, "cpu", settings)
+    results.update(peer_status=status, problems={})
     for problem in problems:
         results["problems"][problem.name] = _measure_problem(problem, all_methods, settings, log)
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    results["wall_seconds"] = time.perf_counter() - start
+    finish(results, start)
     if out is not None:
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, "external-cpu")
-        with open(stem + ".json", "w") as f:
-            json.dump(results, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(render_markdown(results))
+        stem = write_results(out, "external-cpu", results, render_markdown(results))
         plot(results, stem + ".png")
     return results
 
@@ -150,20 +152,12 @@ def _e(x: float) -> str:
 
 def render_markdown(results: dict[str, Any]) -> str:
     """The tables: per problem, relative error and time / gradient for each method and N_c."""
-    m, s = results["machine"], results["settings"]
-    lines = ["### External problems: hypergradient error and cost", "",
-             f"- command: `{results['command']}`",
-             f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads, "
-             f"load average {m['load_average'][0]:.1f} at start, "
-             f"{m['load_average_end'][0]:.1f} at end); torch {m['torch']}, Python {m['python']}",
-             f"- date: {m['date_utc']}; wall time {results['wall_seconds']:.0f} s",
-             f"- times: median over {s['repeats']} repeats, all methods of one N_c round-robin in "
-             "one process after a warm-up; each cell is `relative error (time / one gradient of "
-             "g)`", ""]
-    lines += ["| peer | installed | note |", "|---|---|---|"]
-    for st in results["peer_status"].values():
-        lines.append(f"| {st['package']} | {st.get('version') or 'no'} | "
-                     f"{st.get('error', '')} |")
+    s = results["settings"]
+    lines = header("### External problems: hypergradient error and cost", results) + [
+        f"- times: median over {s['repeats']} repeats, all methods of one N_c round-robin in "
+        "one process after a warm-up; each cell is `relative error (time / one gradient of g)`",
+        ""]
+    lines += peer_table(results["peer_status"], note="note")
     for p in results["problems"].values():
         lo, hi = p["hessian_eigenvalues"]
         lines += ["", f"#### {p['title']}", "",
@@ -174,27 +168,26 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"{p['gradient_seconds'] * 1e3:.2f} ms. Library against the closed form: "
                   + ", ".join(f"{k} {_e(v)}" for k, v in p["exact"].items()) + ".", ""]
         its = [str(n) for n in s["iterations"]]
-        lines += ["| method | " + " | ".join(f"N_c = {n}" for n in its) + " |",
-                  "|---|" + "---|" * len(its)]
-        for label, row in p["methods"].items():
+        lines += table_head("method", *(f"N_c = {n}" for n in its))
+        for label, method in p["methods"].items():
             cells = []
             for n in its:
-                pt = row["points"].get(n)
+                pt = method["points"].get(n)
                 if pt is None:
                     cells.append("")
                 elif "error" in pt:
                     cells.append("failed")
                 else:
                     cells.append(f"{_e(pt['relative_error'])} ({pt['over_gradient']:.1f}x)")
-            if not row["points"]:
+            if not method["points"]:
                 continue
-            if len(row["points"]) == 1 and len(its) > 1:  # measured once (Dense)
-                pt = row["points"][its[0]]
+            if len(method["points"]) == 1 and len(its) > 1:  # measured once (Dense)
+                pt = method["points"][its[0]]
                 cells = [f"{_e(pt['relative_error'])} ({pt['over_gradient']:.1f}x, "
                          f"{pt['products']:.0f} products)"] + [""] * (len(its) - 1)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        failures = {label: pt["error"] for label, row in p["methods"].items()
-                    for pt in row["points"].values() if "error" in pt}
+            lines.append(row(label, *cells))
+        failures = {label: pt["error"] for label, method in p["methods"].items()
+                    for pt in method["points"].values() if "error" in pt}
         for label, err in failures.items():
             lines.append(f"\n{label} failed: `{err}`")
     return "\n".join(lines) + "\n"
@@ -203,19 +196,15 @@ def render_markdown(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Relative error against N_c (left) and against time per hypergradient (right), one row per
     problem, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     problems = results["problems"]
     fig, axes = plt.subplots(len(problems), 2, figsize=(12, 4.5 * len(problems)), squeeze=False)
     for (ax_n, ax_t), p in zip(axes, problems.values()):
-        for label, row in p["methods"].items():
-            pts = [(int(n), pt) for n, pt in row["points"].items() if "error" not in pt]
+        for label, method in p["methods"].items():
+            pts = [(int(n), pt) for n, pt in method["points"].items() if "error" not in pt]
             if not pts:
                 continue
-            style = {"ours": "-", "torchopt": "--", "jaxopt": ":", "betty": "-."}[row["library"]]
+            style = {"ours": "-", "torchopt": "--", "jaxopt": ":", "betty": "-."}[method["library"]]
             err = [max(pt["relative_error"], 1e-17) for _, pt in pts]
             sec = [pt["seconds"] * 1e3 for _, pt in pts]
             if len(pts) == 1:
@@ -232,28 +221,22 @@ def plot(results: dict[str, Any], path: str) -> None:
         for ax in (ax_n, ax_t):
             ax.grid(True, which="both", alpha=0.3)
         ax_n.legend(fontsize=6.5, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line: ``--tiny``, ``--repeats``, ``--out``, ``--threads``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 7)")
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1, as JAX is given one)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    p = parser(__doc__)
+    p.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds)")
+    add_repeats(p, None, help="timing repeats (default 7)")
+    add_out(p)
+    add_threads(p, 1, help="torch intra-op threads (default 1, as JAX is given one)")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
     settings = Settings.tiny() if args.tiny else Settings()
     if args.repeats is not None:
         settings.repeats = args.repeats
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/external.py",
-                                                            *(sys.argv[1:] if argv is None
-                                                              else argv)])
-    results = run(settings, args.out, command)
+    results = run(settings, args.out, command_line("external.py", argv))
     print(render_markdown(results))
     return results
 

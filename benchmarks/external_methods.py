@@ -15,13 +15,11 @@ iterations.
   its default ``solve_normal_cg``; the whole hypergradient ``jax.jit``-compiled once (the
   compilation is timed separately, not in the per-call time).
 - Betty (``betty-ml``): ``betty.hypergradient.cg`` and ``neumann`` on stand-ins with the
-  attributes Betty's ``Problem`` gives them (as in :mod:`benchmarks.peers`).
+  attributes Betty's ``Problem`` gives them (:class:`benchmarks.peers.BettyStandIn`).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import os
 import time
 import warnings
@@ -36,6 +34,14 @@ from torch import Tensor
 import implicitbilevel as ib
 
 from .external_problems import ExternalProblem
+from .peers import (
+    BettyStandIn,
+    import_error,
+    installed_version,
+    products_per_solve,
+    torchopt_solver,
+    torchopt_warnings,
+)
 
 __all__ = ["Method", "methods", "peer_availability"]
 
@@ -117,13 +123,7 @@ def _torchopt(kind: str) -> Callable[[ExternalProblem, int], tuple[Hypergradient
     def build(problem: ExternalProblem, n_c: int) -> tuple[Hypergradient, float]:
         import torchopt
 
-        if kind == "cg":
-            solve = torchopt.linear_solve.solve_cg(maxiter=n_c, rtol=0.0)
-        elif kind == "normal-cg":
-            solve = torchopt.linear_solve.solve_normal_cg(maxiter=n_c, rtol=0.0)
-        else:
-            solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=n_c,
-                                                    alpha=_neumann_alpha(problem))
+        solve = torchopt_solver(kind, n_c, alpha=_neumann_alpha(problem))
 
         def optimality(y: Tensor, x: Tensor) -> Tensor:
             return torch.func.grad(problem.inner)(y, x)
@@ -134,15 +134,12 @@ def _torchopt(kind: str) -> Callable[[ExternalProblem, int], tuple[Hypergradient
 
         def hypergradient() -> Tensor:
             x = problem.x.clone().requires_grad_(True)
-            with warnings.catch_warnings():
-                # TorchOpt 0.7.3 calls the deprecated functorch.vjp on every solve.
-                warnings.filterwarnings("ignore", message=".*functorch.vjp.*",
-                                        category=FutureWarning)
+            with torchopt_warnings():
                 y = inner_solution(problem.y, x)
                 (grad,) = torch.autograd.grad(problem.outer(y, x), x)
             return grad
 
-        return hypergradient, float(2 * n_c if kind == "normal-cg" else n_c)
+        return hypergradient, float(products_per_solve(kind, n_c))
 
     return build
 
@@ -188,37 +185,13 @@ def _jaxopt(kind: str) -> Callable[[ExternalProblem, int], tuple[Hypergradient, 
         def hypergradient() -> Tensor:
             return torch.from_numpy(jax.device_get(grad_fn(x0).block_until_ready()).copy())
 
-        return hypergradient, float(2 * n_c if kind == "normal-cg" else n_c)
+        return hypergradient, float(products_per_solve(kind, n_c))
 
     build.compile_seconds = {}  # type: ignore[attr-defined]
     return build
 
 
 # -- Betty ----------------------------------------------------------------------------------
-
-
-class _BettyInner:
-    """The attributes ``betty.hypergradient.cg/neumann`` read from a lower-level ``Problem``."""
-
-    def __init__(self, problem: ExternalProblem, x: Tensor, n_c: int, alpha: float) -> None:
-        self.paths: list = []
-        self.config = SimpleNamespace(cg_iterations=n_c, cg_alpha=1.0, neumann_iterations=n_c,
-                                      neumann_alpha=alpha)
-        self.cur_batch = None
-        self._problem, self._x = problem, x
-        self._y = problem.y.clone().requires_grad_(True)
-
-    def training_step_exec(self, batch: Any) -> Tensor:
-        """``g(y, x)``."""
-        return self._problem.inner(self._y, self._x)
-
-    def trainable_parameters(self) -> list[Tensor]:
-        """``y``."""
-        return [self._y]
-
-    def parameters(self) -> list[Tensor]:
-        """``y``."""
-        return [self._y]
 
 
 def _betty(kind: str) -> Callable[[ExternalProblem, int], tuple[Hypergradient, float]]:
@@ -230,8 +203,8 @@ def _betty(kind: str) -> Callable[[ExternalProblem, int], tuple[Hypergradient, f
 
         def hypergradient() -> Tensor:
             x = problem.x.clone().requires_grad_(True)
-            lower = _BettyInner(problem, x, n_c, alpha)
-            y = lower.trainable_parameters()[0]
+            y = problem.y.clone().requires_grad_(True)
+            lower = BettyStandIn([y], lambda batch: problem.inner(y, x), n_c, neumann_alpha=alpha)
             grad_y, grad_x = torch.autograd.grad(problem.outer(y, x), (y, x), allow_unused=True)
             upper = SimpleNamespace(trainable_parameters=lambda: [x])
             with warnings.catch_warnings():
@@ -255,17 +228,17 @@ def peer_availability() -> dict[str, dict[str, Any]]:
     status: dict[str, dict[str, Any]] = {}
     for key, (module, dist) in _PEERS.items():
         entry: dict[str, Any] = {"package": dist}
-        try:
-            if key == "jaxopt":
+        error = None
+        if key == "jaxopt":
+            try:
                 _jax_setup()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                importlib.import_module(module)
-            entry["version"] = importlib.metadata.version(dist)
-            entry["available"] = True
-        except Exception as err:  # a missing or broken peer is recorded, not fatal
-            entry["available"] = False
-            entry["error"] = f"{type(err).__name__}: {err}"
+            except Exception as err:  # a missing or broken peer is recorded, not fatal
+                error = f"{type(err).__name__}: {err}"
+        error = error or import_error(module, quiet=True)
+        if error is None:
+            entry.update(version=installed_version(dist), available=True)
+        else:
+            entry.update(available=False, error=error)
         status[key] = entry
     return status
 

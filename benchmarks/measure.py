@@ -1,19 +1,10 @@
-"""The measurements. Every figure is a ratio of times taken in one process, interleaved.
-
-:func:`paired_times` runs a set of callables round-robin (the order rotated every repeat) after
-warm-up runs that are not recorded, so every repeat yields one time per callable taken under the
-same machine load; a ratio is the median over repeats of the per-repeat ratios.
+"""The measurements of :mod:`benchmarks.run`. Every figure is a ratio of times taken in one
+process, interleaved (:func:`benchmarks.harness.paired_times`, :func:`benchmarks.harness.ratio`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,67 +14,27 @@ from torch import Tensor
 from implicitbilevel import CG, Dense, HessianOperator, Neumann, hvp
 from implicitbilevel.tree import Params, tree_axpy, tree_norm, tree_scale
 
+from .harness import in_subprocess, median, paired_times, peak_memory, ratio, relative_error
 from .peers import (
     PeerResult,
     betty_upper_step,
     ours_upper_step,
-    reference_upper_step,
     torchopt_upper_step,
 )
-from .workloads import BiSSLWorkload, LossWorkload
+from .reference import reference_upper_step
+from .workloads import BiSSLWorkload, LossWorkload, finetune_step
 
 __all__ = [
     "accuracy_vs_iterations",
     "hvp_and_solver_costs",
     "memory_ratio",
-    "paired_times",
     "peer_comparison",
-    "ratio",
     "relative_difference",
 ]
 
 
-def _sync(device: torch.device | str | None) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def paired_times(
-    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-    device: torch.device | str | None = None,
-) -> dict[str, list[float]]:
-    """Time every callable ``repeats`` times, round-robin, after ``warmup`` unrecorded rounds."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def ratio(times: Mapping[str, list[float]], num: str | Callable[[int], float],
-          den: str | Callable[[int], float]) -> float:
-    """Median over repeats of ``num/den``; each side a name in ``times`` or a function of the
-    repeat index (to combine several timings of the same repeat)."""
-    n = len(next(iter(times.values())))
-
-    def value(side: str | Callable[[int], float], i: int) -> float:
-        return times[side][i] if isinstance(side, str) else side(i)
-
-    return statistics.median(value(num, i) / value(den, i) for i in range(n))
-
-
 def _median(times: Mapping[str, list[float]], name: str) -> float:
-    return statistics.median(times[name])
+    return median(times[name])
 
 
 def relative_difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor],
@@ -92,8 +43,7 @@ def relative_difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor],
     names = list(b) if names is None else names
     fa = torch.cat([a[n].detach().reshape(-1).double().cpu() for n in names])
     fb = torch.cat([b[n].detach().reshape(-1).double().cpu() for n in names])
-    denom = float(fb.norm())
-    return float((fa - fb).norm()) / denom if denom > 0 else float((fa - fb).norm())
+    return relative_error(fa, fb)
 
 
 def _random_like(params: Params, seed: int) -> Params:
@@ -112,7 +62,7 @@ def hvp_and_solver_costs(w: LossWorkload, mu: float, repeats: int, warmup: int =
 
     Returns per-quantity ratios to the gradient's time and the solver-overhead fractions:
 
-    - ``forward-over-reverse``, ``reverse-over-reverse``: one :func:`implicitbilevel.curvature.hessian`;
+    - ``forward-over-reverse``, ``reverse-over-reverse``: one :func:`implicitbilevel.hvp`;
     - ``kept-graph``: one product of ``HessianOperator(reuse=True)`` (graph already built);
       ``kept-graph build``: building that operator (the gradient with ``create_graph=True``);
     - ``cg5``/``neumann5``: one ``CG(max_iter=5)`` / ``Neumann(max_iter=5)`` solve of
@@ -207,7 +157,7 @@ def hvp_and_solver_costs(w: LossWorkload, mu: float, repeats: int, warmup: int =
             "cg_bookkeeping_fraction_direct": cg_direct,
             "neumann_bookkeeping_fraction": neu_book,
             "neumann_bookkeeping_fraction_direct": neu_direct,
-            "cg_bookkeeping_ms": 1e3 * statistics.median(
+            "cg_bookkeeping_ms": 1e3 * median(
                 times["cg5 diag"][i] - 5 * times["diag matvec"][i] for i in range(repeats)),
             "cg_iteration_over_gradient": ratio(times, lambda i: times["cg5"][i] / k_cg,
                                                 "gradient"),
@@ -224,16 +174,7 @@ def hvp_and_solver_costs(w: LossWorkload, mu: float, repeats: int, warmup: int =
 
 
 def _finetune_step(w: BiSSLWorkload) -> Callable[[], None]:
-    params = {n: p.clone().requires_grad_(True) for n, p in w.upper.items()}
-    opt = torch.optim.SGD(list(params.values()), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            w.downstream_loss(params, w.upper_batch).backward()
-        opt.step()
-
-    return step
+    return finetune_step(w.downstream_loss, w.upper, w.upper_batch)
 
 
 def _upper_step(w: BiSSLWorkload, problem: Any, shared: bool = False) -> Callable[[], None]:
@@ -359,16 +300,9 @@ def peer_comparison(w: BiSSLWorkload, repeats: int, warmup: int = 1, peers: Mapp
 # -- (4) memory --------------------------------------------------------------------------------
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one step in this (fresh) process and return its peak memory delta in MiB.
+    """Run one step in this (fresh) process and return its peak memory delta in MiB
+    (:func:`benchmarks.harness.peak_memory`).
 
     CPU: ``VmHWM`` after the step minus ``VmRSS`` before it, with the high-water mark reset
     through ``/proc/self/clear_refs`` first. CUDA: ``torch.cuda.max_memory_allocated`` minus the
@@ -392,21 +326,7 @@ def memory_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
             reference_upper_step(w)
     else:
         raise ValueError(f"unknown memory variant {variant!r}")
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kib("VmRSS") * 1024
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_kib("VmHWM") * 1024
+    before, peak = peak_memory(step, device)
     return {"variant": variant, "delta_mib": (peak - before) / 2**20,
             "baseline_mib": before / 2**20}
 
@@ -419,23 +339,18 @@ def memory_ratio(arch: str, batch: int, image: int, mu: float, device: str, repe
 
     Returns the median deltas (MiB) and their ratios to the fine-tuning step.
     """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     deltas: dict[str, list[float]] = {v: [] for v in variants}
     errors: dict[str, str] = {}
     for _ in range(repeats):
         for variant in variants:
             spec = {"arch": arch, "batch": batch, "image": image, "mu": mu, "device": device,
                     "variant": variant, "threads": threads or torch.get_num_threads()}
-            code = ("import json, sys; from benchmarks.measure import memory_worker; "
-                    "print(json.dumps(memory_worker(json.loads(sys.argv[1]))))")
-            env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=root,
-                                  env=env, capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0:
-                errors[variant] = proc.stderr.strip().splitlines()[-1] if proc.stderr else "?"
+            out, error = in_subprocess("benchmarks.measure:memory_worker", spec, timeout=600)
+            if error is not None:
+                errors[variant] = error
                 continue
-            deltas[variant].append(json.loads(proc.stdout.strip().splitlines()[-1])["delta_mib"])
-    medians = {v: statistics.median(d) if d else math.nan for v, d in deltas.items()}
+            deltas[variant].append(out["delta_mib"])
+    medians = {v: median(d) if d else math.nan for v, d in deltas.items()}
     base = medians["fine-tuning step"]
     return {
         "method": ("CUDA max_memory_allocated delta" if torch.device(device).type == "cuda"

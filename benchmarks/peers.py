@@ -5,27 +5,30 @@ Every function here takes a :class:`~benchmarks.workloads.BiSSLWorkload` and ret
 solution ``u`` of ``(I + H/μ) u = v`` (``v = ∇_θP f``, ``H = ∇²_θP L^P``), so they can be timed
 side by side and compared with :meth:`implicitbilevel.BilevelProblem.upper_grad`.
 
-- :func:`reference_upper_step`: the scheme of the original BiSSL code: forward pass and
-  ``autograd.grad(create_graph=True)`` recomputed for every Hessian-vector product, block-wise
-  CG (``α``, ``β`` per parameter tensor) written as a Python loop over the tensors.
+- :func:`benchmarks.reference.reference_upper_step` (with the other reference solvers): the
+  scheme of the original BiSSL code, on the same :class:`PeerResult`.
 - :func:`torchopt_upper_step`: ``torchopt.diff.implicit.custom_root`` on the optimality condition
   ``∇L^P(θ_P)/μ + θ_P − θ_D = 0``, with ``torchopt.linear_solve.solve_cg`` or TorchOpt's default
   ``solve_normal_cg`` (CG on the normal equations, ``A² u = A v``).
 - :func:`betty_upper_step`: Betty's ``betty.hypergradient.cg`` / ``neumann`` called on two
   minimal stand-ins for Betty ``Problem`` objects (the Engine itself needs data loaders and
-  optimisers; the hypergradient code is what is measured).
+  optimisers; the hypergradient code is what is measured): :class:`BettyStandIn`.
 - higher (``higher``) has no implicit solver, only unrolled differentiation; it is reported as not
   applicable.
+
+The TorchOpt solvers (:func:`torchopt_solver`), the Betty stand-in and the import checks
+(:func:`import_error`, :func:`installed_version`) serve :mod:`benchmarks.external_methods` too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -38,12 +41,19 @@ from implicitbilevel.tree import Params
 from .workloads import BiSSLWorkload
 
 __all__ = [
+    "BettyStandIn",
     "PeerResult",
+    "assemble",
     "betty_upper_step",
+    "import_error",
+    "installed_version",
     "ours_upper_step",
     "peer_status",
-    "reference_upper_step",
+    "products_per_solve",
+    "torchopt_solver",
     "torchopt_upper_step",
+    "torchopt_warnings",
+    "upper_gradients",
 ]
 
 
@@ -66,7 +76,7 @@ def _leaves(params: Params) -> Params:
     return {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
 
 
-def _upper_gradients(w: BiSSLWorkload) -> tuple[Params, Params, Params]:
+def upper_gradients(w: BiSSLWorkload) -> tuple[Params, Params, Params]:
     """``∇_x f`` over the upper names, ``v = ∇_θP f`` over the backbone, and the leaves."""
     x = _leaves(w.upper)
     y = {n: w.lower[n].detach().requires_grad_(True) for n in w.backbone}
@@ -77,8 +87,9 @@ def _upper_gradients(w: BiSSLWorkload) -> tuple[Params, Params, Params]:
     return grad_x, v, x
 
 
-def _assemble(grad_x: Params, u: Params) -> Params:
-    # For the proximal coupling the mixed term is +u on the backbone (thesis eq. 4.9).
+def assemble(grad_x: Params, u: Params) -> Params:
+    """The hypergradient ``∇_x f + u`` on the backbone: for the proximal coupling the mixed term
+    is ``+u`` (thesis eq. 4.9)."""
     out = dict(grad_x)
     for n, un in u.items():
         out[n] = grad_x[n] + un
@@ -92,45 +103,34 @@ def ours_upper_step(w: BiSSLWorkload, problem: Any, lower_hessian: Any = None) -
     return PeerResult(out.grads, out.u)
 
 
-# -- the reference scheme (original BiSSL code) ------------------------------------------------
-
-
-def reference_upper_step(w: BiSSLWorkload, max_iter: int = 5) -> PeerResult:
-    """The original BiSSL code's scheme: recomputed double backward, per-tensor block-wise CG."""
-    grad_x, v, _ = _upper_gradients(w)
-    names = w.backbone
-    fixed = {n: p.detach() for n, p in w.lower.items()}
-    params = [fixed[n].clone().requires_grad_(True) for n in names]
-
-    def hvp(vec: list[Tensor]) -> list[Tensor]:
-        # Forward and first backward recomputed for every product, as the original code does.
-        loss = w.lower_loss({**fixed, **dict(zip(names, params))}, w.lower_batch)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        products = torch.autograd.grad(grads, params, grad_outputs=vec)
-        return [vi + hi.detach() / w.mu for vi, hi in zip(vec, products)]
-
-    b = [v[n].detach() for n in names]
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    for _ in range(max_iter):
-        ap = hvp(p)
-        for i in range(len(names)):  # block-wise CG: α and β per parameter tensor
-            rs = torch.sum(r[i] * r[i])
-            curvature = torch.sum(p[i] * ap[i])
-            alpha = rs / curvature if bool(curvature != 0) else torch.zeros_like(rs)
-            x[i] = x[i] + alpha * p[i]
-            r_new = r[i] - alpha * ap[i]
-            rs_new = torch.sum(r_new * r_new)
-            beta = rs_new / rs if bool(rs != 0) else torch.zeros_like(rs)
-            p[i] = r_new + beta * p[i]
-            r[i] = r_new
-    u = dict(zip(names, x))
-    return PeerResult(_assemble({n: g.detach() for n, g in grad_x.items()}, u), u,
-                      {n: t.detach() for n, t in v.items()})
-
-
 # -- TorchOpt --------------------------------------------------------------------------------
+
+
+def torchopt_solver(kind: str, max_iter: int, alpha: float = 1.0) -> Callable:
+    """TorchOpt's linear solve with a fixed budget and no tolerance stop: ``"cg"``
+    (``solve_cg``), ``"normal-cg"`` (its default ``solve_normal_cg``, CG on ``A²u = Av``) or
+    ``"neumann"`` (``solve_inv(ns=True)`` with step ``alpha``)."""
+    import torchopt
+
+    if kind == "cg":
+        return torchopt.linear_solve.solve_cg(maxiter=max_iter, rtol=0.0)
+    if kind == "normal-cg":
+        return torchopt.linear_solve.solve_normal_cg(maxiter=max_iter, rtol=0.0)
+    return torchopt.linear_solve.solve_inv(ns=True, maxiter=max_iter, alpha=alpha)
+
+
+def products_per_solve(kind: str, max_iter: int) -> int:
+    """Curvature products a solve spends (normal-equation CG: a product and a transposed one per
+    iteration)."""
+    return 2 * max_iter if kind == "normal-cg" else max_iter
+
+
+@contextlib.contextmanager
+def torchopt_warnings() -> Iterator[None]:
+    """Silence TorchOpt 0.7.3's deprecation warning for ``functorch.vjp`` (on every solve)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
+        yield
 
 
 def torchopt_upper_step(w: BiSSLWorkload, solver: str = "cg", max_iter: int = 5) -> PeerResult:
@@ -156,12 +156,9 @@ def torchopt_upper_step(w: BiSSLWorkload, solver: str = "cg", max_iter: int = 5)
         grads = torch.func.grad(scaled_loss)(theta_p)
         return tuple(g + p - d for g, p, d in zip(grads, theta_p, theta_d))
 
-    if solver == "cg":
-        solve = torchopt.linear_solve.solve_cg(maxiter=max_iter, rtol=0.0)
-    elif solver == "normal-cg":
-        solve = torchopt.linear_solve.solve_normal_cg(maxiter=max_iter, rtol=0.0)
-    else:
+    if solver not in ("cg", "normal-cg"):
         raise ValueError(f"solver must be 'cg' or 'normal-cg', got {solver!r}")
+    solve = torchopt_solver(solver, max_iter)
 
     captured: dict[str, Any] = {}
 
@@ -176,9 +173,7 @@ def torchopt_upper_step(w: BiSSLWorkload, solver: str = "cg", max_iter: int = 5)
         return tuple(fixed[n].clone() for n in names)
 
     x = _leaves(w.upper)
-    with warnings.catch_warnings():
-        # TorchOpt 0.7.3 calls the deprecated functorch.vjp on every solve.
-        warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
+    with torchopt_warnings():
         theta_p = lower_solution(tuple(fixed[n] for n in names), tuple(x[n] for n in names))
         loss = w.upper_loss()(x, {**fixed, **dict(zip(names, theta_p))}, w.upper_batch)
         grads = dict(zip(x.keys(), torch.autograd.grad(loss, list(x.values()))))
@@ -190,42 +185,50 @@ def torchopt_upper_step(w: BiSSLWorkload, solver: str = "cg", max_iter: int = 5)
 # -- Betty -----------------------------------------------------------------------------------
 
 
-class _BettyLower:
-    """The attributes ``betty.hypergradient.cg/neumann`` read from a lower-level ``Problem``."""
+class BettyStandIn:
+    """The attributes ``betty.hypergradient.cg/neumann`` read from a lower-level ``Problem``.
 
-    def __init__(self, w: BiSSLWorkload, theta_d: list[Tensor], iterations: int) -> None:
+    ``loss(batch)`` is the lower objective ``G`` at ``params`` (the leaves it differentiates);
+    ``cg_alpha`` is 1, ``neumann_alpha`` the given step, both with ``iterations``.
+    """
+
+    def __init__(self, params: list[Tensor], loss: Callable[[Any], Tensor], iterations: int,
+                 neumann_alpha: float = 1.0, batch: Any = None) -> None:
         self.paths: list = []
         self.config = SimpleNamespace(cg_iterations=iterations, cg_alpha=1.0,
-                                      neumann_iterations=iterations, neumann_alpha=1.0)
-        self._w = w
-        self._fixed = {n: p.detach() for n, p in w.lower.items()}
-        self._theta_p = [self._fixed[n].clone().requires_grad_(True) for n in w.backbone]
-        self._theta_d = theta_d
-        self.cur_batch = w.lower_batch
+                                      neumann_iterations=iterations, neumann_alpha=neumann_alpha)
+        self.cur_batch = batch
+        self._params, self._loss = params, loss
 
     def training_step_exec(self, batch: Any) -> Tensor:
-        """``G = L^P(θ_P)/μ + ½‖θ_P − θ_D‖²``, whose Hessian in θ_P is ``I + H/μ``."""
-        w = self._w
-        loss = w.lower_loss({**self._fixed, **dict(zip(w.backbone, self._theta_p))}, batch)
-        reg = sum(0.5 * (p - d).square().sum() for p, d in zip(self._theta_p, self._theta_d))
-        return loss / w.mu + reg
+        """The lower objective on ``batch``."""
+        return self._loss(batch)
 
     def trainable_parameters(self) -> list[Tensor]:
-        """θ_P."""
-        return self._theta_p
+        """The lower parameters."""
+        return self._params
 
     def parameters(self) -> list[Tensor]:
-        """θ_P."""
-        return self._theta_p
+        """The lower parameters."""
+        return self._params
 
 
 def betty_upper_step(w: BiSSLWorkload, method: str = "cg", iterations: int = 5) -> PeerResult:
     """One upper step with Betty's ``cg`` or ``neumann`` hypergradient (``cg_alpha = 1``)."""
     from betty.hypergradient import cg, neumann
 
-    grad_x, v, x = _upper_gradients(w)
+    grad_x, v, x = upper_gradients(w)
     theta_d = [x[n] for n in w.backbone]
-    lower = _BettyLower(w, theta_d, iterations)
+    fixed = {n: p.detach() for n, p in w.lower.items()}
+    theta_p = [fixed[n].clone().requires_grad_(True) for n in w.backbone]
+
+    def objective(batch: Any) -> Tensor:
+        """``G = L^P(θ_P)/μ + ½‖θ_P − θ_D‖²``, whose Hessian in θ_P is ``I + H/μ``."""
+        loss = w.lower_loss({**fixed, **dict(zip(w.backbone, theta_p))}, batch)
+        reg = sum(0.5 * (p - d).square().sum() for p, d in zip(theta_p, theta_d))
+        return loss / w.mu + reg
+
+    lower = BettyStandIn(theta_p, objective, iterations, batch=w.lower_batch)
     upper = SimpleNamespace(trainable_parameters=lambda: theta_d)
     vector = [v[n].detach() for n in w.backbone]
     fn = {"cg": cg, "neumann": neumann}[method]
@@ -234,13 +237,34 @@ def betty_upper_step(w: BiSSLWorkload, method: str = "cg", iterations: int = 5) 
         implicit = fn(vector, lower, upper)
     # Betty returns −∂²G/∂θ_D∂θ_P · x = x (the mixed block of G is −I), i.e. u itself.
     u = {n: t.detach() for n, t in zip(w.backbone, implicit)}
-    return PeerResult(_assemble({n: g.detach() for n, g in grad_x.items()}, u), u,
+    return PeerResult(assemble({n: g.detach() for n, g in grad_x.items()}, u), u,
                       {n: t.detach() for n, t in v.items()})
 
 
 # -- install status --------------------------------------------------------------------------
 
 _PIP_NAMES = {"torchopt": "torchopt", "betty": "betty-ml", "higher": "higher"}
+
+
+def import_error(module: str, quiet: bool = False) -> str | None:
+    """``None`` where ``module`` imports, else the exact error (``Type: message``); ``quiet``
+    silences the warnings the import raises."""
+    try:
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:
+                warnings.simplefilter("ignore")
+            importlib.import_module(module)
+    except Exception as err:  # a missing or broken peer is recorded, not fatal
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of the distribution ``dist`` (``None`` where it is not installed)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def peer_status(try_install: bool = False) -> dict[str, dict[str, Any]]:
@@ -252,10 +276,9 @@ def peer_status(try_install: bool = False) -> dict[str, dict[str, Any]]:
     status: dict[str, dict[str, Any]] = {}
     for module, pip_name in _PIP_NAMES.items():
         entry: dict[str, Any] = {"package": pip_name}
-        try:
-            importlib.import_module(module)
-        except Exception as err:
-            entry["import_error"] = f"{type(err).__name__}: {err}"
+        error = import_error(module)
+        if error is not None:
+            entry["import_error"] = error
             if try_install:
                 proc = subprocess.run(
                     [sys.executable, "-m", "pip", "install", pip_name],
@@ -263,15 +286,12 @@ def peer_status(try_install: bool = False) -> dict[str, dict[str, Any]]:
                 )
                 lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if "ERROR" in ln]
                 entry["install_error"] = lines[-1] if proc.returncode else None
-                try:
-                    importlib.import_module(module)
+                error = import_error(module)
+                if error is None:
                     entry.pop("import_error")
-                except Exception as err2:
-                    entry["import_error"] = f"{type(err2).__name__}: {err2}"
-        try:
-            entry["version"] = importlib.metadata.version(pip_name)
-        except importlib.metadata.PackageNotFoundError:
-            entry["version"] = None
+                else:
+                    entry["import_error"] = error
+        entry["version"] = installed_version(pip_name)
         entry["available"] = "import_error" not in entry
         status[module] = entry
     status["higher"]["note"] = (

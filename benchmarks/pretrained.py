@@ -43,9 +43,10 @@ from torch import Tensor, nn
 
 from implicitbilevel import GaussNewton, functional_module
 
+from .harness import ROOT, seeded
+
 __all__ = ["Network", "gpt_network", "toy_networks", "vision_network"]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "runs" / "robust_ij"
 
 LossBuilder = Callable[[nn.Module, nn.Module, torch.dtype, bool],
@@ -136,6 +137,17 @@ def _take_batches(loader: Any, count: int, size: int) -> list[Any]:
             if len(out) == count:
                 return out
     raise ValueError(f"the loader yields fewer than {count} full batches of {size}")
+
+
+def _batches(recipe: Any, target: str, lower_batch: int, upper_batch: int, upper_steps: int,
+             seed: int) -> tuple[Any, list[Any]]:
+    """One lower batch from the recipe's pretext loader and ``upper_steps`` upper batches from
+    its training loader for ``target``."""
+    torch.manual_seed(seed)
+    lower = _take_batches(recipe.pretext_loader(lower_batch, seed, None), 1, lower_batch)[0]
+    uppers = _take_batches(recipe.train_loader(target, upper_batch, seed), upper_steps,
+                           upper_batch)
+    return lower, uppers
 
 
 def _recipe(kind: str, overrides: list[str]) -> Any:
@@ -257,10 +269,7 @@ def vision_network(
     target = recipe.targets[0]
     info = {"pretext_epochs": epochs, **_prepared(recipe, target, log)}
     pretext, downstream = _models(recipe, target)
-    torch.manual_seed(seed)
-    lower = _take_batches(recipe.pretext_loader(lower_batch, seed, None), 1, lower_batch)[0]
-    uppers = _take_batches(recipe.train_loader(target, upper_batch, seed), upper_steps,
-                           upper_batch)
+    lower, uppers = _batches(recipe, target, lower_batch, upper_batch, upper_steps, seed)
 
     def move(batch: Any) -> tuple:
         return tuple(t.to(device) for t in batch)
@@ -321,10 +330,7 @@ def gpt_network(
         info = {"pretrain_steps": steps, "task": task, **_prepared(recipe, task, log)}
         pretext, downstream = _models(recipe, task)
         pretext, downstream = _no_dropout(pretext), _no_dropout(downstream)
-        torch.manual_seed(seed)
-        lower = _take_batches(recipe.pretext_loader(lower_batch, seed, None), 1, lower_batch)[0]
-        uppers = _take_batches(recipe.train_loader(task, upper_batch, seed), upper_steps,
-                               upper_batch)
+        lower, uppers = _batches(recipe, task, lower_batch, upper_batch, upper_steps, seed)
     finally:
         torch.set_flush_denormal(flush)
     m = recipe.cfg.model
@@ -383,8 +389,7 @@ def toy_networks(device: str = "cpu", seed: int = 0, upper_steps: int = 3) -> li
     from recipes.nlp.tasks import get_task
     from recipes.vision.models import Downstream, Pretext
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     backbone = _TinyBackbone()
     pretext = Pretext(backbone, proj_dim=4).to(device).train()
     down_backbone = _TinyBackbone()

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,19 @@ import torch.multiprocessing as mp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.measure import paired_times, ratio  # noqa: E402
-from benchmarks.workloads import _classification_loss, _cnn  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    add_out,
+    add_repeats,
+    add_threads,
+    median,
+    paired_times,
+    parser,
+    ratio,
+    row,
+    table_head,
+    write_results,
+)
+from benchmarks.workloads import classification_loss, cnn  # noqa: E402
 from implicitbilevel import HessianOperator  # noqa: E402
 from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm  # noqa: E402
 
@@ -43,7 +55,7 @@ def _free_port() -> int:
 
 
 def _callables(model: torch.nn.Module, batch: tuple, tangent: dict) -> dict[str, Any]:
-    loss = _classification_loss(model)
+    loss = classification_loss(model)
     params = {n: p.detach() for n, p in model.named_parameters()}
     leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
     operator = HessianOperator(loss, params, batch)
@@ -65,7 +77,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, path: st
         torch.set_num_threads(args.threads)
         device = torch.device(f"cuda:{rank}" if args.backend == "nccl" else "cpu")
         torch.manual_seed(0)
-        plain = _cnn("resnet18", 10).to(device).train()
+        plain = cnn("resnet18", 10).to(device).train()
         synced = convert_sync_batchnorm(copy.deepcopy(plain))
         gen = torch.Generator().manual_seed(rank)
         batch = (torch.randn(args.batch, 3, 32, 32, generator=gen).to(device),
@@ -79,7 +91,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, path: st
             result = {
                 "ratios": {name: ratio(times, f"SyncBatchNorm {name}", f"BatchNorm {name}")
                            for name in ("gradient", "graph build", "HVP")},
-                "median_s": {k: sorted(v)[len(v) // 2] for k, v in times.items()},
+                "median_s": {k: median(v) for k, v in times.items()},
                 "settings": {**vars(args), "world": world, "torch": torch.__version__},
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             }
@@ -88,37 +100,42 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, path: st
         dist.destroy_process_group()
 
 
+def render_markdown(result: dict[str, Any]) -> str:
+    """The table: per measurement, the time ratio and the BatchNorm time."""
+    s = result["settings"]
+    lines = [
+        f"## SyncBatchNorm over BatchNorm, ResNet-18, 2 ranks ({s['backend']}), "
+        f"batch {s['batch']} per rank",
+        "",
+        f"- date: {result['date']}; torch {s['torch']}; "
+        f"{s['threads']} thread(s) per rank; median of {s['repeats']} interleaved repeats",
+        "",
+        *table_head("measurement", "time SyncBatchNorm / BatchNorm", "BatchNorm (s)"),
+    ]
+    for name, value in result["ratios"].items():
+        lines.append(row(name, f"{value:.2f}", f"{result['median_s'][f'BatchNorm {name}']:.3f}"))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the two-rank measurement; returns (and writes) the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16, help="images per rank")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
-    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=16, help="images per rank")
+    add_repeats(p, 5)
+    add_threads(p, 1, help="torch CPU threads per rank")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    add_out(p)
+    args = p.parse_args(argv)
     if args.backend == "nccl" and torch.cuda.device_count() < 2:
         raise SystemExit("--backend nccl needs two GPUs (one per rank); use gloo on CPU")
     device = "cuda" if args.backend == "nccl" else "cpu"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sync_batchnorm-{device}.json"
-    mp.spawn(_worker, args=(2, _free_port(), args, str(path)), nprocs=2, join=True)
-    result = json.loads(path.read_text())
-    lines = [
-        f"## SyncBatchNorm over BatchNorm, ResNet-18, 2 ranks ({args.backend}), "
-        f"batch {args.batch} per rank",
-        "",
-        f"- date: {result['date']}; torch {result['settings']['torch']}; "
-        f"{args.threads} thread(s) per rank; median of {args.repeats} interleaved repeats",
-        "",
-        "| measurement | time SyncBatchNorm / BatchNorm | BatchNorm (s) |",
-        "|---|---|---|",
-    ]
-    for name, value in result["ratios"].items():
-        lines.append(f"| {name} | {value:.2f} | {result['median_s'][f'BatchNorm {name}']:.3f} |")
-    (out / f"sync_batchnorm-{device}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(2, _free_port(), args, path), nprocs=2, join=True)
+        result = json.loads(Path(path).read_text())
+    markdown = render_markdown(result)
+    write_results(args.out, f"sync_batchnorm-{device}", result, markdown)
+    print(markdown, end="")
     return result
 
 

@@ -27,10 +27,16 @@ from implicitbilevel import CG, BilevelProblem, LinearSolver, ProximalL2, functi
 from implicitbilevel.bissl import bissl_upper_loss
 from implicitbilevel.tree import Params
 
+from .harness import seeded
+
 __all__ = [
     "BiSSLWorkload",
     "LossWorkload",
+    "bissl_problem",
     "bissl_workload",
+    "classification_loss",
+    "cnn",
+    "finetune_step",
     "gpt_workload",
     "mlp_bissl_workload",
     "resnet_workload",
@@ -94,13 +100,40 @@ class BiSSLWorkload:
 
     def problem(self, ij: LinearSolver | None = None, **kwargs: Any) -> BilevelProblem:
         """A :class:`BilevelProblem` for this workload (CG with ``N_c = 5`` by default)."""
-        options: dict[str, Any] = {"on_breakdown": "ignore"}
-        options.update(kwargs)
-        return BilevelProblem(
-            self.upper_loss(), self.lower_loss, lam=self.lam, damping=self.mu - self.lam,
-            ij=CG(max_iter=5) if ij is None else ij,
-            regularizer=ProximalL2(self.backbone), **options,
-        )
+        return bissl_problem(self.downstream_loss, self.lower_loss, self.backbone, self.mu,
+                             self.lam, ij, **kwargs)
+
+
+def bissl_problem(downstream_loss: Callable[[Params, Any], Tensor],
+                  lower_loss: Callable[[Params, Any], Tensor], backbone: list[str], mu: float,
+                  lam: float, ij: LinearSolver | None = None, **options: Any) -> BilevelProblem:
+    """BiSSL's problem as the recipes build it, at ``μ = λ + λ_damp``.
+
+    The upper loss ``L^D(θ_P, φ_D) + L^D(θ_D, φ_D)``, the proximal coupling over ``backbone``,
+    CG with ``N_c = 5`` unless ``ij`` is given, and breakdowns ignored (``on_breakdown`` may be
+    overridden) so that no measurement stops; ``options`` go to :class:`BilevelProblem`.
+    """
+    options.setdefault("on_breakdown", "ignore")
+    return BilevelProblem(
+        bissl_upper_loss(downstream_loss, backbone), lower_loss, lam=lam, damping=mu - lam,
+        ij=CG(max_iter=5) if ij is None else ij, regularizer=ProximalL2(backbone), **options,
+    )
+
+
+def finetune_step(loss: Callable[[Params, Any], Tensor], params: Params,
+                  batch: Any) -> Callable[[], None]:
+    """One fine-tuning step of ``loss`` from ``params`` on ``batch``: forward, backward and an SGD
+    step with momentum, on copies of ``params`` (the baseline of every cost and memory ratio)."""
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    opt = torch.optim.SGD(list(leaves.values()), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss(leaves, batch).backward()
+        opt.step()
+
+    return step
 
 
 class TinyCNN(nn.Module):
@@ -121,7 +154,8 @@ class TinyCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _cnn(arch: str, num_classes: int) -> nn.Module:
+def cnn(arch: str, num_classes: int) -> nn.Module:
+    """A random-init ``resnet18`` (torchvision) or ``tiny-cnn`` classifier."""
     if arch == "resnet18":
         from torchvision.models import resnet18
 
@@ -135,7 +169,8 @@ def _detached(module: nn.Module) -> Params:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def _classification_loss(module: nn.Module) -> Callable[[Params, Any], Tensor]:
+def classification_loss(module: nn.Module) -> Callable[[Params, Any], Tensor]:
+    """The cross-entropy of ``module`` as a function of its parameters (buffers frozen)."""
     call = functional_module(module, freeze_buffers=True)
 
     def loss(params: Params, batch: Any) -> Tensor:
@@ -157,10 +192,9 @@ def bissl_workload(
     with random labels. ``mu`` is ``λ + λ_damp`` with λ = 1: at a random initialisation
     ``I + H/μ`` is not positive definite for small μ (benchmarks/README.md): default 1000.
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    down = _cnn(arch, classes).to(device).train()
-    pretext = _cnn(arch, pretext_classes).to(device).train()
+    gen = seeded(seed)
+    down = cnn(arch, classes).to(device).train()
+    pretext = cnn(arch, pretext_classes).to(device).train()
     backbone = [n for n, _ in down.named_parameters() if not n.startswith("fc.")]
     with torch.no_grad():
         pretext_params = dict(pretext.named_parameters())
@@ -176,8 +210,8 @@ def bissl_workload(
 
     return BiSSLWorkload(
         name=f"{arch} (batch {batch}, {image}x{image})",
-        downstream_loss=_classification_loss(down),
-        lower_loss=_classification_loss(pretext),
+        downstream_loss=classification_loss(down),
+        lower_loss=classification_loss(pretext),
         upper=_detached(down), lower=_detached(pretext), backbone=backbone,
         upper_batch=batch_of(classes), lower_batch=batch_of(pretext_classes), mu=mu,
         modules={"downstream": down, "pretext": pretext},
@@ -189,13 +223,12 @@ def bissl_workload(
 def resnet_workload(batch: int = 64, image: int = 32, device: str = "cpu", seed: int = 0,
                     arch: str = "resnet18") -> LossWorkload:
     """The cross-entropy loss of a (random-init, train-mode) ResNet-18 on one random batch."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = _cnn(arch, 10).to(device).train()
+    gen = seeded(seed)
+    model = cnn(arch, 10).to(device).train()
     x = torch.randn(batch, 3, image, image, generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
     return LossWorkload(
-        name=f"{arch} (batch {batch}, {image}x{image})", fn=_classification_loss(model),
+        name=f"{arch} (batch {batch}, {image}x{image})", fn=classification_loss(model),
         params=_detached(model), args=((x, y),),
         note=f"train-mode BatchNorm, {sum(p.numel() for p in model.parameters())} parameters",
     )
@@ -206,7 +239,7 @@ def gpt_workload(batch: int = 16, context: int = 64, layers: int = 2, width: int
     """The LM loss of a small ``OpenAIGPTLMHeadModel`` (eager attention, dropout off)."""
     from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-    torch.manual_seed(seed)
+    gen = seeded(seed)
     config = OpenAIGPTConfig(
         vocab_size=vocab, n_positions=context, n_embd=width, n_layer=layers, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -219,7 +252,6 @@ def gpt_workload(batch: int = 16, context: int = 64, layers: int = 2, width: int
     def call(params: Params, **kwargs: Any) -> Any:
         return torch.func.functional_call(model, params, (), kwargs)
 
-    gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
 
     def lm_loss(params: Params, tokens: Tensor) -> Tensor:
@@ -254,8 +286,7 @@ def mlp_bissl_workload(inputs: int = 6, hidden: int = 8, samples: int = 64, lam:
     stationary point, so ``I + H/μ`` is positive definite there and the iterative solvers converge
     to the dense solution.
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    gen = seeded(seed)
     down = _MLP(inputs, hidden, 3).to(dtype)
     pretext = _MLP(inputs, hidden, 2).to(dtype)
     backbone = [n for n, _ in down.named_parameters() if not n.startswith("fc.")]
@@ -269,7 +300,7 @@ def mlp_bissl_workload(inputs: int = 6, hidden: int = 8, samples: int = 64, lam:
         return x, (torch.tanh(x @ w) * 2).argmax(dim=1)
 
     upper_batch, lower_batch = data(3), data(2)
-    down_loss, low_loss = _classification_loss(down), _classification_loss(pretext)
+    down_loss, low_loss = classification_loss(down), classification_loss(pretext)
     upper, lower = _detached(down), _detached(pretext)
     leaves = {n: p.clone().requires_grad_(True) for n, p in lower.items()}
     opt = torch.optim.Adam(list(leaves.values()), lr=0.02)

@@ -1,0 +1,151 @@
+"""What :mod:`benchmarks.robust_ij` measures and on what: the method families, the BiSSL problem
+of a pretrained network at one ``μ``, the peers' upper steps and the networks of a mode.
+
+A :class:`Family` is a library solver on the exact Hessian or the Gauss–Newton curvature, swept
+over ``N_c`` (products per solve) or the Nyström rank ``k``, or a peer's upper step (the original
+BiSSL scheme, TorchOpt, Betty) swept over ``N_c``. :data:`FAMILIES` lists them in table order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from implicitbilevel import (
+    CG,
+    MINRES,
+    BilevelProblem,
+    LinearSolver,
+    Neumann,
+    NystromPreconditioner,
+    NystromSolver,
+)
+
+from .peers import betty_upper_step, products_per_solve, torchopt_upper_step
+from .pretrained import Network, gpt_network, toy_networks, vision_network
+from .reference import reference_upper_step
+from .workloads import BiSSLWorkload, bissl_problem
+
+__all__ = ["FAMILIES", "MEMORY_VARIANTS", "NEUMANN_TOL", "PEER_MODULE", "Family", "networks",
+           "net_problem", "peer_products", "peer_step", "workload"]
+
+# Neumann stops at the float32 rounding floor, as CG and MINRES do by themselves (10·eps·||b||).
+NEUMANN_TOL = 10 * torch.finfo(torch.float32).eps
+
+MEMORY_VARIANTS = ("fine-tuning step", "cg", "minres", "neumann", "pcg", "minres-nystrom",
+                   "nystrom", "gn-cg", "gn-pcg", "gn-nystrom", "reference", "torchopt-cg",
+                   "torchopt-normal-cg", "betty-cg")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A method: a solver (built from N_c or a rank) on a curvature, or a peer's upper step."""
+
+    key: str
+    label: str
+    curvature: str  # "hessian", "gauss-newton" or "peer"
+    sweep: str  # "N_c" (products per solve) or "k" (Nyström rank)
+    robust: bool = False
+    uses_rank: bool = False
+
+    def solver(self, value: int, pcg_rank: int) -> LinearSolver:
+        """The library solver of this family at ``N_c = value`` (or rank ``value``)."""
+        pre = NystromPreconditioner(rank=pcg_rank)
+        return {
+            "cg": lambda: CG(max_iter=value),
+            "minres": lambda: MINRES(max_iter=value),
+            "neumann": lambda: Neumann(max_iter=value, tol=NEUMANN_TOL),
+            "pcg": lambda: CG(max_iter=value, preconditioner=pre),
+            "minres-nystrom": lambda: MINRES(max_iter=value, preconditioner=pre),
+            "nystrom": lambda: NystromSolver(rank=value),
+            "gn-cg": lambda: CG(max_iter=value),
+            "gn-pcg": lambda: CG(max_iter=value, preconditioner=pre),
+            "gn-nystrom": lambda: NystromSolver(rank=value),
+        }[self.key]()
+
+    def rank(self, value: int, pcg_rank: int) -> int | None:
+        """The Nyström rank this configuration builds (``None``: no approximation)."""
+        if not self.uses_rank:
+            return None
+        return value if self.sweep == "k" else pcg_rank
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("cg", "CG", "hessian", "N_c"),
+    Family("minres", "MINRES", "hessian", "N_c", robust=True),
+    Family("neumann", "Neumann (alpha = 1)", "hessian", "N_c"),  # stops at NEUMANN_TOL
+    Family("pcg", "CG + Nystrom preconditioner", "hessian", "N_c", uses_rank=True),
+    Family("minres-nystrom", "MINRES + Nystrom preconditioner", "hessian", "N_c",
+           uses_rank=True),
+    Family("nystrom", "Nystrom solver (Woodbury)", "hessian", "k", uses_rank=True),
+    Family("gn-cg", "Gauss-Newton + CG", "gauss-newton", "N_c", robust=True),
+    Family("gn-pcg", "Gauss-Newton + CG + Nystrom preconditioner", "gauss-newton", "N_c",
+           robust=True, uses_rank=True),
+    Family("gn-nystrom", "Gauss-Newton + Nystrom solver", "gauss-newton", "k", uses_rank=True),
+    Family("reference", "original BiSSL scheme (double backward per HVP, blockwise CG)", "peer",
+           "N_c"),
+    Family("torchopt-cg", "TorchOpt custom_root + solve_cg", "peer", "N_c"),
+    Family("torchopt-normal-cg", "TorchOpt default (solve_normal_cg)", "peer", "N_c"),
+    Family("betty-cg", "Betty cg (betty-ml)", "peer", "N_c"),
+)
+PEER_MODULE = {"torchopt-cg": "torchopt", "torchopt-normal-cg": "torchopt", "betty-cg": "betty"}
+
+
+def peer_step(key: str, w: BiSSLWorkload, n: int) -> Any:
+    """One upper step of the peer family ``key`` with ``n`` iterations."""
+    if key == "reference":
+        return reference_upper_step(w, max_iter=n)
+    if key == "torchopt-cg":
+        return torchopt_upper_step(w, "cg", max_iter=n)
+    if key == "torchopt-normal-cg":
+        return torchopt_upper_step(w, "normal-cg", max_iter=n)
+    if key == "betty-cg":
+        return betty_upper_step(w, "cg", iterations=n)
+    raise ValueError(key)
+
+
+def peer_products(key: str, n: int) -> int:
+    """Curvature products per solve a peer spends (normal-equation CG: two per iteration)."""
+    return products_per_solve("normal-cg" if key == "torchopt-normal-cg" else "cg", n)
+
+
+def net_problem(net: Network, mu: float, lam: float, curvature: str,
+            solver: LinearSolver | None = None) -> BilevelProblem:
+    """The BiSSL problem as the recipes build it, at ``μ = λ + λ_damp``, on ``curvature``."""
+    return bissl_problem(
+        net.downstream_loss, net.pretext_loss, net.backbone, mu, lam, solver,
+        curvature=net.gauss_newton if curvature == "gauss-newton" else "hessian",
+    )
+
+
+def workload(net: Network, mu: float, lam: float, i: int) -> BiSSLWorkload:
+    """The peers' view of ``net`` with the ``i``-th upper batch (BatchNorm statistics copied)."""
+    return BiSSLWorkload(
+        name=net.name, downstream_loss=net.peer_downstream_loss,
+        lower_loss=net.peer_pretext_loss,
+        upper=net.upper, lower=net.lower, backbone=net.backbone,
+        upper_batch=net.upper_batches[i], lower_batch=net.lower_batch, mu=mu, lam=lam,
+    )
+
+
+def networks(s: Any, device: str, log: Callable[[str], None]) -> list[Network]:
+    """The networks of the settings ``s`` (``vision``, ``gpt`` or the ``toy`` pair)."""
+    nets: list[Network] = []
+    for name in s.networks:
+        if name == "vision":
+            nets.append(vision_network(epochs=s.vision_epochs, lower_batch=s.vision_lower_batch,
+                                       upper_batch=s.vision_upper_batch,
+                                       upper_steps=s.upper_steps, device=device, log=log))
+        elif name == "gpt":
+            nets.append(gpt_network(steps=s.gpt_steps, task=s.gpt_task,
+                                    lower_batch=s.gpt_lower_batch,
+                                    upper_batch=s.gpt_upper_batch, upper_steps=s.upper_steps,
+                                    device=device, log=log))
+        elif name == "toy":
+            nets.extend(toy_networks(device, upper_steps=s.upper_steps))
+        else:
+            raise ValueError(f"unknown network {name!r}")
+    return nets
