@@ -50,7 +50,7 @@ from benchmarks.harness import (
 )
 from benchmarks.pretrained import vision_network
 from benchmarks.workloads import bissl_problem
-from implicitbilevel import MFAC, MINRES, BilevelProblem
+from implicitbilevel import MFAC, MINRES, BilevelProblem, ImplicitJacobian
 from implicitbilevel.tree import tree_norm, tree_sub
 from recipes.common.appendix_g import appendix_g_parts
 
@@ -120,8 +120,9 @@ def run(epochs: int, upper_steps: int, n_c: int, mus: list[float]) -> dict[str, 
         upper_g, reg_g = appendix_g_parts(net.downstream_loss, net.pretext_loss, net.backbone,
                                           head, LAM, 1e-3)
         configs["appendix G, MINRES over ω"] = BilevelProblem(
-            upper_g, net.pretext_loss, lam=LAM, damping=mu - LAM, regularizer=reg_g,
-            ij=MINRES(max_iter=n_c), solve_over="all", on_breakdown="ignore")
+            upper_g, net.pretext_loss, lam=LAM, regularizer=reg_g,
+            ij=ImplicitJacobian(MINRES(max_iter=n_c), damping=mu - LAM, solve_over="all",
+                                on_breakdown="ignore"))
         configs["M-FAC (m = 20), no Hessian product"] = _mfac_problem(net, mu)
         for label, problem in configs.items():
             _alternation(problem, net)  # warm-up

@@ -80,7 +80,7 @@ def exact_check(problem: ExternalProblem) -> dict[str, float]:
     def hypergradient(solver: ib.LinearSolver) -> Tensor:
         x = problem.x.clone().requires_grad_(True)
         y = ib.argmin(lambda yy, xx: problem.inner(yy["y"], xx["x"]), {"y": problem.y},
-                      {"x": x}, solver=solver)
+                      {"x": x}, ij=ib.ImplicitJacobian(solver))
         return torch.autograd.grad(problem.outer(y["y"], x), x)[0]
 
     n = problem.y.numel()

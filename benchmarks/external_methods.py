@@ -78,8 +78,9 @@ def _ours(solver_for: Callable[[ExternalProblem, int], ib.LinearSolver],
 
         def hypergradient() -> Tensor:
             x = problem.x.clone().requires_grad_(True)
-            y = ib.argmin(objective, {"y": problem.y}, {"x": x}, solver=solver, damping=delta,
-                          on_breakdown="ignore", on_solve=lambda s: records.append(s.info))
+            y = ib.argmin(objective, {"y": problem.y}, {"x": x},
+                          ij=ib.ImplicitJacobian(solver, damping=delta, on_breakdown="ignore"),
+                          on_solve=lambda s: records.append(s.info))
             (grad,) = torch.autograd.grad(problem.outer(y["y"], x), x)
             return grad
 

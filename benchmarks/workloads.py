@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from implicitbilevel import CG, BilevelProblem, LinearSolver, ProximalL2, functional_module
+from implicitbilevel import (
+    CG,
+    BilevelProblem,
+    ImplicitJacobian,
+    LinearSolver,
+    ProximalL2,
+    functional_module,
+)
 from implicitbilevel.bissl import bissl_upper_loss
 from implicitbilevel.tree import Params
 
@@ -111,12 +118,14 @@ def bissl_problem(downstream_loss: Callable[[Params, Any], Tensor],
 
     The upper loss ``L^D(θ_P, φ_D) + L^D(θ_D, φ_D)``, the proximal coupling over ``backbone``,
     CG with ``N_c = 5`` unless ``ij`` is given, and breakdowns ignored (``on_breakdown`` may be
-    overridden) so that no measurement stops; ``options`` go to :class:`BilevelProblem`.
+    overridden) so that no measurement stops; ``options`` are further fields of the
+    :class:`~implicitbilevel.ImplicitJacobian`.
     """
     options.setdefault("on_breakdown", "ignore")
     return BilevelProblem(
-        bissl_upper_loss(downstream_loss, backbone), lower_loss, lam=lam, damping=mu - lam,
-        ij=CG(max_iter=5) if ij is None else ij, regularizer=ProximalL2(backbone), **options,
+        bissl_upper_loss(downstream_loss, backbone), lower_loss, lam=lam,
+        ij=ImplicitJacobian(CG(max_iter=5) if ij is None else ij, damping=mu - lam, **options),
+        regularizer=ProximalL2(backbone),
     )
 
 

@@ -35,7 +35,7 @@ function theorem.
 
 The premise is checked: in each backward pass the argmin measures how far the given ``y`` is from
 a stationary point of ``g`` (one gradient and one curvature product) and warns, or raises with
-``on_nonstationary="raise"``, when it is not (:mod:`implicitbilevel._stationarity`).
+``on_nonstationary="raise"``, when it is not (:mod:`implicitbilevel.stationarity`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import torch
 from torch import Tensor
 
 from ._checks import require_finite
-from ._stationarity import Stationarity, inner_gradient, measure_stationarity
 from .curvature.hessian import _hvp_context
 from .implicit_jacobian import (
     IJSystem,
@@ -61,6 +60,7 @@ from .implicit_jacobian import (
 from .regularizers import Regularizer
 from .solvers.base import LinearSolver, SolveInfo
 from .solvers.cg import CG
+from .stationarity import Stationarity, inner_gradient, measure_stationarity
 from .tree import Params, tree_norm, tree_scale, tree_sub
 
 __all__ = ["ArgminSolve", "argmin"]
@@ -82,7 +82,7 @@ class ArgminSolve:
             drop the record to free it.
         grads: ``dL/dx`` for every entry of ``x`` that requires grad.
         stationarity: how far the given ``y`` is from a stationary point of ``g``
-            (:class:`~implicitbilevel._stationarity.Stationarity`), ``None`` with
+            (:class:`~implicitbilevel.stationarity.Stationarity`), ``None`` with
             ``on_nonstationary="ignore"``.
     """
 
@@ -284,7 +284,7 @@ def argmin(
             measured values), ``"raise"`` a ``ValueError``, or ``"ignore"`` (and skip the
             measurement). Measured in each backward pass with one gradient and one curvature
             product: the Cauchy step ``s = ‖∇g‖³ / |∇gᵀ H ∇g|``, an estimate of ``‖y − y*‖``,
-            relative to ``max(1, ‖y‖)`` (:mod:`implicitbilevel._stationarity`).
+            relative to ``max(1, ‖y‖)`` (:mod:`implicitbilevel.stationarity`).
         stationarity_tol: the largest relative ``s`` accepted as stationary.
         on_solve: called after every backward pass with an :class:`ArgminSolve` (``u``, the
             :class:`~implicitbilevel.SolveInfo`, the system, the gradients), e.g.

@@ -17,7 +17,7 @@ By the implicit function theorem (thesis Theorem 3.2), at a stationary point of 
   ``matvec``: for the proximal regulariser over the coupled names ``A = I + H/μ`` (eq. 4.8-4.9,
   Algorithm 3), over all lower variables (the concatenated head, Sec. 5.3.4, Cor. 5.6)
   ``A = diag(I, εI) + H_ω/μ``;
-- :func:`implicit_step`: prepare the solver for the operator, solve ``A u = v``, apply the
+- ``implicit_step``: prepare the solver for the operator, solve ``A u = v``, apply the
   breakdown policy and the mixed vector-Jacobian product ``u ↦ ∇_x ⟨∇_y ·, u⟩``.
 
 ``BilevelProblem`` splits ``G`` as ``ℓ(y) + λ r(x, y)`` (``A = ∇²r + ∇²ℓ/μ``, mixed term of

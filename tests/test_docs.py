@@ -173,7 +173,7 @@ def _fact_sources() -> dict[str, str]:
     """Every text that states a fact: README files, docs pages, config comments, docstrings."""
     paths = [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
              *ROOT.glob("recipes/*/README.md"), *ROOT.glob("recipes/configs/*.yaml"), *_pages(),
-             ROOT / "implicitbilevel" / "hessian.py"]
+             ROOT / "implicitbilevel" / "curvature" / "hessian.py"]
     return {str(p.relative_to(ROOT)): p.read_text() for p in paths}
 
 
@@ -202,7 +202,7 @@ def test_readme_docs_and_configs_agree_with_the_facts():
     assert f"{facts.GPT_STUDY_MINUTES} minutes" in sources["recipes/configs/gpt_glue_embedded.yaml"]
     gpt_minutes = f"{facts.GPT_EMBEDDED_MINUTES} minutes"
     assert gpt_minutes in sources["recipes/configs/gpt_glue_embedded.yaml"]
-    hessian = sources["implicitbilevel/hessian.py"]
+    hessian = sources["implicitbilevel/curvature/hessian.py"]
     for key in ("kept_resnet", "rr_resnet", "fr_resnet", "kept_gpt"):
         assert f"{facts.HVP[key]}x" in hessian, f"hessian.py: HVP ratio {key}"
     # Data roots: Pets is read as <root>/oxford-iiit-pet/..., so the root is the folder above.

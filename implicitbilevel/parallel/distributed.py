@@ -12,9 +12,9 @@ dict are packed into flat buckets (``bucket_mb`` each), all-reduced, and unpacke
 initialised process group, it returns its input unchanged.
 
 :func:`broadcast_from_main` makes every replica start from rank 0's tensors, as
-``DistributedDataParallel`` does at construction; :class:`~implicitbilevel.BiSSLTrainer` calls it
-before its first alternation. Batch normalisation over the global batch is in
-:mod:`implicitbilevel.sync_batchnorm`.
+``DistributedDataParallel`` does at construction;
+:class:`~implicitbilevel.bissl.BiSSLTrainer` calls it before its first alternation. Batch
+normalisation over the global batch is in :mod:`implicitbilevel.parallel.sync_batchnorm`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every solver has the same shape, ``solver(matvec, b, x0=None) -> (x, SolveInfo)`
 for another is changing one name. The matrix is never a type, only a callable; :class:`Dense`
 materialises it column by column for small problems and reference checks. Work that depends only
 on the matrix happens once per operator in :meth:`LinearSolver.prepare`, the rest per right-hand
-side (:mod:`~implicitbilevel.solvers.base`).
+side (``implicitbilevel.solvers.base``).
 
 In a bilevel problem the system is the implicit-Jacobian system of thesis eq. 4.8-4.9 (Algorithm 3):
 

@@ -14,8 +14,9 @@ every solve of the alternation:
 Both assume a positive semi-definite curvature (Gauss–Newton, or the Hessian near a minimum) and
 the proximal system ``A = I + H/μ``
 (:attr:`IJSystem.identity_plus_curvature <implicitbilevel.IJSystem.identity_plus_curvature>`). The
-approximation is built by each one's :meth:`prepare` step, once per curvature operator (so once
-per alternation), and kept by the solver until it meets another operator.
+approximation is built by each one's :meth:`~implicitbilevel.LinearSolver.prepare` step, once
+per curvature operator (so once per alternation), and kept by the solver until it meets another
+operator.
 
 References:
     Z. Frangella, J. A. Tropp, M. Udell. Randomized Nyström preconditioning. SIAM J. Matrix Anal.
@@ -262,8 +263,8 @@ class NystromPreconditioner(_Sketched):
     Assumes a positive semi-definite curvature and ``A = I + H/μ``
     (:attr:`~implicitbilevel.IJSystem.identity_plus_curvature`: the proximal regulariser
     over the coupled names, without the concatenated head). The system passed as ``matvec`` must
-    be an :class:`~implicitbilevel.IJSystem`; the approximation is built by :meth:`prepare`, once
-    per curvature operator.
+    be an :class:`~implicitbilevel.IJSystem`; the approximation is built by
+    :meth:`~implicitbilevel.LinearSolver.prepare`, once per curvature operator.
 
     Cost: ``k`` curvature products once per alternation (shared by all upper steps); per CG
     iteration ``O(nk)`` on top of CG's one product. Memory: the ``n·k`` basis.
@@ -312,7 +313,7 @@ class NystromSolver(_Sketched, LinearSolver):
     Assumes a positive semi-definite curvature and ``A = I + H/μ``
     (:attr:`~implicitbilevel.IJSystem.identity_plus_curvature`) with no head ridge. The
     system passed as ``matvec`` must be an :class:`~implicitbilevel.IJSystem`; the approximation
-    is built by :meth:`prepare`, once per curvature operator.
+    is built by :meth:`~implicitbilevel.LinearSolver.prepare`, once per curvature operator.
 
     Cost: ``k`` curvature products once per alternation; per solve ``O(nk)`` and no products.
     Memory: the ``n·k`` basis. ``x0`` is ignored (the solve is direct).
