@@ -8,6 +8,8 @@ the learning-rate schedules and the trainer, and runs (or resumes) Algorithm 2.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from implicitbilevel import (
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 
 from .appendix_g import appendix_g_parts
-from .ij import problem_options
+from .ij import implicit_jacobian
 from .runtime import per_rank_batch_size
 from .schedules import warmup_cosine
 from .settings import BiSSLStageConfig
@@ -115,7 +117,7 @@ def build_problem(
     ``model`` is the pretext model: its norm layers resolve ``bissl.ij_subset`` and its names
     outside the backbone are the pretext head φ_P of ``bissl.variant=appendix-g``
     (:mod:`recipes.common.appendix_g`, solved over ω = (θ_P, φ_P))."""
-    options = problem_options(cfg, losses.gauss_newton, model, losses.backbone)
+    ij = implicit_jacobian(cfg, losses.gauss_newton, model, losses.backbone)
     upper_loss: Any = bissl_upper_loss(losses.downstream, losses.backbone)
     regularizer: Any = ProximalL2(losses.backbone)
     if cfg.variant == "appendix-g":
@@ -126,14 +128,14 @@ def build_problem(
         head = [n for n, _ in model.named_parameters() if n not in known]
         upper_loss, regularizer = appendix_g_parts(losses.downstream, losses.pretext,
                                                    losses.backbone, head, cfg.lam, cfg.mu_g)
-        options["solve_over"] = "all"
+        ij = dataclasses.replace(ij, solve_over="all")
     return BilevelProblem(
         upper_loss=upper_loss,
         lower_loss=losses.pretext,
         regularizer=regularizer,
         lam=build_lambda(cfg),
+        ij=ij,
         reducer=reducer,
-        **options,
     )
 
 
@@ -214,4 +216,6 @@ def run_bissl(
     )
     downstream.to(device).train()
     pretext.to(device).train()
-    return trainer.run(resume=resume)
+    # The run folder's guard has compared the configuration already (and refused a change unless
+    # --allow-changed-config, which it records): the trainer need not refuse again.
+    return trainer.run(resume=resume, allow_changed_config=True)

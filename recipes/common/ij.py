@@ -43,6 +43,7 @@ from implicitbilevel import (
     MINRES,
     Dense,
     GaussNewton,
+    ImplicitJacobian,
     LinearSolver,
     Neumann,
     NystromPreconditioner,
@@ -51,7 +52,7 @@ from implicitbilevel import (
 
 from .config import field
 
-__all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "problem_options", "subset_names"]
+__all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "implicit_jacobian", "subset_names"]
 
 _NORM_KINDS = {"batchnorm": nn.modules.batchnorm._NormBase, "layernorm": nn.LayerNorm}
 
@@ -135,11 +136,12 @@ def subset_names(spec: str, model: nn.Module | None, backbone: list[str]) -> lis
     return names
 
 
-def problem_options(
+def implicit_jacobian(
     s: IJSettings, gauss_newton: GaussNewton | None, model: nn.Module | None = None,
     backbone: list[str] | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments of :class:`~implicitbilevel.BilevelProblem` for these settings.
+) -> ImplicitJacobian:
+    """The :class:`~implicitbilevel.ImplicitJacobian` of these settings, for
+    :class:`~implicitbilevel.BilevelProblem`.
 
     ``gauss_newton`` is the recipe's split of its pretext loss (outputs, convex output loss); it is
     used when ``s.curvature == "gauss-newton"``. ``model`` (the pretext model) and ``backbone``
@@ -160,15 +162,15 @@ def problem_options(
     if s.ij == "mfac" and s.solve_over == "all" and not s.head_damping:
         raise ValueError("bissl.ij=mfac with bissl.solve_over=all needs bissl.head_damping > 0 "
                          "(M-FAC inverts the damping D of D + F̂/μ)")
-    return {
-        "damping": s.damping,
-        "ij": build_solver(s),
-        "solve_over": s.solve_over,
-        "head_damping": s.head_damping,
-        "curvature": curvature,
-        "on_breakdown": s.on_breakdown,
-        "ij_subset": subset_names(s.ij_subset, model, list(backbone or [])),
-        "ij_outside": s.ij_outside,
+    return ImplicitJacobian(
+        build_solver(s),
+        damping=s.damping,
+        solve_over=s.solve_over,
+        head_damping=s.head_damping,
+        curvature=curvature,
+        on_breakdown=s.on_breakdown,
+        subset=subset_names(s.ij_subset, model, list(backbone or [])),
+        outside=s.ij_outside,
         # M-FAC takes no curvature products: keep no graph (the logged residual re-runs the loss).
-        "reuse_graph": s.ij != "mfac",
-    }
+        reuse_graph=s.ij != "mfac",
+    )
