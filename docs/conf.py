@@ -132,7 +132,8 @@ def _resolve(app, env, node, contnode):
 
     The API reference documents each public name once, where users import it from
     (``implicitbilevel.CG``, not ``implicitbilevel.solvers.cg.CG``), while a module docstring may
-    write ``CG``, ``IJSystem.low_rank`` or ``implicitbilevel.implicit_jacobian.IJSystem``. The target is
+    write ``CG``, ``IJSystem.diagonal`` or ``implicitbilevel.implicit_jacobian.IJSystem``. The
+    target is
     looked up as ``implicitbilevel.<suffix>``, in the current module and in the current class;
     third-party short spellings (``Tensor``) go to the inventories.
     """

@@ -1,4 +1,5 @@
-"""Tests of :mod:`implicitbilevel.curvature.hessian` against dense Hessians (``torch.autograd.functional``).
+"""Tests of :mod:`implicitbilevel.curvature.hessian` against dense Hessians
+(``torch.autograd.functional``).
 
 Every reference Hessian is built independently: the parameter dict is flattened by hand into one
 float64 vector, the loss is written as a function of that vector, and
@@ -38,7 +39,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from implicitbilevel.curvature.hessian import HessianOperator, HVPModeError, functional_module, hvp, in_hvp
+from implicitbilevel.curvature.hessian import (
+    HessianOperator,
+    HVPModeError,
+    functional_module,
+    hvp,
+    in_hvp,
+)
 
 # The package re-exports the function ``hvp``, which shadows the submodule attribute.
 hvp_module = importlib.import_module("implicitbilevel.curvature.hessian")
