@@ -9,7 +9,6 @@ the learning-rate schedules and the trainer, and runs (or resumes) Algorithm 2.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
