@@ -29,9 +29,10 @@ first-order graph), any :class:`~implicitbilevel.LinearSolver`, and the mixed pr
 A function rather than a decorator: the inner solver stays free (any loop, under
 ``torch.no_grad``, any signature), and the result is plain tensors that compose with first-order
 autograd (several inner problems in one graph, chained ones, ``y*`` used twice, any upper loss,
-``torch.optim`` on ``x``). The backward pass is first order: differentiating it again
-(``create_graph=True``) raises instead of silently dropping the second-order terms of the implicit
-function theorem.
+``torch.optim`` on ``x``). The gradient is differentiable again (``create_graph=True``, e.g. a
+gradient penalty on ``dL/dx``): the backward pass then keeps ``y*(x)``, the solution of the linear
+system and the explicit ``x`` in the graph, which gives the second-order terms of the implicit
+function theorem (``implicitbilevel._second_order``; exact Hessian, one process).
 
 The premise is checked: in each backward pass the argmin measures how far the given ``y`` is from
 a stationary point of ``g`` (one gradient and one curvature product) and warns, or raises with
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ._checks import require_finite
+from ._second_order import second_order_backward
 from .curvature.hessian import _hvp_context
 from .implicit_jacobian import (
     IJSystem,
@@ -127,14 +129,6 @@ class _Argmin(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: the result would be differentiated
-            raise RuntimeError(
-                "argmin's backward pass is first order: differentiating it again (create_graph="
-                "True, e.g. a gradient penalty on dL/dx or a Hessian-vector product through y*) "
-                "would need the second-order terms of the implicit function theorem, which are "
-                "not implemented. Take the gradient with create_graph=False, or differentiate "
-                "the outer loss by other means"
-            )
         spec: _Spec = ctx.spec
         saved = ctx.saved_tensors
         n_x = len(spec.x_names)
@@ -143,7 +137,11 @@ class _Argmin(torch.autograd.Function):
         wanted = [n for n, need in zip(spec.x_names, ctx.needs_input_grad[1:n_x + 1]) if need]
         if not wanted:  # only y_solved asked for a gradient: it is a constant here
             return (None,) * (1 + len(saved))
-        grads = _implicit_backward(spec, x, y, dict(zip(spec.y_names, cotangents)), wanted)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable again
+            grads = second_order_backward(spec, _Argmin.apply, list(saved[:n_x]),
+                                          list(saved[n_x:]), cotangents, wanted)
+        else:
+            grads = _implicit_backward(spec, x, y, dict(zip(spec.y_names, cotangents)), wanted)
         return (None, *(grads.get(n) for n in spec.x_names), *(None for _ in spec.y_names))
 
 

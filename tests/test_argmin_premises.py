@@ -82,14 +82,70 @@ def test_a_point_that_is_not_stationary_is_named():
         _hypergradient(torch.zeros(5, dtype=F64), on_nonstationary="raise")
 
 
-def test_second_order_use_raises_instead_of_dropping_terms():
-    inner, solve, outer = _ridge()
-    x = {"log_lam": torch.zeros((), dtype=F64, requires_grad=True)}
-    y = argmin(inner, {"w": solve(x["log_lam"].detach())}, x)
-    (grad,) = torch.autograd.grad(outer(y["w"]), [x["log_lam"]], retain_graph=True)
-    assert math.isfinite(float(grad))  # first order works
-    with pytest.raises(RuntimeError, match="create_graph=True"):
-        torch.autograd.grad(outer(y["w"]), [x["log_lam"]], create_graph=True)
+def _feature_ridge(seed: int = 0):
+    """Ridge with one penalty per feature, g(w, a) = ½ mean((Xw − t)²) + ½ Σ e^{a_j} w_j²: a
+    hypergradient that is not linear in a, with a closed-form inner solution to differentiate
+    through as the reference."""
+    g = torch.Generator().manual_seed(seed)
+    X, t = torch.randn(50, 5, generator=g, dtype=F64), torch.randn(50, generator=g, dtype=F64)
+    Xv, tv = torch.randn(20, 5, generator=g, dtype=F64), torch.randn(20, generator=g, dtype=F64)
+
+    def inner(y, x):
+        return 0.5 * ((X @ y["w"] - t) ** 2).mean() + 0.5 * (x["a"].exp() * y["w"] ** 2).sum()
+
+    def solve(a):
+        return torch.linalg.solve(X.T @ X / 50 + torch.diag(a.exp()), X.T @ t / 50)
+
+    def outer(w):
+        return 0.5 * ((Xv @ w - tv) ** 2).mean()
+
+    return inner, solve, outer
+
+
+def _gradient(a0, create_graph, ij=None):
+    inner, solve, outer = _feature_ridge()
+    a = a0.clone().requires_grad_(True)
+    y = argmin(inner, {"w": solve(a.detach())}, {"a": a}, ij=ij or ImplicitJacobian(Dense()))
+    (grad,) = torch.autograd.grad(outer(y["w"]), [a], create_graph=create_graph)
+    return a, grad
+
+
+def test_second_derivatives_match_differentiating_the_closed_form():
+    inner, solve, outer = _feature_ridge()
+    a0 = 0.3 * torch.randn(5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    a, grad = _gradient(a0, create_graph=True)
+    rows = [torch.autograd.grad(grad[i], [a], retain_graph=True)[0] for i in range(5)]
+    hessian = torch.stack(rows)
+    reference = torch.autograd.functional.hessian(lambda a_: outer(solve(a_)), a0)
+    assert float((hessian - reference).norm() / reference.norm()) < 1e-10
+
+
+def test_a_gradient_penalty_matches_finite_differences():
+    # P(a) = ‖dF/da‖²: its gradient needs every second-order term of the implicit function
+    # theorem (y*(a), the solve and the explicit a), which a first-order backward drops.
+    inner, solve, outer = _feature_ridge()
+    a0 = 0.3 * torch.randn(5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    a, grad = _gradient(a0, create_graph=True)
+    (penalty_grad,) = torch.autograd.grad((grad ** 2).sum(), [a])
+
+    def penalty(a_):
+        return float((_gradient(a_, create_graph=False)[1] ** 2).sum())
+
+    eps = 1e-6
+    finite = torch.tensor([(penalty(a0 + eps * e) - penalty(a0 - eps * e)) / (2 * eps)
+                           for e in torch.eye(5, dtype=F64)], dtype=F64)
+    assert float((penalty_grad - finite).norm() / finite.norm()) < 1e-6
+
+
+def test_a_third_derivative_and_gauss_newton_second_order_are_refused():
+    a0 = torch.zeros(5, dtype=F64)
+    a, grad = _gradient(a0, create_graph=True)
+    with pytest.raises(RuntimeError, match="third time"):  # a differentiable second derivative
+        torch.autograd.grad(grad.sum(), [a], create_graph=True)
+    inner, solve, outer = _feature_ridge()
+    split = GaussNewton(lambda y, x: y["w"], lambda z, x: inner({"w": z}, x))
+    with pytest.raises(RuntimeError, match="need the exact Hessian"):
+        _gradient(a0, create_graph=True, ij=ImplicitJacobian(Dense(), curvature=split))
 
 
 def test_argmin_refuses_a_solver_that_needs_observed_gradients():

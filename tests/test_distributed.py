@@ -21,7 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from implicitbilevel import CG, BilevelProblem, LearnableLambda, ProximalL2, functional_module
+from implicitbilevel import (
+    CG,
+    BilevelProblem,
+    ImplicitJacobian,
+    LearnableLambda,
+    ProximalL2,
+    functional_module,
+)
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 from implicitbilevel.bissl.checkpoint import load_checkpoint
 from implicitbilevel.parallel.distributed import AllReduceMean, _buckets
@@ -48,8 +55,8 @@ def _problem(down, pre, reducer, lam=0.05):
 
     names = [n for n, _ in down.named_parameters() if n.startswith("backbone.")]
     return BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=lam,
-                          damping=1.0, regularizer=ProximalL2(names),
-                          ij=CG(max_iter=6), reducer=reducer)
+                          regularizer=ProximalL2(names),
+                          ij=ImplicitJacobian(CG(max_iter=6), damping=1.0), reducer=reducer)
 
 
 def _call(modules, head, params, x):
@@ -170,7 +177,7 @@ def test_two_rank_trainer_run_checkpoint_loads_in_one_process(tmp_path):
     rho = trainer.problem.lam.rho
     trainer.load_state_dict(state)
     assert torch.equal(rho.detach(), state["upper_params"]["lam.rho"])
-    history = trainer.run(resume=True)
+    history = trainer.run(resume=True, allow_changed_config=True)  # continued from T = 3 to 4
     assert len(history) == 4 and trainer.alternation == 4
 
 
