@@ -101,7 +101,7 @@ def hypergradient(omega: torch.Tensor, w: torch.Tensor, data: dict,
     """Validation loss and ``dF/dω`` at ``W = W*(ω)``."""
     omega = omega.detach().requires_grad_(True)
     w_star = ib.argmin(inner_objective, {"W": w}, {"omega": omega}, data,
-                       solver=solver or ib.CG(max_iter=200, tol=1e-6))["W"]
+                       ij=ib.ImplicitJacobian(solver or ib.CG(max_iter=200, tol=1e-6)))["W"]
     loss = val_loss(w_star, data)
     loss.backward()
     return loss.detach(), omega.grad

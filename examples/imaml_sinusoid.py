@@ -118,6 +118,8 @@ def train(method: str, steps: int, tasks_per_step: int = 5, k: int = 10, inner_s
     opt = torch.optim.Adam(theta.values(), lr=outer_lr)
     gen = torch.Generator().manual_seed(seed + 1)
     records: list[ib.ArgminSolve] = []
+    ij = ib.ImplicitJacobian(ib.CG(max_iter=cg_iters), on_breakdown="ignore",
+                             curvature=GAUSS_NEWTON if curvature == "gauss-newton" else "hessian")
     for _ in range(steps):
         opt.zero_grad()
         tasks = [sample_task(gen, k) for _ in range(tasks_per_step)]
@@ -125,11 +127,8 @@ def train(method: str, steps: int, tasks_per_step: int = 5, k: int = 10, inner_s
             total = 0.0
             for task in tasks:
                 psi = adapt(theta, task, inner_steps, inner_lr, lam)
-                psi_star = ib.argmin(inner_objective, psi, theta, task, lam,
-                                     solver=ib.CG(max_iter=cg_iters), on_breakdown="ignore",
-                                     on_solve=records.append,
-                                     curvature=GAUSS_NEWTON if curvature == "gauss-newton"
-                                     else "hessian")
+                psi_star = ib.argmin(inner_objective, psi, theta, task, lam, ij=ij,
+                                     on_solve=records.append)
                 total = total + mse(psi_star, task["s_q"], task["t_q"])
             (total / len(tasks)).backward()
         else:

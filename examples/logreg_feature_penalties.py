@@ -76,7 +76,7 @@ def hypergradient(a: torch.Tensor, data: dict, w: torch.Tensor,
     """Validation loss and ``dF/da`` through :func:`implicitbilevel.argmin` at ``w = w*(a)``."""
     a = a.detach().requires_grad_(True)
     w_star = ib.argmin(inner_objective, {"w": w}, {"a": a}, data,
-                       solver=solver or ib.CG(max_iter=100, tol=1e-10))["w"]
+                       ij=ib.ImplicitJacobian(solver or ib.CG(max_iter=100, tol=1e-10)))["w"]
     loss = log_loss(w_star, data["x_val"], data["t_val"])
     loss.backward()
     return loss.detach(), a.grad

@@ -24,7 +24,7 @@ import argparse
 
 import torch
 
-from implicitbilevel import CG, BilevelProblem, Regularizer
+from implicitbilevel import CG, BilevelProblem, ImplicitJacobian, Regularizer
 
 
 def make_data(
@@ -70,7 +70,7 @@ def make_problem() -> BilevelProblem:
         lower_loss=train_loss,
         lam=1.0,
         regularizer=Regularizer(ridge_penalty),
-        ij=CG(max_iter=200, tol=1e-12),
+        ij=ImplicitJacobian(CG(max_iter=200, tol=1e-12)),
     )
 
 

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from implicitbilevel import CG, BilevelProblem, LearnableLambda, ProximalL2, functional_module
+from implicitbilevel import (
+    CG,
+    BilevelProblem,
+    ImplicitJacobian,
+    LearnableLambda,
+    ProximalL2,
+    functional_module,
+)
 from implicitbilevel.bissl import BiSSLConfig, BiSSLTrainer, bissl_upper_loss
 
 ALTERNATIONS = 8
@@ -52,7 +59,8 @@ def main(out: Path, resume: bool, learnable: bool) -> None:
     names = [n for n, _ in down.named_parameters() if n.startswith("backbone.")]
     lam = LearnableLambda(0.1, damping=0.0) if learnable else 0.1
     problem = BilevelProblem(bissl_upper_loss(downstream_loss, names), pretext_loss, lam=lam,
-                             damping=10.0, regularizer=ProximalL2(names), ij=CG(max_iter=3))
+                             regularizer=ProximalL2(names),
+                             ij=ImplicitJacobian(CG(max_iter=3), damping=10.0))
     g = torch.Generator().manual_seed(1)
     upper_data = TensorDataset(torch.randn(44, 5, generator=g),
                                torch.randint(0, 3, (44,), generator=g))

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from implicitbilevel import MINRES, BilevelProblem, Dense
+from implicitbilevel import MINRES, BilevelProblem, Dense, ImplicitJacobian
 from recipes.common.appendix_g import appendix_g_parts
 
 LAM, MU_G = 0.7, 0.3
@@ -111,8 +111,8 @@ def _upper_objective(theta_d, phi_d, omega, batch):
 
 def _problem(ij):
     upper_loss, reg = appendix_g_parts(downstream_loss, pretext_loss, BACKBONE, HEAD, LAM, MU_G)
-    return BilevelProblem(upper_loss, pretext_loss, lam=LAM, regularizer=reg, damping=0.0,
-                          solve_over="all", ij=ij)
+    return BilevelProblem(upper_loss, pretext_loss, lam=LAM, regularizer=reg,
+                          ij=ImplicitJacobian(ij, damping=0.0, solve_over="all"))
 
 
 @pytest.fixture(scope="module")

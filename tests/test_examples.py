@@ -141,9 +141,9 @@ def test_imaml_meta_gradient_matches_the_dense_reference(imaml, curvature):
     lam = 2.0
     theta, task, psi = _imaml_task(imaml, lam)
     x = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
-    psi_star = ib.argmin(imaml.inner_objective, psi, x, task, lam, solver=ib.Dense(),
-                         curvature=imaml.GAUSS_NEWTON if curvature == "gauss-newton"
-                         else "hessian")
+    ij = ib.ImplicitJacobian(ib.Dense(), curvature=imaml.GAUSS_NEWTON
+                             if curvature == "gauss-newton" else "hessian")
+    psi_star = ib.argmin(imaml.inner_objective, psi, x, task, lam, ij=ij)
     imaml.mse(psi_star, task["s_q"], task["t_q"]).backward()
 
     flat = _flat(psi)

@@ -62,7 +62,7 @@ def test_sigkill_at_random_alternation_then_resume_matches_uninterrupted(tmp_pat
 def test_bf16_autocast_hypergradient_close_to_fp32():
     from torch import nn
 
-    from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
+    from implicitbilevel import CG, BilevelProblem, ImplicitJacobian, ProximalL2, functional_module
     from implicitbilevel.bissl import bissl_upper_loss
 
     torch.manual_seed(0)
@@ -91,7 +91,8 @@ def test_bf16_autocast_hypergradient_close_to_fp32():
              **{"proj." + k: v for k, v in proj.named_parameters()}}
     names = [n for n in upper if n.startswith("net.")]
     problem = BilevelProblem(bissl_upper_loss(downstream, names), pretext, lam=0.001,
-                             damping=10.0, regularizer=ProximalL2(names), ij=CG(max_iter=5))
+                             regularizer=ProximalL2(names),
+                             ij=ImplicitJacobian(CG(max_iter=5), damping=10.0))
     full = problem.upper_grad(upper, lower, None, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = problem.upper_grad(upper, lower, None, None)

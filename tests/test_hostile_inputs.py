@@ -150,7 +150,7 @@ def test_solver_settings_have_their_types(make):
 def test_a_kept_lower_hessian_refuses_a_point_changed_in_place(reuse):
     upper, lower = _levels()
     batch = torch.linspace(1, 2, 5, dtype=torch.float64)
-    problem = _problem(damping=1.0, reuse_graph=reuse)
+    problem = _problem(ij=ib.ImplicitJacobian(damping=1.0, reuse_graph=reuse))
     op = problem.lower_hessian(upper, lower, batch)
     fresh = problem.upper_grad(upper, lower, None, batch, lower_hessian=op).grads["w"]
     # H = diag(a·exp(y)), A = I + H/μ, μ = 2: dF/dx = 2(x − 1) + A⁻¹ 2y (eq. 4.9)

@@ -32,6 +32,7 @@ from implicitbilevel import (
     CosineDecay,
     Dense,
     HVPModeError,
+    ImplicitJacobian,
     LearnableLambda,
     Neumann,
     NonFiniteError,
@@ -123,8 +124,9 @@ def test_strategies_match_closed_form(seed, dim, head, lam, damping, dtype):
     }
     for name, (ij, reference) in strategies.items():
         over = "all" if name.startswith("concat") else "coupled"
-        problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=lam, damping=damping,
-                                 regularizer=ProximalL2(["th"]), ij=ij, solve_over=over)
+        problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=lam,
+                                 regularizer=ProximalL2(["th"]),
+                                 ij=ImplicitJacobian(ij, damping=damping, solve_over=over))
         out = problem.upper_grad(upper, lower, None, None)
         err = (out.grads["th"] - reference).norm() / reference.norm()
         assert err < _tol(dtype) * (10 if name.startswith("concat") else 1), (name, float(err))
@@ -145,9 +147,10 @@ def test_neumann_matches_its_truncated_series(seed, dim, lam, steps):
     step = torch.eye(dim, dtype=torch.float64) - alpha * a
     series = sum(torch.linalg.matrix_power(step, k) @ v for k in range(steps + 1))
     expected = alpha * series + _grad(down, upper, "th")
-    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=lam, damping=10.0,
+    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=lam,
                              regularizer=ProximalL2(["th"]),
-                             ij=Neumann(max_iter=steps, alpha=alpha))
+                             ij=ImplicitJacobian(Neumann(max_iter=steps, alpha=alpha),
+                                                 damping=10.0))
     out = problem.upper_grad(upper, lower, None, None)
     assert torch.allclose(out.grads["th"], expected, rtol=1e-10, atol=1e-12)
     assert out.info.iterations == steps
@@ -160,11 +163,13 @@ def test_concatenated_head_reduces_to_plain_cg_for_a_decoupled_head():
     q, pre, down, upper, lower = _quadratic(3, dim, head, 4, torch.float64)
     q[:dim, dim:] = 0
     q[dim:, :dim] = 0
-    plain = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1, damping=1.0,
-                           regularizer=ProximalL2(["th"]), ij=CG(max_iter=50, tol=1e-13))
-    concat = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1, damping=1.0,
-                            regularizer=ProximalL2(["th"]), solve_over="all",
-                            ij=CG(max_iter=50, tol=1e-13))
+    plain = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1,
+                           regularizer=ProximalL2(["th"]),
+                           ij=ImplicitJacobian(CG(max_iter=50, tol=1e-13), damping=1.0))
+    concat = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=0.1,
+                            regularizer=ProximalL2(["th"]),
+                            ij=ImplicitJacobian(CG(max_iter=50, tol=1e-13), damping=1.0,
+                                                solve_over="all"))
     g_plain = plain.upper_grad(upper, lower, None, None)
     g_concat = concat.upper_grad(upper, lower, None, None)
     assert torch.allclose(g_plain.grads["th"], g_concat.grads["th"], rtol=1e-10, atol=1e-12)
@@ -177,14 +182,16 @@ def test_concatenated_head_indefinite_head_block_cg_breaks_minres_solves():
     q, pre, down, upper, lower = _quadratic(7, dim, head, 3, torch.float64)
     q[dim:, dim:] = -torch.eye(head, dtype=torch.float64)  # H_φφ indefinite
     mu = 0.1
-    cg = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
-                        regularizer=ProximalL2(["th"]), ij=CG(max_iter=30), solve_over="all")
+    cg = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu,
+                        regularizer=ProximalL2(["th"]),
+                        ij=ImplicitJacobian(CG(max_iter=30), damping=0.0, solve_over="all"))
     with pytest.raises(SolverBreakdownError, match="non-positive curvature") as info:
         cg.upper_grad(upper, lower, None, None)
     assert info.value.info.breakdown is not None
     # MINRES is the default over all lower variables and solves the indefinite system exactly.
-    minres = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
-                            regularizer=ProximalL2(["th"]), solve_over="all")
+    minres = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu,
+                            regularizer=ProximalL2(["th"]),
+                            ij=ImplicitJacobian(damping=0.0, solve_over="all"))
     minres.solver.max_iter, minres.solver.tol = 40, 1e-13
     assert type(minres.solver).__name__ == "MINRES"
     expected = _closed_form(q, dim, down, upper, lower, mu, concat=True)
@@ -197,9 +204,10 @@ def test_head_damping_adds_a_ridge_on_the_head_block():
     dim, head, eps = 4, 2, 0.7
     q, pre, down, upper, lower = _quadratic(11, dim, head, 3, torch.float64)
     mu = 0.3
-    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu, damping=0.0,
-                             regularizer=ProximalL2(["th"]), solve_over="all",
-                             head_damping=eps, ij=CG(max_iter=60, tol=1e-13))
+    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, lam=mu,
+                             regularizer=ProximalL2(["th"]),
+                             ij=ImplicitJacobian(CG(max_iter=60, tol=1e-13), damping=0.0,
+                                                 solve_over="all", head_damping=eps))
     a = q / mu
     a[:dim, :dim] += torch.eye(dim, dtype=torch.float64)
     a[dim:, dim:] += eps * torch.eye(head, dtype=torch.float64)
@@ -257,9 +265,11 @@ class _TanhNet:
             flat = flat - torch.linalg.solve(hess, grad)
         return flat.view(shape)
 
-    def problem(self, lam, ij, damping=0.0, **kwargs):
+    def problem(self, lam, solver, damping=0.0, **kwargs):
+        """The problem with ``ij=ImplicitJacobian(solver, damping=damping, **kwargs)``."""
         return BilevelProblem(bissl_upper_loss(self.downstream, ["w"]), self.pretext, lam=lam,
-                              damping=damping, regularizer=ProximalL2(["w"]), ij=ij, **kwargs)
+                              regularizer=ProximalL2(["w"]),
+                              ij=ImplicitJacobian(solver, damping=damping, **kwargs))
 
 
 def _dense_hypergradient(net: _TanhNet, lam: float, mu: float) -> torch.Tensor:
@@ -386,7 +396,8 @@ def test_learnable_lambda_separate_damping_matches_eq_5_6(damping, lam_damping):
                                              dtype=torch.float64)}
     learnable = LearnableLambda(0.3, dtype=torch.float64, damping=lam_damping)
     problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=learnable,
-                             damping=damping, regularizer=ProximalL2(["th"]), ij=Dense())
+                             regularizer=ProximalL2(["th"]),
+                             ij=ImplicitJacobian(Dense(), damping=damping))
     out = problem.upper_grad(upper, lower, None, None)
 
     rho = float(learnable.rho.detach())
@@ -418,10 +429,12 @@ def test_learnable_lambda_undamped_is_the_exact_derivative():
 
     learnable = LearnableLambda(lam0, dtype=torch.float64, damping=0.0)
     problem = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext, lam=learnable,
-                             damping=10.0, regularizer=ProximalL2(["th"]), ij=Dense())
+                             regularizer=ProximalL2(["th"]),
+                             ij=ImplicitJacobian(Dense(), damping=10.0))
     exact = BilevelProblem(bissl_upper_loss(downstream, ["th"]), pretext,
                            lam=LearnableLambda(lam0, dtype=torch.float64, damping=0.0),
-                           damping=0.0, regularizer=ProximalL2(["th"]), ij=Dense())
+                           regularizer=ProximalL2(["th"]),
+                           ij=ImplicitJacobian(Dense(), damping=0.0))
     lower = {"th": solution(lam0)}
     rho, eps = float(learnable.rho.detach()), 1e-6
     fd = (total(rho + eps) - total(rho - eps)) / (2 * eps)
@@ -449,8 +462,8 @@ def test_general_regularizer_matches_proximal_fast_path():
 
     fast = net.problem(lam, CG(max_iter=40, tol=1e-13), damping=2.0)
     general = BilevelProblem(bissl_upper_loss(net.downstream, ["w"]), net.pretext, lam=lam,
-                             damping=2.0, regularizer=Regularizer(prox, lower_names=["w"]),
-                             ij=CG(max_iter=40, tol=1e-13))
+                             regularizer=Regularizer(prox, lower_names=["w"]),
+                             ij=ImplicitJacobian(CG(max_iter=40, tol=1e-13), damping=2.0))
     a = fast.upper_grad(net.upper, net.lower, None, None)
     b = general.upper_grad(net.upper, net.lower, None, None)
     for name in a.grads:
@@ -583,15 +596,19 @@ def test_non_scalar_and_non_finite_losses_are_rejected():
 
 def test_solver_breakdown_raises_or_warns():
     q, pre, down, upper, lower = _quadratic(1, 6, 1, 3, torch.float64, indefinite=5.0)
-    kwargs = dict(lam=0.01, damping=0.0, regularizer=ProximalL2(["th"]), ij=CG(max_iter=20))
-    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, **kwargs)
+    kwargs = dict(lam=0.01, regularizer=ProximalL2(["th"]))
+    cg = CG(max_iter=20)
+    problem = BilevelProblem(bissl_upper_loss(down, ["th"]), pre,
+                             ij=ImplicitJacobian(cg, damping=0.0), **kwargs)
     with pytest.raises(SolverBreakdownError, match="increase the damping"):
         problem.upper_grad(upper, lower, None, None)
-    warn = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, on_breakdown="warn", **kwargs)
+    warn = BilevelProblem(bissl_upper_loss(down, ["th"]), pre,
+                          ij=ImplicitJacobian(cg, damping=0.0, on_breakdown="warn"), **kwargs)
     with pytest.warns(RuntimeWarning, match="broke down"):
         out = warn.upper_grad(upper, lower, None, None)
     assert out.info.breakdown is not None
-    quiet = BilevelProblem(bissl_upper_loss(down, ["th"]), pre, on_breakdown="ignore", **kwargs)
+    quiet = BilevelProblem(bissl_upper_loss(down, ["th"]), pre,
+                           ij=ImplicitJacobian(cg, damping=0.0, on_breakdown="ignore"), **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert quiet.upper_grad(upper, lower, None, None).info.breakdown is not None
@@ -614,12 +631,13 @@ def test_hvp_mode_the_loss_cannot_run_is_reported():
 
     net = _TanhNet()
     problem = BilevelProblem(bissl_upper_loss(net.downstream, ["w"]), pretext, lam=0.5,
-                             regularizer=ProximalL2(["w"]), hvp_mode="forward-over-reverse",
-                             reuse_graph=False)
+                             regularizer=ProximalL2(["w"]),
+                             ij=ImplicitJacobian(hvp_mode="forward-over-reverse",
+                                                 reuse_graph=False))
     with pytest.raises(HVPModeError, match="reverse-over-reverse"):
         problem.upper_grad(net.upper, net.lower, None, None)
     fallback = BilevelProblem(bissl_upper_loss(net.downstream, ["w"]), pretext, lam=0.5,
-                              regularizer=ProximalL2(["w"]), reuse_graph=True,
-                              ij=CG(max_iter=30, tol=1e-12))
+                              regularizer=ProximalL2(["w"]),
+                              ij=ImplicitJacobian(CG(max_iter=30, tol=1e-12), reuse_graph=True))
     out = fallback.upper_grad(net.upper, net.lower, None, None)
     assert out.info.converged

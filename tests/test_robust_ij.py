@@ -29,6 +29,7 @@ from implicitbilevel import (
     MINRES,
     BilevelProblem,
     GaussNewton,
+    ImplicitJacobian,
     NystromPreconditioner,
     ProximalL2,
     SolverBreakdownError,
@@ -137,12 +138,15 @@ def test_concatenated_head_on_an_indefinite_batchnorm_net_matches_the_dense_bloc
     backbone = _backbone(downstream)
     upper = {n: p.detach() for n, p in downstream.named_parameters()}
     lower = {n: p.detach() for n, p in pretext.named_parameters()}
-    kwargs = dict(lam=LAM, damping=DAMPING, regularizer=ProximalL2(backbone), solve_over="all")
+    kwargs = dict(lam=LAM, regularizer=ProximalL2(backbone))
     upper_loss = bissl_upper_loss(downstream_loss, backbone)
-    cg = BilevelProblem(upper_loss, pretext_loss, ij=CG(max_iter=400, tol=1e-12), **kwargs)
+    cg = BilevelProblem(upper_loss, pretext_loss, **kwargs,
+                        ij=ImplicitJacobian(CG(max_iter=400, tol=1e-12), damping=DAMPING,
+                                            solve_over="all"))
     with pytest.raises(SolverBreakdownError, match="non-positive curvature"):
         cg.upper_grad(upper, lower, upper_batch, lower_batch)
-    minres = BilevelProblem(upper_loss, pretext_loss, **kwargs)
+    minres = BilevelProblem(upper_loss, pretext_loss, **kwargs,
+                            ij=ImplicitJacobian(damping=DAMPING, solve_over="all"))
     assert isinstance(minres.solver, MINRES)
     minres.solver.max_iter, minres.solver.tol = 2 * a.shape[0], 1e-13
     running = pretext.backbone[1].running_mean.clone()
@@ -154,14 +158,15 @@ def test_concatenated_head_on_an_indefinite_batchnorm_net_matches_the_dense_bloc
     assert torch.equal(pretext.backbone[1].running_mean, running)  # products leave BN alone
 
 
-def _trainer(ij, curvature, seed=0, lam=1.0, damping=0.0):
+def _trainer(solver, curvature, seed=0, lam=1.0, damping=0.0):
     pretext, downstream = _models(seed)
     pretext_loss, downstream_loss, gauss_newton = _losses(pretext, downstream)
     backbone = _backbone(downstream)
     problem = BilevelProblem(
-        bissl_upper_loss(downstream_loss, backbone), pretext_loss, lam=lam, damping=damping,
-        regularizer=ProximalL2(backbone), ij=ij, on_breakdown="ignore",
-        curvature=gauss_newton if curvature == "gauss-newton" else "hessian",
+        bissl_upper_loss(downstream_loss, backbone), pretext_loss, lam=lam,
+        regularizer=ProximalL2(backbone),
+        ij=ImplicitJacobian(solver, damping=damping, on_breakdown="ignore",
+                            curvature=gauss_newton if curvature == "gauss-newton" else "hessian"),
     )
     lower_data = DataLoader(TensorDataset(*_data(3, 96, 5)), batch_size=32, shuffle=True,
                             generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ from implicitbilevel import (
     MINRES,
     BilevelProblem,
     Dense,
+    ImplicitJacobian,
     ProximalL2,
     Regularizer,
     functional_module,
@@ -121,10 +122,11 @@ def _dense_reference(s, subset: list[str], mu: float, outside: str):
     return expected, block
 
 
-def _problem(s, subset, outside, ij, damping):
-    return BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5, damping=damping,
-                          regularizer=ProximalL2(s["backbone"]), ij=ij, ij_subset=subset,
-                          ij_outside=outside)
+def _problem(s, subset, outside, solver, damping):
+    return BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5,
+                          regularizer=ProximalL2(s["backbone"]),
+                          ij=ImplicitJacobian(solver, damping=damping, subset=subset,
+                                              outside=outside))
 
 
 @pytest.mark.parametrize("outside", ["identity", "zero"])
@@ -155,8 +157,8 @@ def test_minres_solves_an_indefinite_subset_block():
     lam = 0.004
     problem = BilevelProblem(s["upper_loss"], s["lower_loss"], lam=lam,
                              regularizer=ProximalL2(s["backbone"]),
-                             ij=MINRES(max_iter=40, tol=1e-12),
-                             ij_subset=lambda n: n in subset)
+                             ij=ImplicitJacobian(MINRES(max_iter=40, tol=1e-12),
+                                                 subset=lambda n: n in subset))
     expected, block = _dense_reference(s, subset, lam, "identity")
     assert torch.linalg.eigvalsh(block).min() < 0, "the test needs an indefinite block"
     out = problem.upper_grad(s["upper"], s["lower"], s["upper_batch"], s["lower_batch"])
@@ -166,8 +168,9 @@ def test_minres_solves_an_indefinite_subset_block():
 
 def test_a_regex_predicate_selects_the_subset_and_a_full_subset_is_the_full_ij():
     s = _setup()
-    full = BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5, damping=10.0,
-                          regularizer=ProximalL2(s["backbone"]), ij=CG(max_iter=4))
+    full = BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5,
+                          regularizer=ProximalL2(s["backbone"]),
+                          ij=ImplicitJacobian(CG(max_iter=4), damping=10.0))
     every = _problem(s, re.compile(r"^backbone\.").search, "zero", CG(max_iter=4), 10.0)
     a = full.upper_grad(s["upper"], s["lower"], s["upper_batch"], s["lower_batch"])
     b = every.upper_grad(s["upper"], s["lower"], s["upper_batch"], s["lower_batch"])
@@ -179,10 +182,11 @@ def test_bad_subsets_fail_early_with_the_option_named():
     s = _setup()
     with pytest.raises(TypeError, match="ij_subset"):
         _problem(s, "backbone.1", "identity", Dense(), 10.0)
-    with pytest.raises(ValueError, match="ij_outside"):
+    with pytest.raises(ValueError, match="outside must be 'identity' or 'zero'"):
         _problem(s, ["backbone.1.weight"], "both", Dense(), 10.0)
-    with pytest.raises(ValueError, match="ij_outside='zero'"):
-        BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5, ij_subset=["backbone.1.weight"],
+    with pytest.raises(ValueError, match=r"ImplicitJacobian\(outside='zero'\)"):
+        BilevelProblem(s["upper_loss"], s["lower_loss"], lam=0.5,
+                       ij=ImplicitJacobian(subset=["backbone.1.weight"]),
                        regularizer=Regularizer(lambda x, y: sum((y[n] ** 2).sum() for n in y)))
     problem = _problem(s, ["backbone.9.weight"], "identity", Dense(), 10.0)
     with pytest.raises(KeyError, match="ij_subset"):

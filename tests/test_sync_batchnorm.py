@@ -17,7 +17,7 @@ import torch
 from ranks import run_ranks
 from torch import nn
 
-from implicitbilevel import CG, BilevelProblem, ProximalL2, functional_module
+from implicitbilevel import CG, BilevelProblem, ImplicitJacobian, ProximalL2, functional_module
 from implicitbilevel.bissl import bissl_upper_loss
 from implicitbilevel.parallel.distributed import AllReduceMean, broadcast_from_main
 from implicitbilevel.parallel.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -71,9 +71,10 @@ def _problem(down, pre, reducer, mode):
     names = [n for n, _ in down.named_parameters() if n.startswith("backbone.")]
     kept = mode == "kept-graph"
     return BilevelProblem(
-        bissl_upper_loss(downstream_loss, names), pretext_loss, lam=0.05, damping=10.0,
-        regularizer=ProximalL2(names), ij=CG(max_iter=8), reducer=reducer, reuse_graph=kept,
-        hvp_mode="auto" if kept else mode,
+        bissl_upper_loss(downstream_loss, names), pretext_loss, lam=0.05,
+        regularizer=ProximalL2(names), reducer=reducer,
+        ij=ImplicitJacobian(CG(max_iter=8), damping=10.0, reuse_graph=kept,
+                            hvp_mode="auto" if kept else mode),
     )
 
 
