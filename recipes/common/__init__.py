@@ -6,9 +6,15 @@ The stage layer (import from the submodules)
     command line; :mod:`.settings` the shared config blocks (run, fine-tuning search, warm-up,
     BiSSL stage, sweep grids); :mod:`.bissl_stage` λ, the problem and the trainer
     (``run_bissl``); :mod:`.finetune` the one fine-tuning loop and evaluation (``fit``,
-    ``evaluate``, ``Objective``); :mod:`.method` search -> retrain over seeds -> aggregate (the
-    result schema); :mod:`.results` ``results.json``, table and plots; :mod:`.sweep` the
-    Table 6.2 / F.6-F.8 sweeps; :mod:`.ij` the implicit-Jacobian settings.
+    ``evaluate``, ``Objective``); :mod:`.search` (lr, wd) search -> retrain over seeds ->
+    aggregate (``fine_tune_method``, the result schema); :mod:`.report` ``results.json``, tables
+    and plots; :mod:`.sweep` the Table 6.2 / F.6-F.8 sweeps; :mod:`.study` Only-FT vs BiSSL+FT
+    over budgets; :mod:`.transfer_monitor` the transfer monitor (measures, trainer callback,
+    correlations over a sweep); :mod:`.ij` the implicit-Jacobian settings.
+Run-folder guards
+    :mod:`.fingerprint` each stage's configuration record (``ConfigChanged``);
+    :mod:`.run_lock` ``RunLock``, one command per ``run.out_dir`` (``filelock``);
+    :mod:`.finite` ``NonFiniteStage``, ``check_loss``, ``check_weights``.
 
 Runtime (:mod:`recipes.common.runtime`)
     ``seed_everything(seed, deterministic=False) -> torch.Generator``
@@ -19,8 +25,10 @@ Runtime (:mod:`recipes.common.runtime`)
     device, reducer), ``per_rank_batch_size(batch, world, key)``, ``broadcast_module(module)``,
     ``shard_loader(dataset, batch, *, shuffle, seed, shard, ...)`` (a rank's share of the data),
     ``check_shard(shard) -> (rank, world)``
-Configs (:mod:`recipes.common.config`)
-    ``field(default, *, ge, gt, le, lt, choices, doc)`` dataclass field with bounds
+Configs (:mod:`recipes.common.config`, pydantic)
+    ``config_block`` (a pydantic dataclass refusing unknown keys), the field types ``Float``,
+    ``Int``, ``Bool``, ``Str`` and bounded lists; ``field(default, *, ge, gt, le, lt, choices,
+    doc)`` for a plain dataclass config
     ``load_config(path, cls, overrides=()) -> cls`` YAML (``safe_load``) + ``key.sub=value``
     ``from_dict(cls, mapping)``, ``config_to_dict(cfg)``, ``parse_overrides(list)``
     ``ConfigError`` (names the offending key)
@@ -36,12 +44,13 @@ Reporting (:mod:`recipes.common.report`)
     ``aggregate(runs) -> {metric: {mean, std, n}}``, ``format_table(summary, metrics, scale=)``
     ``write_json(obj, path)`` (atomic), ``plot_bars(summary, metric, path)``,
     ``plot_curves({name: values}, path)`` (PNG, Agg backend)
-Checkpoints (:mod:`recipes.common.checkpoint`)
+Checkpoints (the library's :mod:`implicitbilevel.bissl.checkpoint`, re-exported here)
     ``save_checkpoint(obj, path)`` (temp file + ``os.replace``),
     ``load_checkpoint(path)`` (``weights_only=True``), ``CheckpointError``
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from implicitbilevel.bissl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
 from .config import ConfigError, config_to_dict, field, from_dict, load_config, parse_overrides
 from .report import aggregate, format_table, plot_bars, plot_curves, write_json
 from .runtime import (

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
-from .guard import RunLock
 from .pipeline import STAGES, Recipe
-from .results import report
+from .report import report
+from .run_lock import RunLock
 from .study import run_study
 from .sweep import SWEEPS, run_sweep
 

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import save_checkpoint
-from .guard import check_loss, check_weights
+from implicitbilevel.bissl.checkpoint import save_checkpoint
+
+from .finite import check_loss, check_weights
 from .runtime import autocast
 from .schedules import warmup_cosine
 
@@ -158,7 +159,7 @@ def fit(
     over ``warmup_fraction`` of the steps and then follows a cosine to 0. A non-finite training
     loss ends the run and scores its validation ``-inf``. ``checkpoint`` also writes the best
     weights to disk (never non-finite ones). ``strict=STAGE``: a non-finite loss or weight stops
-    the run with :class:`~recipes.common.guard.NonFiniteStage` naming the stage and step.
+    the run with :class:`~recipes.common.finite.NonFiniteStage` naming the stage and step.
     ``patience``/``min_epochs``: early stopping by :class:`EarlyStopping` on ``objective.key``
     (``None``/``0``: off); ``FitResult.epochs`` records the epochs actually trained.
     """

@@ -29,12 +29,10 @@ into outputs and a convex output loss; positive semi-definite, so CG converges).
 (``zero``) on the other backbone names.
 """
 
-from __future__ import annotations
-
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
+from pydantic import Field
 from torch import nn
 
 from implicitbilevel import (
@@ -50,36 +48,38 @@ from implicitbilevel import (
     NystromSolver,
 )
 
-from .config import field
+from .config import Bool, Float, Int, Str, config_block
 
 __all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "implicit_jacobian", "subset_names"]
 
 _NORM_KINDS = {"batchnorm": nn.modules.batchnorm._NormBase, "layernorm": nn.LayerNorm}
 
-IJ_SOLVERS = ("cg", "cg-blockwise", "minres", "neumann", "nystrom-pcg", "nystrom-minres",
-              "nystrom", "mfac", "dense")
+IJSolver = Literal["cg", "cg-blockwise", "minres", "neumann", "nystrom-pcg", "nystrom-minres",
+                   "nystrom", "mfac", "dense"]
+IJ_SOLVERS = get_args(IJSolver)
 
 
-@dataclass
+@config_block
 class IJSettings:
     """Implicit-Jacobian fields of a BiSSL stage config (``bissl.*`` in both recipes)."""
 
-    damping: float = field(10.0, ge=0.0, doc="λ_damp: the IJ system uses μ = λ + λ_damp")
-    ij: str = field("cg", choices=IJ_SOLVERS, doc="the IJ solver (see recipes.common.ij)")
-    cg_iters: int = field(5, ge=1, doc="N_c: curvature products per solve")
-    neumann_alpha: float = field(1.0, gt=0.0, doc="step α of the Neumann series")
-    nystrom_rank: int = field(20, ge=1, doc="rank of the Nyström curvature (nystrom-*)")
-    mfac_m: int = field(20, ge=1, doc="gradients in the M-FAC window (mfac)")
-    warm_start: bool = field(False, doc="start each solve from the previous one (cg, minres)")
-    curvature: str = field("hessian", choices=("hessian", "gauss-newton"))
-    solve_over: str = field("coupled", choices=("coupled", "all"),
-                            doc="all: the concatenated head (Sec. 5.3.4)")
-    head_damping: float = field(0.0, ge=0.0, doc="ridge on the head block (solve_over=all)")
-    on_breakdown: str = field("warn", choices=("raise", "warn", "ignore"))
-    ij_subset: str = field("none", doc="none, batchnorm, layernorm or a regex of backbone names: "
-                           "solve the IJ over those only (Sec. 9.1)")
-    ij_outside: str = field("identity", choices=("identity", "zero"),
-                            doc="ij_subset: u = v (identity) or u = 0 on the other names")
+    damping: Float = Field(10.0, ge=0.0, description="λ_damp: the IJ system uses μ = λ + λ_damp")
+    ij: IJSolver = Field("cg", description="the IJ solver (see recipes.common.ij)")
+    cg_iters: Int = Field(5, ge=1, description="N_c: curvature products per solve")
+    neumann_alpha: Float = Field(1.0, gt=0.0, description="step α of the Neumann series")
+    nystrom_rank: Int = Field(20, ge=1, description="rank of the Nyström curvature (nystrom-*)")
+    mfac_m: Int = Field(20, ge=1, description="gradients in the M-FAC window (mfac)")
+    warm_start: Bool = Field(False,
+                             description="start each solve from the previous one (cg, minres)")
+    curvature: Literal["hessian", "gauss-newton"] = "hessian"
+    solve_over: Literal["coupled", "all"] = Field(
+        "coupled", description="all: the concatenated head (Sec. 5.3.4)")
+    head_damping: Float = Field(0.0, ge=0.0, description="ridge on the head block (solve_over=all)")
+    on_breakdown: Literal["raise", "warn", "ignore"] = "warn"
+    ij_subset: Str = Field("none", description="none, batchnorm, layernorm or a regex of backbone "
+                           "names: solve the IJ over those only (Sec. 9.1)")
+    ij_outside: Literal["identity", "zero"] = Field(
+        "identity", description="ij_subset: u = v (identity) or u = 0 on the other names")
 
 
 def build_solver(s: IJSettings) -> LinearSolver:

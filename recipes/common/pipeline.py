@@ -27,16 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from implicitbilevel.bissl.checkpoint import load_checkpoint, save_checkpoint
 from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm
 
-from . import guard
+from . import fingerprint
 from .bissl_stage import BiSSLLosses, bissl_batch_sizes, run_bissl
-from .checkpoint import load_checkpoint, save_checkpoint
 from .finetune import Objective, evaluate, fit
-from .method import fine_tune_method
+from .finite import NonFiniteStage, check_weights
 from .report import write_json
 from .runtime import derive_seed, init_distributed, seed_everything
-from .search import RankFailure
+from .search import RankFailure, fine_tune_method
 from .settings import FinetuneConfig
 from .transfer_monitor import MonitorData, transfer_monitor
 
@@ -183,7 +183,7 @@ class Recipe(abc.ABC):
 
         Before any work: a stage whose output exists and is neither skipped nor ``overwrite``-n
         stops the run (``FileExistsError``), and with ``resume`` a stage recorded under another
-        configuration stops it (:class:`~recipes.common.guard.ConfigChanged` listing the keys)
+        configuration stops it (:class:`~recipes.common.fingerprint.ConfigChanged` listing the keys)
         unless ``allow_changed_config``, which is recorded next to the stage's output."""
         plan: list[tuple[str, str | None]] = []
         if "pretext" in stages:
@@ -194,13 +194,13 @@ class Recipe(abc.ABC):
         for stage, target in plan:
             output = self.output(stage, target)
             if resume:
-                allowed[(stage, target)] = guard.check(output, stage, self.cfg,
+                allowed[(stage, target)] = fingerprint.check(output, stage, self.cfg,
                                                        allow_changed_config)
             if output.exists():
                 if skip_done:
                     if allowed.get((stage, target)):
                         self.on_main(lambda s=stage, o=output, a=allowed[(stage, target)]:
-                                     guard.stamp(o, s, self.cfg, a, keep=True))
+                                     fingerprint.stamp(o, s, self.cfg, a, keep=True))
                     continue
                 if not overwrite:
                     raise FileExistsError(
@@ -209,7 +209,7 @@ class Recipe(abc.ABC):
             todo.append((stage, target))
         for stage, target in todo:
             output, changes = self.output(stage, target), allowed.get((stage, target))
-            self.on_main(lambda s=stage, o=output, a=changes: guard.stamp(o, s, self.cfg, a))
+            self.on_main(lambda s=stage, o=output, a=changes: fingerprint.stamp(o, s, self.cfg, a))
             if stage == "pretext":
                 self.on_main(self.stage_pretext)
             elif stage == "head-warmup":
@@ -242,14 +242,14 @@ class Recipe(abc.ABC):
         model = self.new_pretext().to(self.device)
         losses = self.pretrain(model)
         keep = losses or not self.external_weights()
-        guard.check_weights("pretext", model.state_dict(), "pretext weights")
+        check_weights("pretext", model.state_dict(), "pretext weights")
         save_checkpoint({"pretext": model.state_dict() if keep else None, "losses": losses},
                         self.path(None, "pretext.pt"))
         self.say(f"pretext: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} "
                  f"{self.pretrain_unit}" if losses else "pretext: initial weights kept")
         if self.baseline_extra():
             extra = self.pretrain(model, extra=True)
-            guard.check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
+            check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
             save_checkpoint({"pretext": model.state_dict(), "losses": losses + extra},
                             self.path(None, "pretext_baseline.pt"))
             self.say(f"pretext (Only-FT baseline): {len(extra)} more, loss {extra[-1]:.3f}")
@@ -301,7 +301,7 @@ class Recipe(abc.ABC):
         bad = [r.get("seed") for r in result.get("runs", [])
                if not all(math.isfinite(v) for v in r.values() if isinstance(v, float))]
         if bad or not math.isfinite(s["mean"]):
-            raise guard.NonFiniteStage(
+            raise NonFiniteStage(
                 f"stage {stage!r} ({target} {name}): non-finite metrics (NaN/inf loss or weights) "
                 f"for lr={result['lr']:.3g} wd={result['weight_decay']:.3g}, seeds {bad}; "
                 "nothing was saved (lower finetune.lrs / finetune.lr_range?)")
@@ -360,7 +360,7 @@ class Recipe(abc.ABC):
             key = self.objective(target).key
             self.say(f"{target} head warm-up: lr={lr:.3g} wd={wd:.3g}, {epochs:g} epochs, val "
                      f"{key} {100 * result.best_val[key]:.2f}")
-        guard.check_weights("head-warmup", model.state_dict(), f"{target} downstream weights")
+        check_weights("head-warmup", model.state_dict(), f"{target} downstream weights")
         save_checkpoint({"downstream": model.state_dict()}, self.path(target, "warmup.pt"))
 
     def stage_bissl(self, target: str, resume: bool = False) -> None:
@@ -398,8 +398,8 @@ class Recipe(abc.ABC):
 
     def _bissl_done(self, target: str, pretext: nn.Module, downstream: nn.Module,
                     history: list[dict[str, Any]]) -> None:
-        guard.check_weights("bissl", pretext.state_dict(), f"{target} pretext weights")
-        guard.check_weights("bissl", downstream.state_dict(), f"{target} downstream weights")
+        check_weights("bissl", pretext.state_dict(), f"{target} pretext weights")
+        check_weights("bissl", downstream.state_dict(), f"{target} downstream weights")
         save_checkpoint({"pretext": pretext.state_dict(), "downstream": downstream.state_dict()},
                         self.path(target, "bissl.pt"))
         write_json(history, self.path(target, "bissl_history.json"))

@@ -174,7 +174,7 @@ def compare_methods(
     baseline: Mapping[str, Any], method: Mapping[str, Any], key: str, **options: Any
 ) -> PairedComparison | None:
     """:func:`paired_comparison` of two method results (``{"runs": [{"seed", key, ...}]}``, the
-    schema of ``recipes.common.method``) on ``key``, ``method`` against ``baseline``; ``None``
+    schema of ``recipes.common.search``) on ``key``, ``method`` against ``baseline``; ``None``
     when they were not run over the same seeds. ``options`` go to :func:`paired_comparison`."""
     try:
         _, a, b = paired_runs(baseline.get("runs", []), method.get("runs", []), key)

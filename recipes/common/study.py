@@ -24,8 +24,8 @@ Every choice (λ, T, N_L, N_U, the IJ solver, the learning rates) is made on val
 before the test split is read: the BiSSL settings come from the configuration, each cell's
 (lr, wd) from its validation search, and the test split is read only by the retrains of that
 choice. Each cell is written atomically when it finishes (``study/<target>/e<b>_<method>.json``
-with its configuration record, :mod:`recipes.common.guard`), so a killed study continues from its
-finished cells; a cell recorded under another configuration stops the study unless
+with its configuration record, :mod:`recipes.common.fingerprint`), so a killed study continues
+from its finished cells; a cell recorded under another configuration stops the study unless
 ``--allow-changed-config``.
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import implicitbilevel
 
-from . import guard
+from . import fingerprint
 from .config import config_to_dict
 from .pipeline import Recipe
 from .report import write_json
@@ -105,12 +105,12 @@ def _run_cell(recipe: Recipe, target: str, epochs: float, method: str, chosen: A
     """One cell: reused when finished under the same configuration, else searched, retrained,
     tested and written atomically."""
     path, cfg = _cell_path(recipe, target, epochs, method), cell_config(recipe.cfg, epochs)
-    allowed = guard.check(path, "finetune", cfg, allow_changed) if path.exists() else []
+    allowed = fingerprint.check(path, "finetune", cfg, allow_changed) if path.exists() else []
     if path.exists() and not overwrite:
         result = json.loads(path.read_text())
         result["reused"] = True
         return result
-    recipe.on_main(lambda: guard.stamp(path, "finetune", cfg, allowed))
+    recipe.on_main(lambda: fingerprint.stamp(path, "finetune", cfg, allowed))
     search = method == "Only-FT" or cfg.finetune.search_after_bissl
     start = time.perf_counter()
     result = recipe.fine_tune(target, _source(recipe, target, method), method, search,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recipes.common import warmup_cosine
-from recipes.common.guard import check_loss
+from recipes.common.finite import check_loss
 
 from .config import PretrainConfig
 from .finetune import adam_param_groups

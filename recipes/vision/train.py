@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from implicitbilevel.bissl.lars import LARS, lars_param_groups
 from recipes.common import autocast, warmup_cosine
 from recipes.common.finetune import Objective
-from recipes.common.guard import check_loss
+from recipes.common.finite import check_loss
 
 from .losses import nt_xent
 from .metrics import mean_average_precision_11, topk_accuracy

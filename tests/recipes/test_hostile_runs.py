@@ -16,7 +16,9 @@ from test_vision_e2e import TINY, run, sets
 
 from recipes.common import load_checkpoint
 from recipes.common.config import ConfigError
-from recipes.common.guard import ConfigChanged, NonFiniteStage, RunLocked
+from recipes.common.fingerprint import ConfigChanged
+from recipes.common.finite import NonFiniteStage
+from recipes.common.run_lock import RunLocked
 
 pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
 

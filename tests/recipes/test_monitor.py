@@ -11,15 +11,16 @@ from scipy import stats
 from torch.utils.data import Dataset
 
 from implicitbilevel.bissl import BiSSLConfig
-from recipes.common.monitor import (
+from recipes.common.transfer_monitor import (
+    MonitorData,
     alignment,
     gaussian_entropy,
     gaussian_mutual_information,
     knn_accuracy,
     rankme,
+    transfer_monitor,
     uniformity,
 )
-from recipes.common.transfer_monitor import MonitorData, transfer_monitor
 
 
 def _with_singular_values(s, n=12, d=7, seed=0):
@@ -187,7 +188,7 @@ def test_gpt_monitor_reads_no_label():
 
 
 def test_correlation_over_a_sweep_folder(tmp_path):
-    from recipes.common.monitor_correlation import main, spearman
+    from recipes.common.transfer_monitor import main, spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 25, 90]) == pytest.approx(1.0)
     # one swap among 4 ranks: ρ = 1 − 6·Σd²/(n(n²−1)) = 1 − 6·2/60

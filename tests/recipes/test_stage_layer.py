@@ -8,9 +8,8 @@ from test_vision_e2e import TINY, run, sets
 from implicitbilevel import LearnableLambda
 from recipes.common import load_checkpoint
 from recipes.common.bissl_stage import build_lambda
-from recipes.common.method import select_trial
 from recipes.common.pipeline import Recipe
-from recipes.common.search import Trial
+from recipes.common.search import Trial, select_trial
 from recipes.common.settings import BiSSLStageConfig
 
 

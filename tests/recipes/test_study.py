@@ -12,7 +12,7 @@ from test_vision_e2e import TINY, run, sets
 
 from recipes.common import study as study_module
 from recipes.common.cli import parse_args
-from recipes.common.guard import ConfigChanged
+from recipes.common.fingerprint import ConfigChanged
 from recipes.common.pipeline import Recipe
 from recipes.common.report import format_comparisons
 from recipes.common.stats import compare_methods, paired_comparison, paired_runs

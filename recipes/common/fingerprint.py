@@ -1,35 +1,27 @@
-"""Guards on a run directory: configuration fingerprints per stage and the run lock.
+"""Configuration fingerprints: what each stage of a run folder was computed with.
 
 Each stage records, next to its output (``<output>.config.json``), the configuration that
 determines its result: every config section except ``run`` (only ``run.seed`` and ``run.bf16``
 count), ``sweep`` and ``study``, without the sections of later stages (``finetune``, ``warmup``,
 ``bissl``), plus ``implicitbilevel.__version__``. ``--resume`` compares it with the current
 configuration and stops on a difference unless ``--allow-changed-config`` is given (recorded in
-the file). While a command runs, ``run.out_dir`` holds ``.lock`` (pid, host, start time).
+the file).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import socket
 import time
-import warnings
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import implicitbilevel
 
 from .report import write_json
 
-__all__ = ["ConfigChanged", "NonFiniteStage", "RunLock", "RunLocked", "changed_keys",
-           "check_loss", "check_weights", "fingerprint", "fingerprint_path", "read_fingerprint",
-           "stamp"]
+__all__ = ["ConfigChanged", "changed_keys", "check", "fingerprint", "fingerprint_path",
+           "read_fingerprint", "stamp"]
 
 # config sections first read by a later stage (the stage they belong to)
 STAGE_SECTIONS = {"finetune": "only-ft", "warmup": "head-warmup", "bissl": "bissl"}
@@ -39,10 +31,6 @@ RUN_KEYS = ("seed", "bf16")
 
 class ConfigChanged(RuntimeError):
     """A finished or resumed stage was produced under a different configuration."""
-
-
-class RunLocked(RuntimeError):
-    """Another command is running on the same ``run.out_dir``."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -138,84 +126,3 @@ def stamp(output: Path, stage: str, cfg: Any, allowed: list[str] | None = None,
         previous.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": allowed})
     write_json({"stage": stage, "fingerprint": fp,
                 "allowed_changes": previous}, fingerprint_path(output))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunLock:
-    """``out_dir/.lock`` while a command runs: a second command stops at once naming the holder;
-    the lock of a dead process (on this host) is taken over with a warning."""
-
-    def __init__(self, out_dir: str | Path) -> None:
-        self.path = Path(out_dir) / ".lock"
-        self.held = False
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    held = json.loads(self.path.read_text())
-                    pid, host = int(held["pid"]), str(held["host"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    held, pid, host = {}, -1, info["host"]
-                if host == info["host"] and (pid <= 0 or not _alive(pid)):
-                    warnings.warn(f"{self.path}: taking over the stale lock of process {pid} "
-                                  f"(started {held.get('start', '?')}), which is not running",
-                                  stacklevel=2)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise RunLocked(f"{self.path.parent} is in use by process {pid} on {host} "
-                                f"(started {held.get('start', '?')}); wait for it to finish or "
-                                f"use another run.out_dir") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-            self.held = True
-            return self
-        raise RunLocked(f"{self.path}: could not take the lock")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-class NonFiniteStage(FloatingPointError):
-    """A stage met a NaN/inf loss or weight; nothing non-finite was saved."""
-
-
-def check_loss(stage: str, where: str, value: float) -> None:
-    """``NonFiniteStage`` naming ``stage``, ``where`` (epoch/step) and the loss when ``value`` is
-    NaN or infinite."""
-    if not math.isfinite(value):
-        raise NonFiniteStage(f"stage {stage!r}: the training loss is {value} at {where}; "
-                             "nothing was saved (lower the learning rate?)")
-
-
-def check_weights(stage: str, state: Mapping[str, Any], what: str = "weights") -> None:
-    """``NonFiniteStage`` naming ``stage`` and the first non-finite tensor of ``state``."""
-    for name, tensor in state.items():
-        if isinstance(tensor, Mapping):
-            check_weights(stage, tensor, f"{what} {name}")
-        elif (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
-              and not bool(torch.isfinite(tensor).all())):
-            raise NonFiniteStage(f"stage {stage!r}: {what} {name!r} holds NaN/inf values; "
-                                 "nothing was saved (lower the learning rate?)")
