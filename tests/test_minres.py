@@ -560,7 +560,11 @@ def test_numerically_singular_growth_is_refused(seed):
     true_res = float(np.linalg.norm(b - a @ to_flat(x)))
     b_null = float(np.linalg.norm(null.T @ b))
     assert info.residual_norm == pytest.approx(true_res, rel=1e-3)
-    assert (1 - 1e-9) * b_null <= true_res <= 1.01 * b_null
+    # ‖b − Ax‖ ≥ ‖P(b − Ax)‖ ≥ ‖Pb‖ − ‖AP‖‖x‖ for the projector P on the null space: the
+    # constructed null space is exact only to rounding (‖AP‖ ~ 1e-15), and an iterate of size
+    # ~1e9 along it may take off up to ‖AP‖‖x‖ (seed 2 with numpy 2.4's OpenBLAS: 1.5e-7).
+    slack = float(np.linalg.norm(a @ null, 2) * np.linalg.norm(to_flat(x)))
+    assert (1 - 1e-9) * b_null - slack <= true_res <= 1.01 * b_null
     x_prev, info_prev = MINRES(max_iter=info.iterations - 1, tol=1e-12)(mv, to_tree(b, shapes))
     assert info_prev.breakdown is None
     if "the step would move x" in info.breakdown:
