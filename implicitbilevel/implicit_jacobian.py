@@ -191,7 +191,14 @@ def from_legacy(ij: Any, legacy: Mapping[str, Any], who: str, stacklevel: int = 
         warnings.warn(f"{who}: passing {given} directly is deprecated; write "
                       f"ij=ImplicitJacobian({spelled})",
                       DeprecationWarning, stacklevel=stacklevel)
-    return ImplicitJacobian(**fields)
+    try:
+        return ImplicitJacobian(**fields)
+    except (TypeError, ValueError) as err:  # name the keyword as the caller wrote it
+        renamed = [f"{old}= is ImplicitJacobian's {new}" for old, new in known.items()
+                   if old in legacy and old != new]
+        if not renamed:
+            raise
+        raise type(err)(f"{err} ({'; '.join(renamed)})") from err
 
 
 class IJSystem:
