@@ -53,6 +53,7 @@ from .solvers import (
     Neumann,
     NystromPreconditioner,
     NystromSolver,
+    OriginalBiSSLCG,
     SolveInfo,
     nystrom_approximation,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "NonFiniteError",
     "NystromPreconditioner",
     "NystromSolver",
+    "OriginalBiSSLCG",
     "Params",
     "ProximalL2",
     "Regularizer",

@@ -23,6 +23,7 @@ solver                     system                                            pro
 :class:`Dense`             any non-singular (small)                          one per unknown
 :class:`NystromSolver`     ``I + H/μ``, ``H`` positive semi-definite         0 (``k`` per operator)
 :class:`MFAC`              ``D + F̂/μ``, ``F̂`` an empirical Fisher            0
+:class:`OriginalBiSSLCG`   the original BiSSL code's per-tensor CG (exact)   ``max_iter``
 =========================  ================================================  =====================
 """
 
@@ -33,6 +34,7 @@ from .mfac import MFAC, GradientWindow
 from .minres import MINRES
 from .neumann import Neumann
 from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
+from .original import OriginalBiSSLCG
 
 __all__ = [
     "CG",
@@ -46,6 +48,7 @@ __all__ = [
     "Neumann",
     "NystromPreconditioner",
     "NystromSolver",
+    "OriginalBiSSLCG",
     "Preconditioner",
     "SolveInfo",
     "SolverBreakdownError",
