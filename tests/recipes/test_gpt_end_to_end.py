@@ -120,8 +120,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(script, tiny_run, tm
         ["bissl.ij=neumann", "bissl.neumann_alpha=0.5"],
         ["bissl.ij=minres", "bissl.solve_over=all", "bissl.head_damping=1.0"],
         ["bissl.ij=nystrom-pcg", "bissl.curvature=gauss-newton", "bissl.nystrom_rank=4"],
+        ["bissl.ij=reference", "bissl.on_breakdown=warn"],
     ],
-    ids=["learnable-lambda", "exp-schedule", "neumann", "concat-head", "gauss-newton-nystrom"],
+    ids=["learnable-lambda", "exp-schedule", "neumann", "concat-head", "gauss-newton-nystrom",
+         "thesis-reference"],
 )
 def test_chapter_5_variants_run(script, tiny_run, variant):
     out, args, _ = tiny_run

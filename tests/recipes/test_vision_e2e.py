@@ -110,8 +110,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_run, tmp_path, 
         ["bissl.ij=minres", "bissl.solve_over=all", "bissl.head_damping=1.0"],
         ["bissl.ij=nystrom-pcg", "bissl.curvature=gauss-newton", "bissl.nystrom_rank=4"],
         ["bissl.lam_schedule=cosine-increase", "bissl.lam_max=0.01", "bissl.ij=cg-blockwise"],
+        ["bissl.ij=reference", "bissl.on_breakdown=warn"],
     ],
-    ids=["learnable-lambda", "neumann", "concat-head", "gauss-newton-nystrom", "cosine-schedule"],
+    ids=["learnable-lambda", "neumann", "concat-head", "gauss-newton-nystrom", "cosine-schedule",
+         "thesis-reference"],
 )
 def test_bissl_variants_run(tiny_run, variant):
     out, args, _ = tiny_run
