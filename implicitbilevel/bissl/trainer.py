@@ -50,9 +50,10 @@ from ..lam import LearnableLambda
 from ..parallel.distributed import is_main_process
 from ..problem import BilevelProblem
 from ..results import assign_grads
-from ..tree import Params, tree_dot, tree_norm
+from ..tree import Params
 from .batch_stack import BatchStack, to_device
 from .checkpoint import load_checkpoint
+from .diagnostics import solve_diagnostics
 from .run_log import json_line, progress_bar, rewrite_log
 from .run_state import RunState, config_changes, save_on_main, upgrade_v1
 
@@ -79,6 +80,9 @@ class BiSSLConfig:
         progress: show a progress bar (needs ``tqdm``).
         measure_residual: log ``ij_relative_residual``, the true ``‖v − A u‖/‖v‖`` of the last
             upper step's solve in each alternation (one more curvature product per alternation).
+        measure_exact_residual: log ``ij_exact_relative_residual``, the same on the exact-Hessian
+            system (one more product when the curvature is not the exact Hessian); see
+            :mod:`implicitbilevel.bissl.diagnostics`.
     """
 
     alternations: int = 500
@@ -89,6 +93,7 @@ class BiSSLConfig:
     autocast: str | None = None
     progress: bool = True
     measure_residual: bool = True
+    measure_exact_residual: bool = True
 
     def __post_init__(self) -> None:
         for name in ("alternations", "lower_steps", "upper_steps", "checkpoint_every"):
@@ -268,7 +273,7 @@ class BiSSLTrainer:
             raise NonFiniteError(f"upper level, alternation {t}, Hessian: {err}") from err
         self.upper_stack.reserve(cfg.upper_steps)
         losses, norms, iters, residuals, breakdowns, lam_grads = [], [], [], [], 0, []
-        true_residual, prepare_seconds, cosine = math.nan, 0.0, math.nan
+        prepare_seconds, solve = 0.0, {}
         for n in range(cfg.upper_steps):
             step = f"alternation {t}, upper step {n}"
             batch = to_device(self.upper_stack.next(), self.device)
@@ -290,20 +295,17 @@ class BiSSLTrainer:
             prepare_seconds += out.prepare_seconds
             residuals.append(out.info.relative_residual)
             breakdowns += out.info.breakdown is not None
-            if n == cfg.upper_steps - 1 and cfg.measure_residual:
-                # One more product: ‖v − A u‖/‖v‖ of the last solve, comparable across solvers.
+            if n == cfg.upper_steps - 1:  # the last solve's residuals and cosine
                 with self._autocast():
-                    true_residual = out.true_relative_residual()
-            if n == cfg.upper_steps - 1:  # does the solve change v at all? (1: u ∥ v)
-                cosine = float(tree_dot(out.u, out.rhs) / (tree_norm(out.u) * tree_norm(out.rhs)
-                                                           ).clamp_min(1e-30))
+                    solve = solve_diagnostics(problem, out, self.upper_params, self.lower_params,
+                                              lower_batch, residual=cfg.measure_residual,
+                                              exact=cfg.measure_exact_residual)
         metrics = {
             "upper_loss": sum(losses) / len(losses),
             "upper_grad_norm": sum(norms) / len(norms),
             "solver_iterations": sum(iters) / len(iters),
             "solver_relative_residual": residuals[-1],
-            "ij_relative_residual": true_residual,
-            "ij_cosine_u_v": cosine,
+            **solve,
             "solver_breakdowns": breakdowns,
             "hessian_products": hessian.calls,
             "curvature_build_seconds": prepare_seconds,
