@@ -6,7 +6,8 @@ anything at all:
 - ``ij_relative_residual``: ``‖v − A u‖/‖v‖`` on the system that was solved (one product);
 - ``ij_exact_relative_residual``: the same on the exact-Hessian system ``D + H/μ`` (thesis eq.
   4.8-4.9), which differs from the solved one when the curvature is Gauss–Newton (one more
-  product, with no kept graph); for the exact Hessian it is the number above;
+  product, with no kept graph); for the exact Hessian it is the number above (NaN when that is
+  not measured);
 - ``ij_cosine_u_v``: the cosine between ``u`` and ``v`` (1 when the solve leaves ``v``'s direction
   alone, as it does when ``H/μ`` is negligible).
 
@@ -41,7 +42,7 @@ def solve_diagnostics(problem: BilevelProblem, out: UpperGradient, upper: Mappin
     if not exact:
         exact_residual = math.nan
     elif isinstance(problem.ij.curvature, str):  # the exact Hessian was solved with
-        exact_residual = solved if residual else out.true_relative_residual()
+        exact_residual = solved
     else:
         exact_residual = _exact_residual(problem, out, upper, lower, lower_batch)
     return {"ij_relative_residual": solved, "ij_exact_relative_residual": exact_residual,
