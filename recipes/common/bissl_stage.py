@@ -89,18 +89,22 @@ def add_lambda(
     cfg: BiSSLStageConfig,
     device: torch.device,
 ) -> dict[str, Tensor]:
-    """Make a learnable λ's ρ an upper-level variable: on ``device``, in the upper optimiser at
-    ``lam_lr`` without weight decay. Returns the upper parameters the trainer updates.
+    """Make a learnable λ's ρ an upper-level variable: on ``device``, in the upper optimiser.
 
-    The one place where both recipes wire λ into the trainer.
+    By default ρ is trained as the other upper-level parameters are (the thesis trains it with
+    "the same optimizer": the optimiser's default learning rate, weight decay and momentum);
+    ``lam_lr`` gives it a group of its own at that learning rate, without weight decay. Returns
+    the upper parameters the trainer updates. The one place where both recipes wire λ into the
+    trainer.
     """
     lam = problem.lam
     if not isinstance(lam, LearnableLambda):
         return upper_params
     lam.rho.data = lam.rho.data.to(device)
-    upper_optimizer.add_param_group(
-        {"params": lam.parameters(), "lr": cfg.lam_lr, "weight_decay": 0.0}
-    )
+    group: dict = {"params": lam.parameters()}
+    if cfg.lam_lr is not None:
+        group.update(lr=cfg.lam_lr, weight_decay=0.0)
+    upper_optimizer.add_param_group(group)
     return upper_params
 
 

@@ -123,10 +123,10 @@ class BiSSLStageConfig(IJSettings):
 
     λ: ``lam_schedule=constant`` uses ``lam``; the schedules run from ``lam_min`` to ``lam_max``
     over ``T`` alternations (Sec. 5.2.1); ``learnable`` starts at σ(ρ) = ``lam`` and trains ρ with
-    the upper level at ``lam_lr``, its gradient damped by ``lam_damping`` (eq. 5.6; ``None``: the
-    IJ's ``damping``). Learning rates: lower level linear warm-up over
-    ``N_L·lower_warmup_alternations`` steps, upper level over ``upper_warmup_fraction`` of its
-    ``N_U·T`` steps, then cosine to ``final_lr_factor`` × peak.
+    the upper level's optimiser and settings (thesis), or at ``lam_lr`` in a group of its own, its
+    gradient damped by ``lam_damping`` (eq. 5.6; ``None``: the IJ's ``damping``). Learning rates:
+    lower level linear warm-up over ``N_L·lower_warmup_alternations`` steps, upper level over
+    ``upper_warmup_fraction`` of its ``N_U·T`` steps, then cosine to ``final_lr_factor`` × peak.
     """
 
     lam: Float = Field(0.001, gt=0.0, description="constant λ; the initial σ(ρ) when learnable")
@@ -134,7 +134,8 @@ class BiSSLStageConfig(IJSettings):
     lam_min: Float = Field(1e-8, gt=0.0)
     lam_max: Float = Field(0.001, gt=0.0)
     lam_alpha: Float = Field(10.0, gt=0.0, description="α of the exponential increase")
-    lam_lr: Float = Field(0.01, gt=0.0, description="upper-level lr of ρ for a learnable λ")
+    lam_lr: Float | None = Field(None, gt=0.0, description="lr of ρ in a group of its own "
+                                 "(learnable λ); None: ρ is trained as the upper parameters are")
     lam_damping: Float | None = Field(None, ge=0.0,
                                       description="λ_damp of eq. 5.6; None: damping")
     alternations: Int = Field(500, ge=1, description="T")

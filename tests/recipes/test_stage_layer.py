@@ -5,9 +5,9 @@ import pytest
 import torch
 from test_vision_e2e import TINY, run, sets
 
-from implicitbilevel import LearnableLambda
+from implicitbilevel import BilevelProblem, LearnableLambda
 from recipes.common import load_checkpoint
-from recipes.common.bissl_stage import build_lambda
+from recipes.common.bissl_stage import add_lambda, build_lambda
 from recipes.common.pipeline import Recipe
 from recipes.common.search import Trial, select_trial
 from recipes.common.settings import BiSSLStageConfig
@@ -35,6 +35,21 @@ def test_lambda_variants_from_the_config():
     cfg.lam_schedule, cfg.lam_max = "cosine-decay", 0.1
     sched = build_lambda(cfg)
     assert sched(0) == pytest.approx(0.1) and sched(4) == pytest.approx(1e-8)
+
+
+def test_a_learnable_lambda_is_trained_like_the_upper_parameters_by_default():
+    # Thesis: ρ is trained with "the same optimizer"; lam_lr gives it a group of its own.
+    cfg = BiSSLStageConfig(lam=0.01, lam_schedule="learnable")
+    for lam_lr, expected in ((None, (0.05, 1e-3, 0.9)), (0.2, (0.2, 0.0, 0.9))):
+        cfg.lam_lr = lam_lr
+        problem = BilevelProblem(lambda x, y, b: x["w"].sum(), lambda y, b: y["w"].sum(),
+                                 lam=build_lambda(cfg))
+        w = torch.zeros(2, requires_grad=True)
+        optimizer = torch.optim.SGD([w], lr=0.05, weight_decay=1e-3, momentum=0.9)
+        add_lambda(problem, {"w": w}, optimizer, cfg, torch.device("cpu"))
+        group = optimizer.param_groups[-1]
+        assert group["params"] == [problem.lam.rho]
+        assert (group["lr"], group["weight_decay"], group["momentum"]) == expected
 
 
 def test_the_only_ft_baseline_is_pretrained_longer(tmp_path, monkeypatch):
