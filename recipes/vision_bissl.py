@@ -39,6 +39,7 @@ from recipes.common.pipeline import Recipe
 from recipes.common.transfer_monitor import MonitorData
 from recipes.vision.bissl_stage import bissl_losses
 from recipes.vision.config import VisionConfig
+from recipes.vision.init import load_backbone_init, read_backbone_state
 from recipes.vision.loaders import Loaders, build_loaders
 from recipes.vision.models import Downstream, Pretext, build_backbone
 from recipes.vision.train import classification_objective, pretrain_simclr
@@ -61,6 +62,8 @@ class VisionRecipe(Recipe):
         self.data: Loaders = build_loaders(self.cfg.data, self.device)
         self.targets = [self.cfg.data.downstream]
         self._objective = classification_objective(self.data.multilabel)
+        if self.cfg.model.init:  # read and fit the pretrained backbone before any stage runs
+            self.new_pretext()
 
     def train_loader(self, target: str, batch_size: int, seed: int,
                      shard: tuple[int, int] | None = None) -> Any:
@@ -83,9 +86,18 @@ class VisionRecipe(Recipe):
         m = self.cfg.model
         return build_backbone(m.backbone, width=m.width, small_stem=m.small_stem)
 
+    def external_weights(self) -> bool:
+        """Whether the backbone starts from ``model.init`` (a pretrained checkpoint)."""
+        return bool(self.cfg.model.init)
+
     def new_pretext(self) -> nn.Module:
-        """Backbone + SimCLR projector."""
-        return Pretext(self.new_backbone(), self.cfg.model.proj_dim)
+        """Backbone (from ``model.init`` when given) + SimCLR projector."""
+        pretext = Pretext(self.new_backbone(), self.cfg.model.proj_dim)
+        if self.cfg.model.init:
+            if getattr(self, "_init_state", None) is None:
+                self._init_state = read_backbone_state(self.cfg.model.init)
+            load_backbone_init(pretext.backbone, self._init_state, self.cfg.model.init)
+        return pretext
 
     def downstream_from(self, pretext: nn.Module, target: str) -> nn.Module:
         """A fresh linear head on a copy of ``pretext``'s backbone."""

@@ -63,6 +63,9 @@ class ModelConfig:
     width: Int = Field(16, ge=1, description="base width of small-resnet")
     small_stem: Bool = False
     proj_dim: Int = Field(256, ge=1)
+    init: Str = Field("", description="a pretrained backbone to start from (torchvision, timm "
+                      "or the original BiSSL code's layout; recipes.vision.init); pretext.epochs "
+                      "more SimCLR epochs follow (0: the weights are used as they are)")
 
 
 @config_block
