@@ -57,15 +57,31 @@ from .solvers import (
     SolveInfo,
     nystrom_approximation,
 )
+from .stochastic import (
+    BOME,
+    F2SA,
+    SABA,
+    SOBA,
+    AmIGO,
+    BilevelOracles,
+    PolynomialDecay,
+    StocBiO,
+)
 from .subset import IJSubset
 from .tree import Params
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOME",
     "CG",
+    "F2SA",
+    "SABA",
+    "SOBA",
+    "AmIGO",
     "ArgminSolve",
     "BaseRegularizer",
+    "BilevelOracles",
     "BilevelProblem",
     "CheckpointError",
     "ConstantSchedule",
@@ -96,10 +112,12 @@ __all__ = [
     "NystromSolver",
     "OriginalBiSSLCG",
     "Params",
+    "PolynomialDecay",
     "ProximalL2",
     "Regularizer",
     "SolveInfo",
     "SolverBreakdownError",
+    "StocBiO",
     "SumRegularizer",
     "UpperGradient",
     "argmin",
