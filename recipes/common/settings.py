@@ -194,23 +194,36 @@ class SweepConfig:
 @config_block
 class StudyConfig:
     """The ``study`` command: Only-FT against BiSSL+FT over fine-tuning budgets (the design of
-    Fig. 6.5 / Table F.5) with paired seeds and significance tests (``recipes.common.study``).
+    Fig. 6.5 / Table F.5) as a replicated experiment (``recipes.common.study``).
 
-    Per budget in ``epochs`` and per method, (lr, wd) is searched on the validation split with
-    trials of that budget (``search_trials``: the random search's H; ``None`` keeps
-    ``finetune.search_trials``), then the choice is retrained over ``seeds`` and tested. A
-    difference is significant when the paired t-test's p-value is below ``alpha``.
+    ``replicates`` (R) independent repetitions of every stage that differs between the methods
+    (head warm-up and BiSSL for BiSSL+FT, the Sec. 6.1.4 extra pretraining for Only-FT; the
+    pretext stage too with ``replicate_pretext``), each seeded by its own replicate seed. Inside
+    each replicate, per budget in ``epochs`` and per method, (lr, wd) is searched on the
+    validation split with trials of that budget (``search_trials``; ``None`` keeps
+    ``finetune.search_trials``), then retrained over ``len(seeds)`` fine-tuning seeds nested in
+    the replicate (paired between the methods) and tested. The tests run over the replicates;
+    their p-values are adjusted over every cell of the study by ``correction`` and a difference is
+    significant when the adjusted p-value is below ``alpha``.
     """
 
     epochs: PositiveFloats = Field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0],
                                    description="fine-tuning budgets")
-    seeds: Seeds = Field(default_factory=lambda: list(range(8)),
-                         description="paired seeds per cell (at least 2)")
+    replicates: Int = Field(5, ge=2, description="R, independent replicates of the stages "
+                            "that differ between the methods")
+    replicate_pretext: Bool = Field(False, description="each replicate pretrains its own "
+                                    "pretext model too (else one pretext.pt is shared)")
+    seeds: Seeds = Field(default_factory=lambda: list(range(4)),
+                         description="fine-tuning seeds per replicate and cell (at least 2; "
+                         "each replicate derives its own from these)")
     search_trials: Int | None = Field(None, ge=1, description="None: finetune.search_trials")
     alpha: Float = Field(0.05, gt=0.0, lt=1.0)
+    correction: Literal["holm", "bh", "none"] = Field(
+        "holm", description="multiple-testing adjustment over every cell of the study: Holm "
+        "(family-wise error), Benjamini-Hochberg (false discovery rate) or none")
     wilcoxon: Bool = Field(True, description="also the Wilcoxon signed-rank test")
-    bootstrap: Int = Field(2000, ge=0,
-                           description="bootstrap resamples of the CI (0: t-interval only)")
+    bootstrap: Int = Field(2000, ge=0, description="hierarchical bootstrap resamples of the "
+                           "difference (replicates, then seeds; 0: none)")
 
     @model_validator(mode="after")
     def _distinct(self) -> "StudyConfig":

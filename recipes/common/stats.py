@@ -13,7 +13,15 @@ give
   the baseline, the effect the thesis reports in Tables 6.1 and 7.1).
 
 A difference is *significant* when the t-test's p-value is below ``α`` (0.05 by default); the
-thesis marks such results in bold (Tables 6.1 and 7.1).
+thesis marks such results in bold (Tables 6.1 and 7.1). Differences without variance leave the
+test undefined (:data:`NO_VARIANCE`), never significant.
+
+The replicated ``study`` tests at the level of independent replicates of the stages that differ
+between the methods, the fine-tuning seeds nested inside (:func:`replicate_comparison`): the
+paired t and Wilcoxon tests over replicate means, a hierarchical bootstrap over replicates and
+seeds, Cohen's d_z with a noncentral-t interval, the Pitman-Morgan test of the seed spreads, and
+Holm or Benjamini-Hochberg adjustment over every cell of a study (:func:`adjust`,
+:func:`adjust_study`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,12 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-__all__ = ["PairedComparison", "compare_methods", "paired_comparison", "paired_runs"]
+__all__ = ["NO_VARIANCE", "PairedComparison", "adjust", "adjust_study", "cohens_dz",
+           "compare_methods", "hierarchical_bootstrap", "paired_comparison", "paired_runs",
+           "pitman_morgan", "replicate_comparison"]
+
+#: What a cell without variance says instead of a p-value.
+NO_VARIANCE = "no variance: test undefined"
 
 
 @dataclass(frozen=True)
@@ -93,10 +106,10 @@ def paired_comparison(
         seed: seed of the bootstrap resampling.
 
     Fewer than two pairs leave the interval and the p-values NaN (``note`` says so; nothing is
-    significant). Differences of zero variance make the t-test degenerate: ``p = 0`` and the
-    interval ``[d̄, d̄]`` for a nonzero ``d̄``, ``p = 1`` for none (as the limit of the test, and
-    ``scipy.stats.ttest_rel`` for the nonzero case); ``note`` says so. ``ValueError`` for
-    samples of different lengths, non-finite scores or ``alpha`` outside (0, 1).
+    significant). Differences of zero variance leave the t-test undefined: its p-value and
+    interval are NaN, ``note`` is :data:`NO_VARIANCE` and the difference is never significant (a
+    constant shift over a handful of seeds is no evidence of a shift of the method).
+    ``ValueError`` for samples of different lengths, non-finite scores or ``alpha`` outside (0, 1).
     """
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.ndim != 1 or x.shape != y.shape:
@@ -121,16 +134,17 @@ def paired_comparison(
     notes = []
     scale = max(1.0, float(np.abs(d).max()))
     if std_d <= 1e-12 * scale:  # constant differences: the t statistic is ±inf or 0/0
-        zero = abs(mean_d) <= 1e-12 * scale
-        p, ci = (1.0 if zero else 0.0), (mean_d, mean_d)
-        notes.append("the differences have zero variance: the t-test is degenerate")
+        p, ci = math.nan, (math.nan, math.nan)
+        notes.append(NO_VARIANCE)
     else:
         half = float(sps.t.ppf(1.0 - alpha / 2.0, n - 1)) * std_d / math.sqrt(n)
         ci = (mean_d - half, mean_d + half)
         p = float(sps.ttest_rel(y, x).pvalue)
     wil = None
     if wilcoxon:
-        if not np.any(d != 0):
+        if notes:
+            wil = math.nan
+        elif not np.any(d != 0):
             wil = 1.0
         else:
             with warnings.catch_warnings():  # scipy warns on ties and zeros; the p-value stands
@@ -138,8 +152,8 @@ def paired_comparison(
                 wil = float(sps.wilcoxon(d).pvalue)
     boot = None
     if bootstrap:
-        if std_d <= 1e-12 * scale:
-            boot = (mean_d, mean_d)
+        if notes:
+            boot = (math.nan, math.nan)
         else:
             res = sps.bootstrap((d,), np.mean, n_resamples=bootstrap, confidence_level=1 - alpha,
                                 method="percentile", rng=np.random.default_rng(seed))
@@ -181,3 +195,170 @@ def compare_methods(
     except ValueError:
         return None
     return paired_comparison(a, b, **options) if a else None
+
+
+# -- the replicated study: tests over replicates, seeds nested ------------------------------------
+
+
+def adjust(pvalues: Sequence[float | None], method: str = "holm") -> list[float | None]:
+    """Multiple-testing adjusted p-values, in the order given; ``None`` (an undefined test) stays
+    ``None`` and is not counted in the family. ``holm``: Holm's step-down (family-wise error),
+    ``bh``: Benjamini-Hochberg (false discovery rate), ``none``: unchanged."""
+    if method not in ("holm", "bh", "none"):
+        raise ValueError(f"unknown correction {method!r} (holm, bh or none)")
+    idx = [i for i, p in enumerate(pvalues) if p is not None and p == p]
+    out: list[float | None] = [None] * len(pvalues)
+    m = len(idx)
+    order = sorted(idx, key=lambda i: pvalues[i])  # type: ignore[arg-type, return-value]
+    if method == "none":
+        for i in idx:
+            out[i] = float(pvalues[i])  # type: ignore[arg-type]
+    elif method == "holm":
+        running = 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * float(pvalues[i])))  # type: ignore
+            out[i] = running
+    else:
+        running = 1.0
+        for rank in range(m - 1, -1, -1):
+            i = order[rank]
+            running = min(running, min(1.0, m * float(pvalues[i]) / (rank + 1)))  # type: ignore
+            out[i] = running
+    return out
+
+
+def cohens_dz(d: Sequence[float], alpha: float = 0.05) -> tuple[float, tuple[float, float], float]:
+    """``(d_z, interval, g_z)``: the standardised mean difference ``mean(d) / sd(d)`` of paired
+    differences, its ``1 - α`` interval by inverting the noncentral t distribution of
+    ``t = d_z √n`` (df ``n - 1``), and Hedges' small-sample corrected ``g_z = J · d_z``,
+    ``J = 1 - 3 / (4 (n - 1) - 1)``."""
+    x = np.asarray(d, dtype=np.float64)
+    n = len(x)
+    dz = float(x.mean() / np.std(x, ddof=1))
+    t, df = dz * math.sqrt(n), n - 1
+    from scipy.optimize import brentq
+
+    def nc_at(prob: float) -> float:  # the noncentrality where P(T <= t) = prob
+        span = 10.0 + 2.0 * abs(t)
+        return float(brentq(lambda nc: sps.nct.cdf(t, df, nc) - prob, t - span, t + span,
+                            xtol=1e-10))
+
+    try:
+        lo, hi = nc_at(1.0 - alpha / 2.0), nc_at(alpha / 2.0)
+    except ValueError:  # scipy's noncentral t loses precision far in the tails (huge |t|)
+        lo = hi = math.nan
+    j = 1.0 - 3.0 / (4.0 * df - 1.0) if df > 1 else math.nan
+    return dz, (lo / math.sqrt(n), hi / math.sqrt(n)), j * dz
+
+
+def hierarchical_bootstrap(a: np.ndarray, b: np.ndarray, n_resamples: int, alpha: float = 0.05,
+                           seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean paired difference ``b - a`` (replicates × seeds) by
+    resampling replicates with replacement, then seeds within each drawn replicate with
+    replacement (the same seeds for both methods: the pairs stay paired). The draws are
+    ``rng.integers(0, R, (B, R))`` then ``rng.integers(0, S, (B, R, S))``."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    reps, seeds = d.shape
+    rng = np.random.default_rng(seed)
+    ri = rng.integers(0, reps, (n_resamples, reps))
+    si = rng.integers(0, seeds, (n_resamples, reps, seeds))
+    means = d[ri[:, :, None], si].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def pitman_morgan(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+    """``(ratio, p)``: the pooled within-replicate seed spread of ``b`` over that of ``a`` and
+    the Pitman-Morgan test of equal variances of paired samples, applied to the seed deviations
+    from each replicate's mean (``u = a' + b'``, ``v = b' - a'``: ``cov(u, v) = var b - var a``;
+    ``t = r √df / √(1 - r²)`` with ``df = R (S - 1) - 1``; two-sided). With one replicate it is
+    the classic test (``scipy.stats.pearsonr(u, v)``). ``p`` is ``None`` when a method has no
+    seed spread (test undefined)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    xc, yc = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    sa, sb = float((xc ** 2).sum()), float((yc ** 2).sum())
+    if sa <= 1e-24 or sb <= 1e-24:
+        return (_ratio(math.sqrt(sb), math.sqrt(sa)), None)
+    u, v = (xc + yc).ravel(), (yc - xc).ravel()
+    r = float((u * v).sum() / math.sqrt((u * u).sum() * (v * v).sum()))
+    df = x.shape[0] * (x.shape[1] - 1) - 1
+    if df < 1:
+        return math.sqrt(sb / sa), None
+    r = max(-1.0, min(1.0, r))
+    t = math.inf if abs(r) == 1.0 else r * math.sqrt(df) / math.sqrt(1.0 - r * r)
+    return math.sqrt(sb / sa), float(2.0 * sps.t.sf(abs(t), df))
+
+
+def replicate_comparison(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], *,
+                         alpha: float = 0.05, wilcoxon: bool = True, bootstrap: int = 2000,
+                         seed: int = 0) -> dict[str, Any]:
+    """BiSSL+FT (``b``) against Only-FT (``a``), each ``R × S`` (replicates × nested seeds,
+    seed ``s`` of a replicate paired between the methods), tested at the replicate level.
+
+    The unit of the tests is the replicate: ``d_r = mean_s b[r, s] - mean_s a[r, s]``; ``diff``
+    is ``mean(d_r)`` with its t-interval, ``p_value`` the paired t-test over the replicate means
+    (``scipy.stats.ttest_rel``), ``wilcoxon_p`` the signed-rank test of ``d_r``,
+    ``bootstrap_ci`` the :func:`hierarchical_bootstrap` interval, ``d_z`` (with ``d_z_ci`` and
+    Hedges' ``g_z``) from :func:`cohens_dz`; ``spread_ratio`` and ``spread_p`` are
+    :func:`pitman_morgan` on the seeds. ``degenerate`` cells (``d_r`` without variance) have no
+    p-values, ``note`` :data:`NO_VARIANCE`. The ``*_adjusted`` and ``significant`` fields are
+    filled by :func:`adjust_study`."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.ndim != 2 or x.shape != y.shape or x.shape[0] < 2 or x.shape[1] < 1:
+        raise ValueError(f"need two R × S arrays with R >= 2, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("the scores hold NaN or infinite values")
+    reps, seeds = x.shape
+    ma, mb = x.mean(axis=1), y.mean(axis=1)
+    d = mb - ma
+    within = {m: float(np.sqrt(np.mean(np.var(z, axis=1, ddof=1)))) if seeds > 1 else 0.0
+              for m, z in (("only_ft", x), ("bissl_ft", y))}
+    out: dict[str, Any] = {
+        "replicates": reps, "seeds": seeds,
+        "mean_only_ft": float(ma.mean()), "mean_bissl_ft": float(mb.mean()),
+        "between_std_only_ft": _std(ma), "between_std_bissl_ft": _std(mb),
+        "within_std_only_ft": within["only_ft"], "within_std_bissl_ft": within["bissl_ft"],
+        "replicate_diffs": d.tolist(), "diff": float(d.mean()), "diff_std": _std(d),
+        "alpha": alpha, "degenerate": False, "note": "",
+        "ci": None, "p_value": None, "wilcoxon_p": None, "bootstrap_ci": None,
+        "d_z": None, "d_z_ci": None, "g_z": None,
+    }
+    scale = max(1.0, float(np.abs(d).max()))
+    if out["diff_std"] <= 1e-12 * scale:
+        out.update(degenerate=True, note=NO_VARIANCE)
+    else:
+        half = float(sps.t.ppf(1.0 - alpha / 2.0, reps - 1)) * out["diff_std"] / math.sqrt(reps)
+        out["ci"] = [out["diff"] - half, out["diff"] + half]
+        out["p_value"] = float(sps.ttest_rel(mb, ma).pvalue)
+        if wilcoxon:
+            with warnings.catch_warnings():  # scipy warns on ties and zeros; the p-value stands
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out["wilcoxon_p"] = float(sps.wilcoxon(d).pvalue) if np.any(d != 0) else None
+        dz, dz_ci, gz = cohens_dz(d, alpha)
+        out.update(d_z=dz, d_z_ci=list(dz_ci) if math.isfinite(dz_ci[0]) else None,
+                   g_z=gz if math.isfinite(gz) else None)
+        if bootstrap:
+            out["bootstrap_ci"] = list(hierarchical_bootstrap(x, y, bootstrap, alpha, seed))
+    ratio, spread_p = pitman_morgan(x, y) if seeds > 1 else (math.nan, None)
+    out.update(spread_ratio=ratio, spread_p=spread_p)
+    return out
+
+
+def adjust_study(targets: Mapping[str, Any], method: str, alpha: float) -> None:
+    """Adjust the p-values of every cell (``targets[t]["rows"][i]["comparison"]``) in place, one
+    family per test (t, Wilcoxon, spread): ``p_adjusted``, ``wilcoxon_p_adjusted``,
+    ``spread_p_adjusted``; ``significant`` (adjusted t p < ``alpha``, never for a degenerate
+    cell), ``spread_significant`` and ``correction``."""
+    comps = [row["comparison"] for entry in targets.values() for row in entry["rows"]]
+    for key in ("p_value", "wilcoxon_p", "spread_p"):
+        adjusted = adjust([c.get(key) for c in comps], method)
+        name = "p_adjusted" if key == "p_value" else key + "_adjusted"
+        for c, p in zip(comps, adjusted, strict=True):
+            c[name] = p
+    for c in comps:
+        c["correction"] = method
+        c["significant"] = bool(not c["degenerate"] and c["p_adjusted"] is not None
+                                and c["p_adjusted"] < alpha)
+        c["spread_significant"] = bool(c["spread_p_adjusted"] is not None
+                                       and c["spread_p_adjusted"] < alpha)
