@@ -6,13 +6,20 @@
 
 ``STAGE``: ``all`` (default: every stage, then the report), ``pretext``, ``only-ft``,
 ``head-warmup``, ``bissl``, ``finetune``, ``report``; several run in the pipeline's order.
-``--resume`` continues a killed BiSSL stage from its checkpoint and skips the stages whose
-outputs exist (unless ``--overwrite``); it stops when a stage was recorded under another
-configuration, unless ``--allow-changed-config``. Without either flag a finished stage is not
-run again. A sweep always reuses what exists; so does a ``study`` (Only-FT vs BiSSL+FT over
-fine-tuning budgets and paired seeds, :mod:`recipes.common.study`), which continues from its
-finished cells (``--overwrite`` runs them again). While a command runs, ``run.out_dir/.lock`` names
-its process, and a second command on the same folder stops at once.
+Each stage writes its run record after its outputs (the settings they were made with and their
+digests, :mod:`recipes.common.records`), and every stage, ``--resume`` or not, verifies the
+records of the files it reads: an input made under other settings stops the run naming each
+setting with its recorded and current value, and a file changed after its record stops it naming
+the file. ``--resume`` continues a killed BiSSL stage from its checkpoint, skips the stages whose
+outputs exist with a record that holds (unless ``--overwrite``) and runs again a stage that did
+not finish; it stops when a finished stage was recorded under another configuration.
+``--allow-changed-config`` goes on in both cases and records each change in the stage's record
+(``--resume`` or ``report``). Without ``--resume`` or ``--overwrite`` a finished stage is not run
+again. A sweep reuses what still holds under its configuration and runs the rest again; so does a
+``study`` (Only-FT vs BiSSL+FT over fine-tuning budgets and paired seeds,
+:mod:`recipes.common.study`), which continues from its finished cells (``--overwrite`` runs them
+again). While a command runs, ``run.out_dir/.lock`` names its process, and a second command on the
+same folder stops at once.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> a
     p.add_argument("--overwrite", action="store_true",
                    help="run finished stages again, replacing their outputs")
     p.add_argument("--allow-changed-config", action="store_true",
-                   help="--resume although the configuration differs from the one recorded "
-                        "(the change is recorded next to the stage's output)")
+                   help="go on although a stage's input or a reused stage was made under "
+                        "another configuration (each change is recorded in the stage's record)")
     p.add_argument("--param", choices=sorted(SWEEPS), default="lam", help="what `sweep` varies")
     args = p.parse_args(argv)
     args.stages = args.stages or ["all"]
@@ -86,7 +93,8 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 holds it for all
             lock = RunLock(cfg.run.out_dir).acquire()
         if args.stages == ["sweep"]:
-            return run_sweep(recipe_class, args.config, args.overrides, args.param)
+            return run_sweep(recipe_class, args.config, args.overrides, args.param,
+                             allow_changed_config=args.allow_changed_config)
         start = time.perf_counter()
         recipe = recipe_class(cfg)
         if args.stages == ["study"]:
@@ -102,7 +110,7 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
             recipe.say(f"[{stage}] {time.perf_counter() - t0:.1f} s")
         if ("all" in args.stages or "report" in args.stages) and recipe.dist.is_main:
             wall = time.perf_counter() - start
-            results = report(recipe, wall)
+            results = report(recipe, wall, allow_changed_config=args.allow_changed_config)
             print(f"total wall time {wall / 60:.1f} min")
             return results
         return None

@@ -10,6 +10,10 @@ GLUE task), and the files they leave in ``run.out_dir``::
     bissl         Algorithm 2 (resumable)                          <target>/bissl.pt, bissl/
     finetune      fine-tuning from θ_P as Only-FT (BiSSL+FT)       <target>/bissl_ft.json
 
+Each stage writes, after its outputs, its run record (``<output>.config.json``: the settings the
+outputs were made with, their SHA-256 digests and those of its inputs); every stage verifies the
+records of its inputs before it runs (:mod:`recipes.common.runner`, :mod:`recipes.common.records`).
+
 Under ``torchrun`` BiSSL runs data-parallel, the fine-tuning trials and seed runs are spread over
 the ranks, and ``pretext`` and ``head-warmup`` run on rank 0 while the others wait.
 """
@@ -30,11 +34,12 @@ from torch import nn
 from implicitbilevel.bissl.checkpoint import load_checkpoint, save_checkpoint
 from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm
 
-from . import fingerprint
+from . import runner
 from .bissl_stage import BiSSLLosses, bissl_batch_sizes, run_bissl
 from .finetune import Objective, evaluate, fit
 from .finite import NonFiniteStage, check_weights
-from .report import write_json
+from .jsonio import write_json
+from .records import OUTPUTS
 from .runtime import derive_seed, init_distributed, seed_everything
 from .search import RankFailure, fine_tune_method
 from .settings import FinetuneConfig
@@ -42,9 +47,7 @@ from .transfer_monitor import MonitorData, transfer_monitor
 
 __all__ = ["OUTPUTS", "STAGES", "Recipe"]
 
-STAGES = ("pretext", "only-ft", "head-warmup", "bissl", "finetune")
-OUTPUTS = {"pretext": "pretext.pt", "only-ft": "only_ft.json", "head-warmup": "warmup.pt",
-           "bissl": "bissl.pt", "finetune": "bissl_ft.json"}
+STAGES = runner.STAGES
 
 
 class Recipe(abc.ABC):
@@ -177,47 +180,19 @@ class Recipe(abc.ABC):
     # -- stages ------------------------------------------------------------------------------
 
     def run_stages(self, stages: list[str], resume: bool = False, skip_done: bool = False,
-                   overwrite: bool = False, allow_changed_config: bool = False) -> None:
-        """Run ``stages`` (in :data:`STAGES` order) for every target. ``resume`` continues BiSSL
-        from its checkpoint; ``skip_done`` skips a stage whose output exists.
-
-        Before any work: a stage whose output exists and is neither skipped nor ``overwrite``-n
-        stops the run (``FileExistsError``), and with ``resume`` a stage recorded under another
-        configuration stops it (:class:`~recipes.common.fingerprint.ConfigChanged` listing the keys)
-        unless ``allow_changed_config``, which is recorded next to the stage's output."""
-        plan: list[tuple[str, str | None]] = []
-        if "pretext" in stages:
-            plan.append(("pretext", None))
-        plan += [(stage, target) for target in self.targets for stage in STAGES[1:]
-                 if stage in stages]
-        todo, allowed = [], {}
-        for stage, target in plan:
-            output = self.output(stage, target)
-            if resume:
-                allowed[(stage, target)] = fingerprint.check(output, stage, self.cfg,
-                                                       allow_changed_config)
-            if output.exists():
-                if skip_done:
-                    if allowed.get((stage, target)):
-                        self.on_main(lambda s=stage, o=output, a=allowed[(stage, target)]:
-                                     fingerprint.stamp(o, s, self.cfg, a, keep=True))
-                    continue
-                if not overwrite:
-                    raise FileExistsError(
-                        f"{output} exists: stage {stage!r} is finished; pass --resume to skip "
-                        f"it or --overwrite to run it again")
-            todo.append((stage, target))
-        for stage, target in todo:
-            output, changes = self.output(stage, target), allowed.get((stage, target))
-            self.on_main(lambda s=stage, o=output, a=changes: fingerprint.stamp(o, s, self.cfg, a))
-            if stage == "pretext":
-                self.on_main(self.stage_pretext)
-            elif stage == "head-warmup":
-                self.on_main(lambda t=target: self.stage_head_warmup(t))
-            elif stage == "bissl":
-                self.stage_bissl(target, resume)
-            else:
-                getattr(self, "stage_" + stage.replace("-", "_"))(target)
+                   overwrite: bool = False, allow_changed_config: bool = False,
+                   **options: Any) -> None:
+        """Run ``stages`` (in :data:`STAGES` order) for every target, with their run records
+        (:mod:`recipes.common.runner`). ``resume`` continues BiSSL from its checkpoint;
+        ``skip_done`` reuses a finished stage whose record holds (and runs again one that did not
+        finish); ``overwrite`` runs finished stages again. An input, or a reused stage, made under
+        another configuration stops the run (:class:`~recipes.common.fingerprint.ConfigChanged`
+        naming each setting with its recorded and current value) unless
+        ``allow_changed_config``, which is recorded; a file that no longer matches its record's
+        digest stops it (:class:`~recipes.common.records.DigestMismatch` naming the file).
+        ``options``: ``rerun_stale``, ``reference``, ``depends`` of :func:`.runner.run_stages`."""
+        runner.run_stages(self, stages, resume=resume, skip_done=skip_done, overwrite=overwrite,
+                          allow_changed_config=allow_changed_config, **options)
 
     def on_main(self, fn: Any) -> None:
         """Run ``fn`` on rank 0 while the other ranks wait; an error stops every rank."""

@@ -12,7 +12,19 @@
      "summary": {"Only-FT": {"<column>": {"mean", "std", "n"}}, "BiSSL+FT": {...}},
      "epochs": {"Only-FT": {"<target>": {"mean", "std", "n"}}, "BiSSL+FT": {...}},
      "comparisons": {"<column>": {...}},   # paired over seeds, see common.stats; null: unpaired
-     "table": "..."}
+     "table": "...",
+     "inputs": {"<file>": {"stage", "record", "sha256": {...}}},   # the stage files read
+     "allowed_changes": [...]}   # settings that differ from the files' records (allowed)
+
+Every JSON and JSON Lines file the recipes write (``results.json``, the stages' outputs and run
+records, ``sweep_*.json``, ``study.json``, the trainer's ``metrics.jsonl``) is strict JSON: a
+non-finite float (NaN, ±inf) is written as ``null`` and the text is made with
+``json.dumps(..., allow_nan=False)`` (:mod:`recipes.common.jsonio`).
+
+The report reads the stage files only through their run records (:mod:`recipes.common.records`):
+a file changed after its record, or made under settings other than ``config``, stops it unless
+``--allow-changed-config`` (then listed in ``allowed_changes``); ``config`` is the configuration
+every file was made with.
 
 ``epochs`` are the fine-tuning epochs the retrains trained (fewer than ``finetune.epochs`` under
 early stopping, ``finetune.patience``); the table prints them beside the test scores.
@@ -29,11 +41,7 @@ The parts: :func:`aggregate` (mean ± std over runs), :func:`format_table` and
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,10 +49,13 @@ from typing import Any
 from implicitbilevel.bissl.checkpoint import load_checkpoint
 
 from .config import config_to_dict
+from .jsonio import write_json
+from .records import Checked, Input, check_inputs
 from .stats import compare_methods
 
 __all__ = ["METHODS", "aggregate", "epochs_table", "format_comparisons", "format_table",
-           "plot_bars", "plot_curves", "plot_monitor", "report", "table_with_diff", "write_json"]
+           "plot_bars", "plot_curves", "plot_monitor", "report", "table_with_diff",
+           "verify_stage_files", "write_json"]
 
 
 def aggregate(runs: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -109,33 +120,6 @@ def format_comparisons(
                          f"{scale * c.ci[1]:+.2f}], p = {c.p_value:.3g}, std ratio "
                          f"{c.std_ratio:.2f}, n = {c.n}: {verdict}")
     return "\n".join(lines)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        return _jsonable(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + ``os.replace``). Non-finite floats
-    become ``null``; tensors/NumPy scalars become numbers."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _pyplot() -> Any:
@@ -262,8 +246,22 @@ def epochs_table(epochs: dict[str, dict[str, Any]], targets: list[str]) -> str:
     return format_table(epochs, [f"{t} epochs" for t in targets], scale=1.0, digits=1)
 
 
-def report(recipe: Any, wall_seconds: float | None = None) -> dict[str, Any]:
+def verify_stage_files(recipe: Any, allow_changed_config: bool = False) -> Checked:
+    """Verify the records of the files the report reads (see the module docstring)."""
+    out = recipe.out
+    files = [Input(out / "pretext.pt", "pretext")]
+    for target in recipe.targets:
+        files += [Input(recipe.path(target, "only_ft.json"), "only-ft"),
+                  Input(recipe.path(target, "bissl_ft.json"), "finetune"),
+                  Input(recipe.path(target, "bissl_history.json"), "bissl")]
+    return check_inputs(out, files, "report", lambda _: recipe.cfg, allow_changed_config,
+                        "results.json")
+
+
+def report(recipe: Any, wall_seconds: float | None = None,
+           allow_changed_config: bool = False) -> dict[str, Any]:
     """Collect every target's stage files into ``results.json``, print the table, draw plots."""
+    checked = verify_stage_files(recipe, allow_changed_config)
     out, targets, summary = recipe.out, {}, {m: {} for m in METHODS}
     epochs: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
     columns: list[str] = []
@@ -323,6 +321,8 @@ def report(recipe: Any, wall_seconds: float | None = None) -> dict[str, Any]:
         "epochs": epochs,
         "comparisons": {c: None if v is None else v.to_dict() for c, v in comparisons.items()},
         "table": table,
+        "inputs": checked.entries,
+        "allowed_changes": checked.changes,
     }
     write_json(results, out / "results.json")
     print(f"wrote {out / 'results.json'} and plots in {out / 'plots'}", flush=True)

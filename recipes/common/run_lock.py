@@ -81,7 +81,7 @@ class RunLock:
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "lock": "flock"}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.pwrite(fd, json.dumps(record, allow_nan=False).encode(), 0)
         self._file = os.fstat(fd)
 
     def acquire(self) -> RunLock:

@@ -95,7 +95,9 @@ def test_bissl_ft_repeats_the_full_search(tiny_run):
 def test_resume_after_a_kill_gives_the_uninterrupted_result(script, tiny_run, tmp_path,
                                                             kill_bissl_at):
     out, args, _ = tiny_run
-    for name in ("pretext.pt", "tokenizer.json", "stsb/warmup.pt", "stsb/only_ft.json"):
+    for name in ("pretext.pt", "tokenizer.json", "stsb/warmup.pt", "stsb/only_ft.json",
+                 *(f"{n}.config.json" for n in ("pretext.pt", "stsb/warmup.pt",
+                                                 "stsb/only_ft.json"))):  # with their records
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(out / name, tmp_path / name)
     args = [*args, *sets(f"run.out_dir={tmp_path}", "data.tasks=[stsb]")]

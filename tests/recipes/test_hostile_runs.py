@@ -226,7 +226,8 @@ def test_the_missing_glue_message_names_an_existing_key(tmp_path):
 def _kill_resume_matches(main, args, target, out, kill_bissl_at, step, t, wrapped):
     whole, cut = out / "whole", out / "cut"
     main(["pretext", "head-warmup", *args, "--set", f"run.out_dir={whole}"])
-    for name in ("pretext.pt", "tokenizer.json", f"{target}/warmup.pt"):
+    for name in ("pretext.pt", "tokenizer.json", f"{target}/warmup.pt", "pretext.pt.config.json",
+                 f"{target}/warmup.pt.config.json"):  # the files and their run records
         if (whole / name).exists():
             (cut / name).parent.mkdir(parents=True, exist_ok=True)
             (cut / name).write_bytes((whole / name).read_bytes())

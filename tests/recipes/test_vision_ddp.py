@@ -38,7 +38,8 @@ def test_two_rank_bissl_stage_and_single_process_resume(tmp_path):
         torch.set_num_threads(threads)
     ranks_dir = tmp_path / "two_ranks"
     ranks_dir.mkdir()
-    for name in ("pretext.pt", "pretext_baseline.pt"):  # the latter: Only-FT's longer pretext
+    # pretext_baseline.pt: Only-FT's longer pretext; the run record vouches for both files
+    for name in ("pretext.pt", "pretext_baseline.pt", "pretext.pt.config.json"):
         if (tmp_path / name).exists():
             shutil.copy(tmp_path / name, ranks_dir / name)
     digits = tmp_path / "digits"

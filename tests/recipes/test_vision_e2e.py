@@ -83,7 +83,8 @@ def test_all_stages_write_results_and_plots(tiny_run):
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_run, tmp_path, kill_bissl_at):
     out, args, _ = tiny_run
-    for name in ("pretext.pt", "digits/warmup.pt"):
+    for name in ("pretext.pt", "digits/warmup.pt", "pretext.pt.config.json",
+                 "digits/warmup.pt.config.json"):  # the files and their run records
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(out / name, tmp_path / name)
     args = [*args, *sets(f"run.out_dir={tmp_path}")]
