@@ -246,7 +246,8 @@ def check_done(out: Path, output: Path, stage: str, current: dict[str, Any],
     record = read_record(path)
     if record is None:
         return Problem("unrecorded", f"{who}: {relative(out, output)} has no run record "
-                       f"({name}): the stage did not finish (killed?)")
+                       f"({name}): the stage did not finish (killed?)",
+                       [f"{relative(out, output)} has no run record"])
     if record.get("format") != FORMAT:
         return Problem("legacy", (
             f"{who}: {name} was written by an older version of the recipes, before the stage "
@@ -256,7 +257,8 @@ def check_done(out: Path, output: Path, stage: str, current: dict[str, Any],
             [f"{name}: written before its stage ran; trusted as the files are now"])
     bad = _mismatch(out, record)
     if bad is not None:
-        return Problem("digest", _digest_message(who, bad[0], name, bad[1], bad[2], stage))
+        return Problem("digest", _digest_message(who, bad[0], name, bad[1], bad[2], stage),
+                       [f"{bad[0]} differs from {name}"])
     replaced = replaced_inputs(out, record)
     if replaced:
         return Problem("inputs", (

@@ -57,6 +57,9 @@ from .records import (
 __all__ = ["STAGES", "plan", "run_stages", "stage_files", "stage_inputs"]
 
 STAGES = ("pretext", "only-ft", "head-warmup", "bissl", "finetune")
+REASONS = {"unrecorded": "not finished", "legacy": "recorded before it ran",
+           "digest": "changed after its record", "inputs": "made from files replaced since",
+           "config": "made with other settings"}
 # the config sections a stage reads itself (its other settings come with its inputs)
 OWN = {"only-ft": ("finetune",), "head-warmup": ("warmup",), "bissl": ("bissl",),
        "finetune": ("finetune",)}
@@ -148,7 +151,8 @@ class _Run:
         if problem is None:
             return False
         if problem.kind == "unrecorded" or self.rerun_stale:
-            self.recipe.say(f"{problem.message.splitlines()[0]}: running it again")
+            detail = "; ".join(problem.changes)
+            self.recipe.say(f"{who}: {REASONS[problem.kind]} ({detail}): running it again")
             return True
         if self.allow and problem.kind in ("config", "inputs", "legacy"):
             change = {"time": now(), "changes": problem.changes}
