@@ -14,6 +14,9 @@ def moved(old: str, new: Sequence[str]) -> Callable[[str], Any]:
     ``new`` (searched in order)."""
 
     def __getattr__(name: str) -> Any:
+        if name == "__all__":  # the names the old module offers, without a warning
+            return [n for target in new for n in getattr(importlib.import_module(target),
+                                                         "__all__", [])]
         for target in new:
             module = importlib.import_module(target)
             if hasattr(module, name):

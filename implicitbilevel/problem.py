@@ -83,6 +83,10 @@ __all__ = [
     "assign_grads",
 ]
 
+#: The keywords BilevelProblem took before ImplicitJacobian (deprecated).
+_PROBLEM_LEGACY = ("ij", "damping", "curvature", "solve_over", "head_damping", "ij_subset",
+                   "ij_outside", "hvp_mode", "reuse_graph", "on_breakdown")
+
 UpperLoss = Callable[[Params, Params, Any], Tensor]
 LowerLoss = Callable[[Params, Any], Tensor]
 
@@ -138,7 +142,7 @@ class BilevelProblem:
         self.lower_loss = lower_loss
         self.lam = as_lambda(lam)
         self.regularizer = ProximalL2() if regularizer is None else regularizer
-        self.ij = from_legacy(ij, legacy, "BilevelProblem")
+        self.ij = from_legacy(ij, legacy, "BilevelProblem", allowed=_PROBLEM_LEGACY)
         self.ij_subset = self.ij.ij_subset()
         if (self.ij_subset is not None and self.ij.outside == "identity"
                 and not self.regularizer.identity_lower_hessian):

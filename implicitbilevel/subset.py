@@ -52,14 +52,14 @@ class IJSubset:
         self, select: Iterable[str] | Callable[[str], bool], outside: Outside = "identity"
     ) -> None:
         if isinstance(select, str):
-            raise TypeError("ij_subset: pass a list of parameter names or a predicate "
+            raise TypeError("subset (ij_subset): pass a list of parameter names or a predicate "
                             f"name -> bool (e.g. re.compile({select!r}).search), not a string")
         if outside not in ("identity", "zero"):
-            raise ValueError(f"ij_outside must be 'identity' or 'zero', got {outside!r}")
+            raise ValueError(f"outside (ij_outside) must be 'identity' or 'zero', got {outside!r}")
         self.predicate = select if callable(select) else None
         self.listed = None if callable(select) else list(dict.fromkeys(select))
         if self.listed is not None and not self.listed:
-            raise ValueError("ij_subset: the list of names is empty")
+            raise ValueError("subset (ij_subset): the list of names is empty")
         self.outside = outside
 
     def names(self, solved: list[str]) -> list[str]:
@@ -67,13 +67,13 @@ class IJSubset:
         if self.listed is not None:
             unknown = [n for n in self.listed if n not in set(solved)]
             if unknown:
-                raise KeyError(f"ij_subset: {unknown[:5]} are not lower variables the implicit "
-                               f"Jacobian is solved over (e.g. {solved[:3]})")
+                raise KeyError(f"subset (ij_subset): {unknown[:5]} are not lower variables the "
+                               f"implicit Jacobian is solved over (e.g. {solved[:3]})")
             chosen = set(self.listed)
             return [n for n in solved if n in chosen]
         names = [n for n in solved if self.predicate(n)]  # type: ignore[misc]
         if not names:
-            raise ValueError("ij_subset: the predicate selects none of the solved lower "
+            raise ValueError("subset (ij_subset): the predicate selects none of the solved lower "
                              f"variables (e.g. {solved[:3]})")
         return names
 

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API = DOCS / "api.rst"
 # Modules whose public names the API reference must document besides the top-level package.
-SUBMODULES = ("bissl", "checkpoint", "tree", "optim", "distributed", "sync_batchnorm", "mfac",
-              "subset")
+SUBMODULES = ("bissl", "bissl.checkpoint", "tree", "bissl.lars", "parallel.distributed",
+              "parallel.sync_batchnorm", "solvers.mfac", "subset")
 
 _DIRECTIVE = re.compile(r"^\.\. ([\w:-]+)::[ \t]*(.*)$")
 
