@@ -19,6 +19,8 @@ from test_distributed import _models, _trainer
 from implicitbilevel.bissl.checkpoint import load_checkpoint
 from implicitbilevel.parallel.distributed import AllReduceMean
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses; see the README
+
 ALTERNATIONS = 6
 
 

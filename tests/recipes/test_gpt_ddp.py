@@ -26,6 +26,8 @@ from recipes.common import RankFailure, map_over_ranks, per_rank_batch_size
 from recipes.common.bissl_stage import bissl_batch_sizes
 from recipes.nlp.config import RecipeConfig
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses; see the README
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "recipes" / "gpt_glue_bissl.py"
 

@@ -13,7 +13,9 @@ import torch
 from recipes.common import load_checkpoint
 from recipes.common.pipeline import Recipe
 
-pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
+# Slow: whole pipelines (the README says how to skip them locally).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "gpt_glue_bissl.py"
 

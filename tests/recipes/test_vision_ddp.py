@@ -21,6 +21,8 @@ from test_vision_e2e import TINY
 from recipes import vision_bissl
 from recipes.common import load_checkpoint
 
+pytestmark = pytest.mark.slow  # whole runs in subprocesses; see the README
+
 SCRIPT = Path(vision_bissl.__file__)
 
 

@@ -12,7 +12,9 @@ from recipes.common import load_checkpoint
 from recipes.common.pipeline import Recipe
 
 # Tiny random-ish models give indefinite Hessians; the solver reports it and the run goes on.
-pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
+# Slow: whole pipelines (the README says how to skip them locally).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")]
 
 TINY = [
     "data.image_size=8", "data.test_resize=8", "data.digits_pretext=128", "data.digits_train=40",
