@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import dense_hessian, flat, rel_err, unflat
 from torch import nn
 from torch.func import functional_call
 
@@ -55,19 +56,6 @@ REL = 1e-10
 # ----------------------------------------------------------------------------- references
 
 
-def flat(tree: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tree.values()])
-
-
-def unflat(vec: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for name, ref in like.items():
-        out[name] = vec[offset:offset + ref.numel()].reshape(ref.shape)
-        offset += ref.numel()
-    assert offset == vec.numel()
-    return out
-
-
 def dense_gn(outputs, output_loss, params: dict, *args) -> torch.Tensor:
     """``Jᵀ ∇²_z L J`` over the flattened ``params``, from dense autograd matrices."""
     like = {n: p.detach() for n, p in params.items()}
@@ -82,15 +70,6 @@ def dense_gn(outputs, output_loss, params: dict, *args) -> torch.Tensor:
         lambda u: output_loss(u.reshape(z.shape), *args), z.reshape(-1)
     )
     return jac.T @ hz @ jac
-
-
-def dense_hessian(fn, params: dict, *args) -> torch.Tensor:
-    like = {n: p.detach() for n, p in params.items()}
-    return torch.autograd.functional.hessian(lambda v: fn(unflat(v, like), *args), flat(like))
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def random_tangent(params: dict, seed: int, k: int | None = None) -> dict:

@@ -25,6 +25,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import make_matvec, rel_err, split_shapes, to_flat, to_tree, to_tree_t
 
 from implicitbilevel.solvers import CG
 from implicitbilevel.solvers.minres import MINRES
@@ -54,56 +55,6 @@ def indefinite_spectrum(n: int, kappa: float, rng: np.random.Generator) -> np.nd
 def from_spectrum(eig: np.ndarray, q: np.ndarray) -> np.ndarray:
     a = (q * eig) @ q.T
     return 0.5 * (a + a.T)
-
-
-def split_shapes(n: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """Split ``n`` unknowns into 1-3 tensors of different shapes."""
-    if n == 1:
-        return [(1,)]
-    parts = 2 if n < 3 else int(rng.integers(2, 4))
-    cuts = np.sort(rng.choice(np.arange(1, n), size=parts - 1, replace=False))
-    sizes = np.diff(np.concatenate([[0], cuts, [n]])).tolist()
-    shapes: list[tuple[int, ...]] = [(sizes[0],)]
-    for i, size in enumerate(sizes[1:], start=1):
-        if i == 1:
-            shapes.append((2, size // 2) if size % 2 == 0 else (size, 1))
-        else:
-            shapes.append((1, size, 1))
-    return shapes
-
-
-def to_tree(vec: np.ndarray, shapes, dtype=F64) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for i, shape in enumerate(shapes):
-        size = int(np.prod(shape))
-        out[f"block{i}"] = torch.tensor(vec[offset:offset + size], dtype=dtype).reshape(shape)
-        offset += size
-    return out
-
-
-def to_flat(tree: dict[str, torch.Tensor]) -> np.ndarray:
-    return np.concatenate([t.detach().numpy().astype(np.float64).ravel() for t in tree.values()])
-
-
-def make_matvec(a: np.ndarray, shapes, dtype=F64, counter: list | None = None):
-    a_t = torch.tensor(a, dtype=dtype)
-
-    def matvec(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if counter is not None:
-            counter.append(1)
-        flat = torch.cat([v[f"block{i}"].reshape(-1) for i in range(len(shapes))])
-        return to_tree_t(a_t @ flat, shapes)
-
-    return matvec
-
-
-def to_tree_t(flat: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for i, shape in enumerate(shapes):
-        size = int(np.prod(shape))
-        out[f"block{i}"] = flat[offset:offset + size].reshape(shape)
-        offset += size
-    return out
 
 
 def diagonal_preconditioner(d: np.ndarray, shapes, dtype=F64):
@@ -140,10 +91,6 @@ def rounding_floor(a: np.ndarray, b: np.ndarray, x: np.ndarray, kappa: float | N
     kappa = float(np.linalg.cond(a)) if kappa is None else kappa
     scale = np.linalg.norm(b) + np.linalg.norm(a, 2) * np.linalg.norm(x)
     return 100 * a.shape[0] * float(np.finfo(np.float64).eps) * kappa * float(scale)
-
-
-def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
 # ----------------------------------------------------------------------------- references

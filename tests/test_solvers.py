@@ -33,6 +33,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference import make_matvec, rel_err, split_shapes, to_flat, to_tree
 
 from implicitbilevel.solvers import CG, Dense, Neumann, SolveInfo
 
@@ -71,57 +72,6 @@ def ij_system(
     return 0.5 * (a + a.T), h
 
 
-def split_shapes(n: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """Split ``n`` unknowns into 2-3 tensors of different shapes (a 1-unknown problem: 1 tensor)."""
-    if n == 1:
-        return [(1,)]
-    parts = 2 if n < 3 else int(rng.integers(2, 4))
-    cuts = np.sort(rng.choice(np.arange(1, n), size=parts - 1, replace=False))
-    sizes = np.diff(np.concatenate([[0], cuts, [n]])).tolist()
-    shapes: list[tuple[int, ...]] = []
-    for i, size in enumerate(sizes):
-        if i == 0:
-            shapes.append((size,))
-        elif i == 1 and size % 2 == 0:
-            shapes.append((2, size // 2))
-        elif i == 1:
-            shapes.append((size, 1))
-        else:
-            shapes.append((1, size, 1))
-    return shapes
-
-
-def to_tree(vec: np.ndarray, shapes, dtype) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for i, shape in enumerate(shapes):
-        size = int(np.prod(shape))
-        out[f"block{i}"] = torch.tensor(vec[offset:offset + size], dtype=dtype).reshape(shape)
-        offset += size
-    return out
-
-
-def to_flat(tree: dict[str, torch.Tensor]) -> np.ndarray:
-    return np.concatenate([t.detach().numpy().astype(np.float64).ravel() for t in tree.values()])
-
-
-def make_matvec(a: np.ndarray, shapes, dtype, counter: list | None = None):
-    a_t = torch.tensor(a, dtype=dtype)
-
-    def matvec(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if counter is not None:
-            counter.append(1)
-        flat = torch.cat([v[f"block{i}"].reshape(-1) for i in range(len(shapes))])
-        out, offset = {}, 0
-        prod = a_t @ flat
-        for i, shape in enumerate(shapes):
-            size = int(np.prod(shape))
-            out[f"block{i}"] = prod[offset:offset + size].reshape(shape)
-            offset += size
-        return out
-
-    return matvec
-
-
 @st.composite
 def systems(draw, kappa_max: float | None = None, allow_indefinite: bool = True):
     n = draw(st.integers(1, 30))
@@ -138,10 +88,6 @@ def systems(draw, kappa_max: float | None = None, allow_indefinite: bool = True)
     shapes = split_shapes(n, rng)
     b = rng.standard_normal(n)
     return {"n": n, "dtype": dtype, "a": a, "b": b, "shapes": shapes, "rng": rng}
-
-
-def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
 def test_system_builder_is_spd_and_of_ij_form():
