@@ -29,7 +29,7 @@ class F2SA(StochasticBilevel):
     """F²SA, the fully first-order stochastic approximation (Kwon et al. 2023, Algorithm 1).
 
     ``lower`` is the inner iterate ``z ≈ argmin G(x, ·)``; the method also keeps the penalty
-    iterate ``y ≈ argmin f(x, ·) + λ_k G(x, ·)`` (:attr:`penalty`, started at ``lower``) and the
+    iterate ``y ≈ argmin f(x, ·) + λ_k G(x, ·)`` (``penalty``, started at ``lower``) and the
     multiplier ``λ_k = min(λ_0 + δ k, λ_max)``. At step ``k``, ``T`` inner steps
 
     .. math::

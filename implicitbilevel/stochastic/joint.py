@@ -114,8 +114,9 @@ class SABA(SOBA):
     Batches follow the sampler contract of :mod:`implicitbilevel.stochastic.memory`: dicts with
     an ``"index"`` entry of distinct sample indices, and losses that are means over the rows.
     The memory is per sample index (``n × size`` numbers per term), starts at zero, and is part
-    of :meth:`state_dict`, so a run killed and resumed continues exactly. Per-row values come
-    from one vectorised call per batch (:meth:`BilevelOracles.per_sample`).
+    of :meth:`~implicitbilevel.stochastic.StochasticBilevel.state_dict`, so a run killed and
+    resumed continues exactly. Per-row values come from one vectorised call per batch
+    (:meth:`BilevelOracles.per_sample`).
 
     Args:
         problem: a :class:`~implicitbilevel.BilevelProblem` or

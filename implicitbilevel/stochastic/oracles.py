@@ -101,7 +101,7 @@ class BilevelOracles:
             ``t`` (a learnable λ is not supported here).
 
     Attributes:
-        counts: the :class:`OracleCounts` so far.
+        counts: the :class:`~implicitbilevel.stochastic.OracleCounts` so far.
     """
 
     def __init__(
@@ -247,7 +247,7 @@ class BilevelOracles:
         Returns ``{"grad": ∇_y G_i, "hvp": ∇²_yy G_i v, "cross": ∇²_xy G_i v (only when the
         coupling reads the batch), "fx": ∇_x f_j, "fy": ∇_y f_j}`` where ``G_i`` is the
         batch-dependent part of ``G`` on row ``i`` (:meth:`deterministic_terms` holds the rest).
-        Rows are split by :func:`rows_of`. Under ``torch.func.vmap`` the three inner terms of a
+        Rows are split by ``rows_of``. Under ``torch.func.vmap`` the three inner terms of a
         row come from one ``torch.func.vjp`` of its gradient ``∇_y G_i`` with respect to
         ``(x, y)``, which yields ``(∇²_xy G_i v, ∇²_yy G_i v)`` by reverse-over-reverse, the
         product :class:`~implicitbilevel.HessianOperator` forms; where an operation has no
