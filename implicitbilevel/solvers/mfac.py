@@ -40,7 +40,18 @@ earlier lower points. **On resume** the window is part of the BiSSL trainer's ch
 (:meth:`MFAC.state_dict`); a checkpoint without it (another solver, or an older file) leaves the
 window empty, and it refills from the next lower steps.
 
-**Memory**: ``m·n`` numbers for the window (``n`` unknowns), plus ``m²`` per parameter tensor.
+**Blocks.** With a partition of the solved names into blocks ``b`` (``MFAC(blocks=...)``), the
+Fisher is taken block-diagonal, ``F̂ = diag_b(F̂_b)`` with ``F̂_b = G_bᵀG_b/k`` (``G_b`` the same
+``k`` gradients restricted to block ``b``), and each block is solved on its own:
+``u_b = D_b⁻¹ v_b − D_b⁻¹ G_bᵀ (kμI + G_b D_b⁻¹ G_bᵀ)⁻¹ G_b D_b⁻¹ v_b``. Each block's Gram matrix
+``K_b = Σ_{name∈b} K_name / D_name`` comes from the same per-name inner products, so the window's
+updates are unchanged (``O(m·n)``); the factorisation costs ``O(m³)`` per block (``B`` blocks:
+``O(B·m³)``, cached) and a solve ``O(m·n_b)`` per block, ``O(m·n)`` in all. One block (the
+default) is the global M-FAC, bit for bit.
+
+**Memory**: ``m·n`` numbers for the window (``n`` unknowns), plus ``m²`` per parameter tensor;
+``MFAC(window_device="cpu")`` keeps them in host memory (a GPU run's solve then moves ``v`` and
+the correction, ``2n`` numbers, across).
 
 Reference:
     E. Frantar, E. Kurtic, D. Alistarh. M-FAC: Efficient matrix-free approximations of
@@ -51,6 +62,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,9 +95,10 @@ class GradientWindow:
         version: incremented by every change (a key for what is cached from the window).
     """
 
-    def __init__(self, m: int) -> None:
+    def __init__(self, m: int, device: str | torch.device | None = None) -> None:
         _validate_m(m)
         self.m = int(m)
+        self.device = None if device is None else torch.device(device)  # None: the gradients'
         self.reset()
 
     def reset(self) -> None:
@@ -108,7 +121,7 @@ class GradientWindow:
             raise ValueError("M-FAC needs a gradient with at least one parameter")
         if not self.names:
             self._allocate(grads)
-        self.to(next(iter(grads.values())).device)
+        self.to(self.device or next(iter(grads.values())).device)
         if list(grads) != self.names and set(grads) != set(self.names):
             raise ValueError(f"the gradient has names {sorted(grads)}, the M-FAC window "
                              f"{sorted(self.names)}")
@@ -123,7 +136,7 @@ class GradientWindow:
         with torch.no_grad():
             for n in self.names:
                 rows = self.buffer[n]
-                rows[slot].copy_(grads[n].detach())
+                rows[slot].copy_(grads[n].detach().to(rows.device))
                 flat = rows[:filled].reshape(filled, -1)
                 dots = (flat @ flat[slot]).to(torch.float64)
                 self.gram[n][slot, :filled] = dots
@@ -136,26 +149,35 @@ class GradientWindow:
         self.names = list(grads)
         for n, g in grads.items():
             dtype = torch.promote_types(g.dtype, torch.float32)
-            self.buffer[n] = torch.zeros(self.m, *g.shape, dtype=dtype, device=g.device)
-            self.gram[n] = torch.zeros(self.m, self.m, dtype=torch.float64, device=g.device)
+            device = self.device or g.device
+            self.buffer[n] = torch.zeros(self.m, *g.shape, dtype=dtype, device=device)
+            self.gram[n] = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
 
-    def kernel(self, diagonal: Mapping[str, float]) -> Tensor:
-        """``K = G D⁻¹ Gᵀ = Σ_name K_name / D_name`` over the ``k`` held gradients (``k × k``)."""
+    def kernel(self, diagonal: Mapping[str, float], names: list[str] | None = None) -> Tensor:
+        """``K = G D⁻¹ Gᵀ = Σ_name K_name / D_name`` over the ``k`` held gradients (``k × k``),
+        over ``names`` (a block; default all)."""
         k = self.count
-        return sum(self.gram[n][:k, :k] / diagonal[n] for n in self.names)  # type: ignore[return-value]
+        return sum(self.gram[n][:k, :k] / diagonal[n]  # type: ignore[return-value]
+                   for n in (self.names if names is None else names))
 
-    def project(self, v: Mapping[str, Tensor], diagonal: Mapping[str, float]) -> Tensor:
-        """``G D⁻¹ v``: the ``k`` inner products ``⟨g_i, D⁻¹ v⟩`` (``O(k·n)``), float64."""
+    def project(self, v: Mapping[str, Tensor], diagonal: Mapping[str, float],
+                names: list[str] | None = None) -> Tensor:
+        """``G D⁻¹ v``: the ``k`` inner products ``⟨g_i, D⁻¹ v⟩`` (``O(k·n)``), float64, over
+        ``names`` (a block; default all)."""
         k = self.count
-        parts = [(self.buffer[n][:k].reshape(k, -1) @ v[n].reshape(-1).to(self.buffer[n].dtype))
-                 .to(torch.float64) / diagonal[n] for n in self.names]
+        parts = [(self.buffer[n][:k].reshape(k, -1)
+                  @ v[n].reshape(-1).to(self.buffer[n].device, self.buffer[n].dtype))
+                 .to(torch.float64) / diagonal[n]
+                 for n in (self.names if names is None else names)]
         return torch.stack(parts).sum(0)
 
-    def combine(self, c: Tensor) -> Params:
-        """``Gᵀ c = Σ_i c_i g_i`` for coefficients ``c`` of shape ``(k,)`` (``O(k·n)``)."""
+    def combine(self, c: Tensor, names: list[str] | None = None) -> Params:
+        """``Gᵀ c = Σ_i c_i g_i`` for coefficients ``c`` of shape ``(k,)`` (``O(k·n)``), over
+        ``names`` (a block; default all)."""
         k = self.count
-        return {n: torch.tensordot(c.to(self.buffer[n].dtype), self.buffer[n][:k], dims=1)
-                for n in self.names}
+        return {n: torch.tensordot(c.to(self.buffer[n].device, self.buffer[n].dtype),
+                                   self.buffer[n][:k], dims=1)
+                for n in (self.names if names is None else names)}
 
     def state_dict(self) -> dict[str, Any]:
         """The gradients, their inner products and the ring position (tensors and plain types)."""
@@ -176,12 +198,60 @@ class GradientWindow:
         self.count = int(state["count"])
         self.position = int(state["position"])
         self.version += 1
+        if self.device is not None:
+            self.to(self.device)
 
     def to(self, device: torch.device) -> None:
         """Move the window to ``device`` (a checkpoint may be loaded onto another device)."""
+        device = self.device or torch.device(device)
         if self.names and self.buffer[self.names[0]].device != device:
             self.buffer = {n: t.to(device) for n, t in self.buffer.items()}
             self.gram = {n: t.to(device) for n, t in self.gram.items()}
+
+
+def partition_blocks(names: list[str], blocks: Any) -> list[list[str]]:
+    r"""The blocks of ``names`` (each in the order of ``names``, blocks by first appearance).
+
+    ``blocks``: ``None`` or ``"global"``: one block; ``"layer"``: by module prefix (the name
+    without its last dotted part: ``"blocks.0.attn.qkv.weight"`` → ``"blocks.0.attn.qkv"``); any
+    other string: a regular expression, the names with the same first match (``re.search``) form
+    a block and the names it does not match one more block (``r"blocks\.\d+"``: one block per
+    transformer block); a sequence of sequences of names: those blocks, the names none of them
+    lists one more block.
+
+    Raises:
+        ValueError: a name listed twice or not solved, an empty block, an invalid expression.
+    """
+    if blocks is None or blocks == "global":
+        return [list(names)]
+    groups: dict[Any, list[str]] = {}
+    if isinstance(blocks, str):
+        if blocks == "layer":
+            key = {n: n.rsplit(".", 1)[0] if "." in n else n for n in names}
+        else:
+            try:
+                pattern = re.compile(blocks)
+            except re.error as exc:
+                raise ValueError(f"M-FAC blocks {blocks!r} is not a regular expression: "
+                                 f"{exc}") from None
+            found = {n: pattern.search(n) for n in names}
+            key = {n: (0, f.group(0)) if f else (1, "") for n, f in found.items()}
+    else:
+        listed: dict[str, int] = {}
+        for i, block in enumerate(blocks):
+            block = [block] if isinstance(block, str) else list(block)
+            if not block:
+                raise ValueError(f"M-FAC block {i} is empty")
+            for n in block:
+                if n in listed:
+                    raise ValueError(f"M-FAC blocks list {n!r} twice")
+                if n not in names:
+                    raise ValueError(f"M-FAC blocks list {n!r}, which is not solved for")
+                listed[n] = i
+        key = {n: (0, listed[n]) if n in listed else (1, 0) for n in names}
+    for n in names:
+        groups.setdefault(key[n], []).append(n)
+    return list(groups.values())
 
 
 def _diagonal(system: Any, names: list[str]) -> tuple[dict[str, float], float]:
@@ -228,6 +298,11 @@ class MFAC(LinearSolver):
             thesis's settings, Sec. 6.1.3).
         measure_residual: spend one product to measure the residual of the Hessian system.
         tol: relative residual tolerance for ``converged`` when the residual is measured.
+        blocks: a partition of the solved names (:func:`partition_blocks`: ``None`` = one global
+            block, ``"layer"``, a regular expression, or lists of names); each block is solved
+            with its own Gram matrix of the same ``m`` gradients (module docstring).
+        window_device: where the window lives (``"cpu"`` keeps it in host memory on a GPU run);
+            ``None``: the gradients' device.
 
     Attributes:
         window: the :class:`GradientWindow`.
@@ -241,15 +316,25 @@ class MFAC(LinearSolver):
     m: int = 20
     measure_residual: bool = False
     tol: float = 1e-6
+    blocks: Any = None
+    window_device: str | None = None
     window: GradientWindow = field(init=False, repr=False, compare=False)
-    _factor: tuple[Any, Tensor] | None = field(default=None, init=False, repr=False,
-                                               compare=False)
+    _factor: tuple[Any, list[Tensor]] | None = field(default=None, init=False, repr=False,
+                                                     compare=False)
 
     def __post_init__(self) -> None:
         _validate_m(self.m)
         check_real(self.tol, "tol")  # a finite number >= 0, as MINRES and Nyström require
         check_bool(self.measure_residual, "measure_residual")
-        self.window = GradientWindow(self.m)
+        if not (self.blocks is None or isinstance(self.blocks, str)):
+            self.blocks = [[b] if isinstance(b, str) else list(b) for b in self.blocks]
+        partition_blocks([n for b in self.blocks for n in b]
+                         if isinstance(self.blocks, list) else [], self.blocks)  # validates
+        self.window = GradientWindow(self.m, self.window_device)
+
+    def partition(self) -> list[list[str]]:
+        """The blocks of the observed names (``[]`` before the first gradient)."""
+        return partition_blocks(list(self.window.names), self.blocks) if self.window.names else []
 
     observes_gradients: ClassVar[bool] = True
 
@@ -270,23 +355,31 @@ class MFAC(LinearSolver):
         self.window.observe(grads)
 
     def state_dict(self) -> dict[str, Any]:
-        """The window, for checkpoints (:meth:`GradientWindow.state_dict`)."""
-        return {"mfac_window": self.window.state_dict()}
+        """The window and its blocks, for checkpoints (:meth:`GradientWindow.state_dict`)."""
+        return {"mfac_window": self.window.state_dict(), "mfac_blocks": self.partition()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict` (its blocks must be this solver's)."""
         self.window.load_state_dict(state["mfac_window"])
         self._factor = None
+        saved = state.get("mfac_blocks")
+        if saved is not None and [list(b) for b in saved] != self.partition():
+            raise ValueError(f"the saved M-FAC window was solved in blocks {saved}, this solver "
+                             f"in {self.partition()}")
 
-    def _cholesky(self, diagonal: Mapping[str, float], mu: float) -> Tensor:
-        """The lower Cholesky factor of ``kμI + G D⁻¹ Gᵀ`` (cached per window, ``D`` and ``μ``)."""
+    def _cholesky(self, diagonal: Mapping[str, float], mu: float) -> list[Tensor]:
+        """The lower Cholesky factors of ``kμI + G_b D_b⁻¹ G_bᵀ``, one per block (cached per
+        window, ``D`` and ``μ``)."""
         w = self.window
         key = (w.version, tuple(sorted(diagonal.items())), mu)
         if self._factor is None or self._factor[0] != key:
             k = w.count
-            core = w.kernel(diagonal) + k * mu * torch.eye(k, dtype=torch.float64,
-                                                            device=w.gram[w.names[0]].device)
-            self._factor = (key, torch.linalg.cholesky(0.5 * (core + core.mT)))
+            eye = k * mu * torch.eye(k, dtype=torch.float64, device=w.gram[w.names[0]].device)
+            factors = []
+            for block in self.partition():
+                core = w.kernel(diagonal, block) + eye
+                factors.append(torch.linalg.cholesky(0.5 * (core + core.mT)))
+            self._factor = (key, factors)
         return self._factor[1]
 
     def __call__(
@@ -304,8 +397,10 @@ class MFAC(LinearSolver):
                 raise ValueError(f"the right-hand side has names {sorted(b)}, the observed "
                                  f"gradients {sorted(w.names)}")
             w.to(next(iter(b.values())).device)
-            chol = self._cholesky(diagonal, mu)
-            coef = torch.cholesky_solve(w.project(b, diagonal).unsqueeze(1), chol).squeeze(1)
-            correction = w.combine(coef)
-            u = {n: u[n] - (correction[n] / diagonal[n]).to(u[n].dtype) for n in u}
+            for block, chol in zip(self.partition(), self._cholesky(diagonal, mu)):
+                coef = torch.cholesky_solve(w.project(b, diagonal, block).unsqueeze(1),
+                                            chol).squeeze(1)
+                correction = w.combine(coef, block)
+                for n in block:
+                    u[n] = u[n] - (correction[n] / diagonal[n]).to(u[n].device, u[n].dtype)
         return u, direct_solve_info(matvec, b, u, self.tol, self.measure_residual)
