@@ -41,8 +41,10 @@ from recipes.vision.bissl_stage import bissl_losses
 from recipes.vision.config import VisionConfig
 from recipes.vision.init import load_backbone_init, read_backbone_state
 from recipes.vision.loaders import Loaders, build_loaders
+from recipes.vision.mae import MAEPretext, MaskedBatches, mae_bissl_losses, pretrain_mae
 from recipes.vision.models import Downstream, Pretext, build_backbone
 from recipes.vision.train import classification_objective, pretrain_simclr
+from recipes.vision.vit import add_lora, base_trainable, build_vit
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vision_embedded.yaml"
 
@@ -76,14 +78,28 @@ class VisionRecipe(Recipe):
         return self.data.val(bs) if split == "val" else self.data.test(bs)
 
     def pretext_loader(self, batch_size: int, seed: int, shard: tuple[int, int] | None) -> Any:
-        """Two augmented views per image."""
-        return self.data.pretext(batch_size, seed, shard)
+        """Two augmented views per image (MAE: one view and the mask noise)."""
+        loader = self.data.pretext(batch_size, seed, shard)
+        return MaskedBatches(loader, self._patches(), seed) if self._mae() else loader
+
+    def _mae(self) -> bool:
+        return self.cfg.pretext.task == "mae"
+
+    def _patches(self) -> int:
+        m = self.cfg.model
+        patch = 16 if m.vit_size == "b16" else m.vit_patch
+        return (self.cfg.data.image_size // patch) ** 2
 
     # -- models -------------------------------------------------------------------------------
 
     def new_backbone(self) -> nn.Module:
-        """A ResNet of the configured kind."""
+        """A ResNet of the configured kind, or a frozen ViT with LoRA adapters
+        (:mod:`recipes.vision.vit`)."""
         m = self.cfg.model
+        if m.backbone == "vit":
+            vit = build_vit(self.cfg.data.image_size, size=m.vit_size, patch=m.vit_patch,
+                            depth=m.vit_depth, width=m.vit_width, heads=m.vit_heads)
+            return add_lora(vit, m.lora_rank, m.lora_targets, m.lora_alpha, m.train_norms)
         return build_backbone(m.backbone, width=m.width, small_stem=m.small_stem)
 
     def external_weights(self) -> bool:
@@ -91,8 +107,12 @@ class VisionRecipe(Recipe):
         return bool(self.cfg.model.init)
 
     def new_pretext(self) -> nn.Module:
-        """Backbone (from ``model.init`` when given) + SimCLR projector."""
-        pretext = Pretext(self.new_backbone(), self.cfg.model.proj_dim)
+        """Backbone (from ``model.init`` when given) + SimCLR projector (or MAE decoder)."""
+        p = self.cfg.pretext
+        pretext: nn.Module = (
+            MAEPretext(self.new_backbone(), self.cfg.data.image_size, p.mask_ratio, p.decoder_dim,
+                       p.decoder_depth, p.decoder_heads)
+            if self._mae() else Pretext(self.new_backbone(), self.cfg.model.proj_dim))
         if self.cfg.model.init:
             if getattr(self, "_init_state", None) is None:
                 self._init_state = read_backbone_state(self.cfg.model.init)
@@ -122,14 +142,24 @@ class VisionRecipe(Recipe):
                                weight_decay=weight_decay)
 
     def lower_optimizer(self, pretext: nn.Module) -> torch.optim.Optimizer:
-        """LARS at ``bissl.lower_lr`` with the pretext momentum and trust coefficient."""
+        """LARS at ``bissl.lower_lr`` with the pretext momentum and trust coefficient (ViT:
+        AdamW, the adapters at ``bissl.lower_lr``, an MAE decoder at ``pretext.decoder_lr``)."""
         b, p = self.cfg.bissl, self.cfg.pretext
+        if self.cfg.model.backbone == "vit":
+            named = list(pretext.named_parameters())
+            head_lr = p.decoder_lr if self._mae() else b.lower_lr
+            return torch.optim.AdamW(
+                [{"params": [q for n, q in named if n.startswith("backbone.")]},
+                 {"params": [q for n, q in named if not n.startswith("backbone.")],
+                  "lr": head_lr}], lr=b.lower_lr, weight_decay=b.lower_weight_decay)
         return LARS(lars_param_groups(pretext, b.lower_weight_decay), lr=b.lower_lr,
                     momentum=p.momentum, weight_decay=b.lower_weight_decay,
                     trust_coefficient=p.trust_coefficient)
 
     def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> Any:
-        """NT-Xent below, cross-entropy above."""
+        """NT-Xent (or the MAE loss) below, cross-entropy above."""
+        if self._mae():
+            return mae_bissl_losses(pretext, downstream)
         return bissl_losses(pretext, downstream, self.cfg.pretext.temperature)
 
     def monitor_data(self, target: str, pretext: nn.Module) -> MonitorData:
@@ -149,6 +179,19 @@ class VisionRecipe(Recipe):
     def pretrain(self, model: nn.Module, extra: bool = False) -> list[float]:
         """SimCLR with LARS; ``extra`` continues for ``baseline_extra_epochs`` (a new cosine
         from the peak lr, no warm-up). Returns the NT-Xent of every epoch."""
+        p, run = self.cfg.pretext, self.cfg.run
+        if self.cfg.model.backbone == "vit":  # the base weights are pretrained, then frozen
+            with base_trainable(model.backbone):
+                if self._mae():
+                    return pretrain_mae(
+                        model, self.pretext_loader(p.batch_size, run.seed + int(extra), None),
+                        epochs=p.baseline_extra_epochs if extra else p.epochs, lr=p.lr,
+                        weight_decay=p.weight_decay, device=self.device,
+                        warmup_epochs=0 if extra else p.warmup_epochs, progress=self.progress)
+                return self._simclr(model, extra)
+        return self._simclr(model, extra)
+
+    def _simclr(self, model: nn.Module, extra: bool) -> list[float]:
         p, run = self.cfg.pretext, self.cfg.run
         return pretrain_simclr(
             model, self.data.pretext(p.batch_size, run.seed + int(extra)),

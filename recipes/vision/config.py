@@ -59,19 +59,40 @@ class DataConfig:
 class ModelConfig:
     """Backbone and SimCLR projector."""
 
-    backbone: Literal["small-resnet", "resnet18", "resnet50"] = "resnet50"
+    backbone: Literal["small-resnet", "resnet18", "resnet50", "vit"] = "resnet50"
     width: Int = Field(16, ge=1, description="base width of small-resnet")
     small_stem: Bool = False
     proj_dim: Int = Field(256, ge=1)
     init: Str = Field("", description="a pretrained backbone to start from (torchvision, timm "
                       "or the original BiSSL code's layout; recipes.vision.init); pretext.epochs "
                       "more SimCLR epochs follow (0: the weights are used as they are)")
+    vit_size: Literal["tiny", "b16"] = Field("tiny", description="vit: the vit_* sizes below "
+                                             "(tiny) or ViT-B/16 (patch 16, depth 12, width 768)")
+    vit_patch: Int = Field(4, ge=1, description="vit (tiny): patch size in pixels")
+    vit_depth: Int = Field(2, ge=1, description="vit (tiny): transformer blocks")
+    vit_width: Int = Field(32, ge=2, description="vit (tiny): embedding width")
+    vit_heads: Int = Field(2, ge=1, description="vit (tiny): attention heads")
+    lora_rank: Int = Field(8, ge=1, description="vit: LoRA rank of the adapters")
+    lora_alpha: Float | None = Field(None, gt=0.0, description="vit: LoRA alpha (None: rank)")
+    lora_targets: list[Literal["q", "k", "v", "proj", "fc1", "fc2"]] = Field(
+        default_factory=lambda: ["q", "v"], description="vit: the layers that get adapters "
+        "(timm's fused qkv is split into q, k, v Linears; recipes.vision.vit)")
+    train_norms: Bool = Field(False, description="vit: the LayerNorms are trained (and coupled) "
+                              "with the adapters")
 
 
 @config_block
 class PretextConfig:
-    """SimCLR pretraining with LARS (Sec. 6.1.2)."""
+    """SimCLR pretraining with LARS (Sec. 6.1.2), or a masked autoencoder (``task=mae``, ViT
+    only: AdamW at ``lr``; the decoder at ``decoder_lr`` in BiSSL's lower level)."""
 
+    task: Literal["simclr", "mae"] = "simclr"
+    mask_ratio: Float = Field(0.75, gt=0.0, lt=1.0, description="mae: masked patch fraction")
+    decoder_dim: Int = Field(32, ge=2, description="mae: decoder width")
+    decoder_depth: Int = Field(1, ge=1, description="mae: decoder blocks")
+    decoder_heads: Int = Field(2, ge=1, description="mae: decoder heads")
+    decoder_lr: Float = Field(1e-4, gt=0.0, description="mae: the decoder's lr in BiSSL's lower "
+                              "level")
     epochs: Int = Field(500, ge=0)
     baseline_extra_epochs: Int = Field(
         0, ge=0, description="Only-FT starts after this many more epochs (Sec. 6.1.4: 100)"
@@ -133,6 +154,8 @@ class VisionConfig:
             raise ValueError(f"data.blur_kernel: must be odd, got {self.data.blur_kernel}")
         if len(self.data.mean) != 3 or len(self.data.std) != 3:
             raise ValueError("data.mean and data.std: expected 3 values (RGB)")
+        if self.pretext.task == "mae" and self.model.backbone != "vit":
+            raise ValueError("pretext.task=mae needs model.backbone=vit")
         if (self.data.pretext == "digits") != (self.data.downstream == "digits"):
             raise ValueError("data.pretext and data.downstream: 'digits' must be used for both")
         return self
