@@ -20,6 +20,9 @@ mean the same in every script (``--out``, ``--threads``, ``--quick``/``--full``,
   :mod:`benchmarks.robust_ij_report`.
 - :mod:`benchmarks.beyond_ij` (``python benchmarks/beyond_ij.py``): BN-only IJ, appendix G and
   M-FAC on the pretrained small ResNet.
+- :mod:`benchmarks.recycled_ij` (``python benchmarks/recycled_ij.py --quick``): one matrix, many
+  right-hand sides: recycled CG/MINRES and Lanczos preconditioning, deflation and Woodbury over the
+  8 solves of one alternation of the pretrained small ResNet, at μ = 1000 and 10.001.
 - :mod:`benchmarks.external` (``python benchmarks/external.py``): every solver and peer (TorchOpt,
   JAXopt, Betty) on problems with closed-form hypergradients (:mod:`benchmarks.external_problems`,
   :mod:`benchmarks.external_methods`).

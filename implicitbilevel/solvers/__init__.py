@@ -24,24 +24,39 @@ solver                     system                                            pro
 :class:`NystromSolver`     ``I + H/μ``, ``H`` positive semi-definite         0 (``k`` per operator)
 :class:`MFAC`              ``D + F̂/μ``, ``F̂`` an empirical Fisher            0
 :class:`OriginalBiSSLCG`   the original BiSSL code's per-tensor CG (exact)   ``max_iter``
+:class:`RecycledCG`        symmetric positive definite, many ``b``           fewer after the first
+:class:`RecycledMINRES`    symmetric, possibly indefinite, many ``b``        fewer after the first
+:class:`LanczosSolver`     ``I + H/μ``, ``1 + λ_min(H)/μ`` not small         0 (``m`` per operator)
 =========================  ================================================  =====================
 """
 
 from .base import LinearSolver, MatVec, Preconditioner, SolveInfo, SolverBreakdownError
 from .cg import CG
 from .dense import Dense
+from .lanczos import (
+    Eigenpairs,
+    LanczosDeflation,
+    LanczosPreconditioner,
+    LanczosSolver,
+    lanczos_eigenpairs,
+)
 from .mfac import MFAC, GradientWindow
 from .minres import MINRES
 from .neumann import Neumann
 from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
 from .original import OriginalBiSSLCG
+from .recycled import RecycledCG, RecycledMINRES, RecycleStats
 
 __all__ = [
     "CG",
     "MFAC",
     "MINRES",
     "Dense",
+    "Eigenpairs",
     "GradientWindow",
+    "LanczosDeflation",
+    "LanczosPreconditioner",
+    "LanczosSolver",
     "LinearSolver",
     "LowRank",
     "MatVec",
@@ -50,7 +65,11 @@ __all__ = [
     "NystromSolver",
     "OriginalBiSSLCG",
     "Preconditioner",
+    "RecycleStats",
+    "RecycledCG",
+    "RecycledMINRES",
     "SolveInfo",
     "SolverBreakdownError",
+    "lanczos_eigenpairs",
     "nystrom_approximation",
 ]

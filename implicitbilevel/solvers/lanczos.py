@@ -1,0 +1,405 @@
+"""Lanczos eigenpairs of the curvature, of both signs, reused across a BiSSL alternation.
+
+Within one alternation every upper step solves ``A x = b`` with the same ``A = D + H/μ`` (thesis
+eq. 4.8-4.9, Algorithm 3; ``D = I`` over the coupled names). The ``k`` eigenpairs
+``H ≈ V Λ Vᵀ`` of largest magnitude, **positive or negative**, are found once per curvature
+operator by block Lanczos with full reorthogonalisation (a few ``k`` products, in batched calls)
+and then serve every solve of the alternation:
+
+- :class:`LanczosPreconditioner`: ``M = D + V Λ₊ Vᵀ/μ``, ``Λ₊ = max(Λ, 0)``, symmetric positive
+  definite by construction, for :class:`~implicitbilevel.MINRES` or :class:`~implicitbilevel.CG`;
+- :class:`LanczosSolver`: the Woodbury solve ``x = (I + V Λ Vᵀ/μ)⁻¹ b``, refused unless every
+  pivot ``1 + λ/μ`` (down to the smallest eigenvalue found) exceeds ``min_pivot``;
+- :class:`LanczosDeflation`: ``V`` as the deflation space of
+  :class:`~implicitbilevel.RecycledCG` / :class:`~implicitbilevel.RecycledMINRES` from the first
+  solve on (``AV = DV + HV/μ`` from the products Lanczos kept: no further products).
+
+Unlike the Nyström approximation (:mod:`implicitbilevel.solvers.nystrom`), which assumes
+``H ⪰ 0`` and refuses the exact Hessian away from a minimum, Lanczos needs only symmetry: the
+extreme eigenvalues of both signs converge first (Kaniel–Paige theory), so the most negative
+curvature is found, reported, and either used (deflation) or the cause of a clear refusal.
+
+References:
+    C. Lanczos. An iteration method for the solution of the eigenvalue problem of linear
+    differential and integral operators. J. Res. Nat. Bur. Standards 45, 1950.
+    G. H. Golub, R. Underwood. The block Lanczos method for computing eigenvalues. In
+    Mathematical Software III, 361-377, 1977.
+    B. N. Parlett. The Symmetric Eigenvalue Problem, SIAM, 1998 (full reorthogonalisation,
+    Rayleigh–Ritz).
+    W. W. Hager. Updating the inverse of a matrix. SIAM Review 31(2), 221-239, 1989 (Woodbury).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import check_bool, check_int
+from ..tree import Params, tree_flatten, tree_unflatten
+from .base import LinearSolver, MatVec, SolveInfo, check_real, direct_solve_info
+from .subspaces import batch_of, diagonal_of, rayleigh_ritz, rows_of
+
+__all__ = ["Eigenpairs", "LanczosDeflation", "LanczosPreconditioner", "LanczosSolver",
+           "lanczos_eigenpairs"]
+
+
+@dataclass
+class Eigenpairs:
+    """``k`` approximate eigenpairs ``H u_i ≈ λ_i u_i`` of a symmetric operator, of any sign.
+
+    Attributes:
+        basis: the orthonormal ``u_i`` as a dict whose entries have a leading dimension ``k``
+            (``basis[name][i]`` is the ``name`` block of ``u_i``).
+        eigenvalues: the Ritz values ``λ_i = u_iᵀ H u_i``, shape ``(k,)``, descending.
+        images: ``H u_i``, stacked like ``basis`` (exact products, kept for deflation).
+        residual_norms: ``‖H u_i − λ_i u_i‖``, shape ``(k,)`` (measured, not estimated).
+        smallest: the smallest Ritz value found (kept or not): ``λ_min(H) <= smallest``.
+        largest: the largest Ritz value found: ``λ_max(H) >= largest``.
+        products: the curvature products spent.
+    """
+
+    basis: Params
+    eigenvalues: Tensor
+    images: Params
+    residual_norms: Tensor
+    smallest: float
+    largest: float
+    products: int
+
+    @property
+    def rank(self) -> int:
+        """``k``, the number of eigenpairs."""
+        return int(self.eigenvalues.shape[0])
+
+
+def lanczos_eigenpairs(
+    batched_matvec: Callable[[Params], Params],
+    like: Mapping[str, Tensor],
+    rank: int,
+    *,
+    products: int | None = None,
+    block: int | None = None,
+    seed: int = 0,
+) -> Eigenpairs:
+    """The ``k`` eigenpairs of largest magnitude of a symmetric ``H`` by block Lanczos.
+
+    ``Q_1`` is a random orthonormal ``n × b`` block (a CPU generator seeded with ``seed``, so every
+    rank and device draws the same); each step takes the ``b`` products ``H Q_j`` in one batched
+    call, orthogonalises them against every block so far (two passes of classical Gram–Schmidt:
+    full reorthogonalisation, so no spurious copies of converged eigenvalues) and factors the
+    remainder ``Q_{j+1} R_j``. After ``m`` products the Rayleigh–Ritz step diagonalises
+    ``T = Qᵀ H Q`` (from the kept products ``HQ``, exact to rounding) and keeps the ``k`` Ritz
+    pairs with the largest ``|λ|``. The extreme eigenvalues at both ends converge first, so
+    ``smallest`` approaches ``λ_min(H)`` from above.
+
+    Cost: ``m`` products in ``⌈m/b⌉`` batched calls; ``O(n m²)`` for the orthogonalisation.
+    Memory: ``2·n·m`` numbers while building (``Q`` and ``HQ``), ``2·n·k`` kept.
+
+    Args:
+        batched_matvec: ``Z ↦ HZ`` for a dict of ``b`` stacked tangents (leading dimension).
+        like: a parameter dict giving names, shapes, dtype and device.
+        rank: ``k``, ``1 <= k <= n``.
+        products: ``m >= k``, the products to spend (default ``max(3k, k + 20)``, at most ``n``).
+        block: ``b``, the products per batched call (default ``min(k, 8)``).
+        seed: seed of the starting block.
+
+    Raises:
+        ValueError: for bad settings or non-finite products.
+    """
+    check_int(rank, "rank", 1)
+    check_int(seed, "seed")
+    if not like:
+        raise ValueError("lanczos_eigenpairs needs at least one parameter in `like`")
+    names = list(like)
+    sizes = [like[n].numel() for n in names]
+    n, k = sum(sizes), int(rank)
+    if k > n:
+        raise ValueError(f"rank must be <= the number of unknowns n = {n}, got {k}")
+    m = min(n, max(3 * k, k + 20) if products is None else check_int(products, "products", k))
+    b = min(m, min(k, 8) if block is None else check_int(block, "block", 1))
+    ref = next(iter(like.values()))
+    dtype, work = ref.dtype, torch.promote_types(ref.dtype, torch.float32)
+    eps = torch.finfo(work).eps
+    draw = torch.float64 if work == torch.float64 else torch.float32
+    start = torch.randn(n, b, generator=torch.Generator().manual_seed(int(seed)), dtype=draw)
+    q_block = torch.linalg.qr(start.to(device=ref.device, dtype=work)).Q.mT.contiguous()
+    qs: list[Tensor] = []
+    hqs: list[Tensor] = []
+    spent = 0
+    while True:
+        hq = rows_of(batched_matvec(batch_of(q_block.to(dtype), like)), names).to(work)
+        if not bool(torch.isfinite(hq).all()):
+            raise ValueError("the curvature products are not finite; no Lanczos eigenpairs")
+        qs.append(q_block)
+        hqs.append(hq)
+        spent += q_block.shape[0]
+        if spent >= m:
+            break
+        q_all = torch.cat(qs)
+        y = hq.clone()
+        for _ in range(2):  # full reorthogonalisation
+            y -= (y @ q_all.mT) @ q_all
+        q_new, r = torch.linalg.qr(y.mT)
+        scale = max(float(hq.norm(dim=1).max()), torch.finfo(work).tiny)
+        if float(r.diagonal().abs().max()) <= math.sqrt(n) * eps * scale:
+            break  # span(Q) is invariant: its Ritz pairs are exact
+        q_new = q_new.mT[: m - spent]
+        q_new = q_new - (q_new @ q_all.mT) @ q_all  # one more pass keeps Q orthonormal
+        q_block = torch.linalg.qr(q_new.mT).Q.mT.contiguous()
+    with torch.no_grad():
+        q_all, hq_all = torch.cat(qs), torch.cat(hqs)
+        t = (q_all @ hq_all.mT).double()
+        theta, s = torch.linalg.eigh(0.5 * (t + t.mT))
+        keep = theta.abs().argsort(descending=True)[: min(k, theta.shape[0])]
+        keep = keep[theta[keep].argsort(descending=True)]
+        coef = s[:, keep].mT.to(work)
+        basis, images = coef @ q_all, coef @ hq_all
+        lam = theta[keep].to(work)
+        residuals = (images - lam[:, None] * basis).norm(dim=1)
+    return Eigenpairs(batch_of(basis.to(dtype), like), lam.to(dtype),
+                      batch_of(images.to(dtype), like), residuals.to(dtype), float(theta[0]),
+                      float(theta[-1]), spent)
+
+
+class _Spectral:
+    """The prepare step the Lanczos classes share: the eigenpairs of the system's curvature,
+    built once per curvature operator and kept (with a weak reference to it) until another
+    comes."""
+
+    rank: int
+    products: int | None
+    block: int | None
+    seed: int
+    _built: tuple[Callable[[], Any], Eigenpairs] | None
+
+    def _validate(self) -> None:
+        check_int(self.rank, "rank", 1)
+        check_int(self.seed, "seed")
+        if self.products is not None:
+            check_int(self.products, "products", self.rank)
+        if self.block is not None:
+            check_int(self.block, "block", 1)
+
+    def prepare(self, system: MatVec) -> float:
+        """Find the eigenpairs of ``system``'s curvature unless held already; the seconds spent."""
+        curvature = getattr(system, "curvature", None)
+        if curvature is None or not hasattr(system, "curvature_batched"):
+            raise ValueError(f"{type(self).__name__} needs an IJSystem (a matvec with a curvature "
+                             "operator), got a plain matvec")
+        if self._built is not None and self._built[0]() is curvature:
+            return 0.0
+        start = time.perf_counter()
+        pairs = lanczos_eigenpairs(system.curvature_batched,  # type: ignore[attr-defined]
+                                   curvature.params, self.rank, products=self.products,
+                                   block=self.block, seed=self.seed)
+        try:
+            ref: Callable[[], Any] = weakref.ref(curvature)
+        except TypeError:  # an operator that takes no weak references is held
+            ref = lambda: curvature  # noqa: E731
+        self._built = (ref, pairs)
+        return time.perf_counter() - start
+
+    def eigenpairs(self, system: MatVec) -> Eigenpairs:
+        """The eigenpairs of ``system``'s curvature (found if needed)."""
+        self.prepare(system)
+        assert self._built is not None
+        return self._built[1]
+
+
+def _refusal(who: str, pairs: Eigenpairs, mu: float, why: str) -> ValueError:
+    return ValueError(
+        f"{who} cannot help here: {why} (smallest eigenvalue of H found λ_min = "
+        f"{pairs.smallest:.4g}, so 1 + λ_min/μ = {1 + pairs.smallest / mu:.4g} at μ = {mu:g}; "
+        f"largest {pairs.largest:.4g}). Use MINRES or RecycledMINRES (no preconditioner), "
+        "Gauss-Newton curvature, or a larger damping"
+    )
+
+
+@dataclass
+class LanczosPreconditioner(_Spectral):
+    """``M⁻¹`` for ``M = D + V Λ₊ Vᵀ/μ``, ``Λ₊ = max(Λ, 0)``: Lanczos preconditioning of ``Ax = b``.
+
+    ``A = D + H/μ`` with ``D`` one positive scalar per name; ``V Λ Vᵀ`` the ``rank`` eigenpairs
+    of ``H`` of largest magnitude (:func:`lanczos_eigenpairs`). Only the positive eigenvalues
+    enter, so ``M ⪰ D ≻ 0`` is symmetric positive definite whatever the sign of the curvature:
+    it removes the large positive eigenvalues of ``A`` (which set MINRES's and CG's condition
+    number) and leaves the negative ones to the Krylov method (MINRES is indifferent to the sign
+    of ``M ≈ |A|`` on them). Applied by the Woodbury identity,
+    ``M⁻¹ = D⁻¹ − D⁻¹V₊(μΛ₊⁻¹ + V₊ᵀD⁻¹V₊)⁻¹V₊ᵀD⁻¹`` (Hager 1989), in ``O(nk)``.
+
+    Cost: ``products`` curvature products once per operator (prepare); ``O(nk)`` per application.
+
+    Args:
+        rank: ``k``, the eigenpairs found.
+        products: products of the Lanczos build (default ``max(3k, k + 20)``).
+        block: products per batched call (default ``min(k, 8)``).
+        seed: seed of the starting block.
+
+    Raises:
+        ValueError: for bad settings; with a system whose ``D`` is not a positive per-name
+            diagonal; when no positive eigenvalue is found (``M = D`` would not precondition:
+            the message names the smallest eigenvalue found).
+    """
+
+    rank: int = 20
+    products: int | None = None
+    block: int | None = None
+    seed: int = 0
+    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
+                                                                repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def __call__(self, system: MatVec) -> Callable[[Params], Params]:
+        """Return ``r ↦ M⁻¹ r`` for ``system``."""
+        pairs = self.eigenpairs(system)
+        mu = float(system.mu)  # type: ignore[attr-defined]
+        like = pairs.basis
+        d = diagonal_of(system, {n: t[0] for n, t in like.items()}, "LanczosPreconditioner")
+        if float(d.min()) <= 0.0:
+            raise ValueError("LanczosPreconditioner needs D > 0 on every solved name (M = D + "
+                             "VΛ₊Vᵀ/μ would be singular); the system has D = 0 on some names "
+                             "(e.g. the head block without head_damping)")
+        positive = pairs.eigenvalues > 0
+        if not bool(positive.any()):
+            raise _refusal("LanczosPreconditioner", pairs, mu, "no positive eigenvalue found")
+        names = list(like)
+        work = torch.promote_types(d.dtype, torch.float32)
+        v = rows_of(pairs.basis, names)[positive].to(work)
+        d_inv = 1.0 / d.to(work)
+        core = torch.diag(mu / pairs.eigenvalues[positive].to(work)) + (v * d_inv) @ v.mT
+        chol = torch.linalg.cholesky(0.5 * (core + core.mT))
+
+        def apply(r: Params) -> Params:
+            s = tree_flatten({n: r[n] for n in names}).to(work) * d_inv
+            y = torch.cholesky_solve((v @ s)[:, None], chol)[:, 0]
+            out = s - (y @ v) * d_inv
+            return tree_unflatten(out.to(d.dtype), {n: r[n] for n in names})
+
+        return apply
+
+
+@dataclass
+class LanczosSolver(_Spectral, LinearSolver):
+    """``x = (I + VΛVᵀ/μ)⁻¹ b = b − V diag(λ/(λ + μ)) Vᵀ b``: a direct Lanczos–Woodbury solve.
+
+    Solves ``A x = b`` for ``A = I + H/μ`` with ``H`` replaced by its ``rank`` eigenpairs of
+    largest magnitude (:func:`lanczos_eigenpairs`, either sign). Exact when ``rank(H) <= k`` and
+    the eigenpairs converged. The approximate matrix has eigenvalues ``1 + λ_i/μ`` on ``V`` and
+    ``1`` elsewhere; the solve is **refused** unless ``1 + λ_min/μ > min_pivot``, ``λ_min`` the
+    smallest eigenvalue found (kept or not): below it ``A`` is indefinite or nearly singular and
+    a low-rank inverse amplifies its errors by ``1/(1 + λ_min/μ)``.
+
+    Requires ``A = I + H/μ`` over every solved name (no head ridge), like
+    :class:`~implicitbilevel.NystromSolver`. Cost: ``products`` curvature products once per
+    operator; ``O(nk)`` and no products per solve (``x0`` is ignored). Diagnostics as
+    :class:`~implicitbilevel.NystromSolver`: with ``measure_residual`` one product measures
+    ``‖b − A x‖``.
+
+    Args:
+        rank: ``k``; products, block, seed: as :class:`LanczosPreconditioner`.
+        min_pivot: the smallest ``1 + λ/μ`` accepted (default ``0.01``: at most a hundredfold
+            amplification).
+        measure_residual: spend one product to measure the true residual.
+        tol: relative residual tolerance for ``converged`` when the residual is measured.
+
+    Raises:
+        ValueError: for bad settings, a system that is not ``I + H/μ``, or a pivot
+            ``1 + λ_min/μ <= min_pivot`` (the message names ``λ_min``).
+    """
+
+    rank: int = 20
+    products: int | None = None
+    block: int | None = None
+    seed: int = 0
+    min_pivot: float = 0.01
+    measure_residual: bool = False
+    tol: float = 1e-6
+    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
+                                                                repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        check_real(self.min_pivot, "min_pivot")
+        check_bool(self.measure_residual, "measure_residual")
+        check_real(self.tol, "tol")
+
+    def __call__(
+        self, matvec: MatVec, b: Mapping[str, Tensor], x0: Mapping[str, Tensor] | None = None
+    ) -> tuple[Params, SolveInfo]:
+        """Solve ``(I + VΛVᵀ/μ) x = b`` by the Woodbury identity (``x0`` is ignored)."""
+        if not getattr(matvec, "identity_plus_curvature", False) or getattr(
+                matvec, "ridge_names", None):
+            raise ValueError("LanczosSolver needs A = I + H/μ over every solved name (the "
+                             "proximal regulariser over the coupled names, no head ridge)")
+        pairs = self.eigenpairs(matvec)
+        mu = float(matvec.mu)  # type: ignore[attr-defined]
+        if 1.0 + pairs.smallest / mu <= self.min_pivot:
+            raise _refusal("LanczosSolver", pairs, mu,
+                           f"the pivot 1 + λ_min/μ is not above min_pivot = {self.min_pivot:g}")
+        b = {n: b[n] for n in pairs.basis}
+        names = list(b)
+        v = rows_of(pairs.basis, names)
+        lam = pairs.eigenvalues
+        flat = tree_flatten(b)
+        x = flat - ((lam / (lam + mu)) * (v @ flat)) @ v
+        x_tree = tree_unflatten(x, b)
+        return x_tree, direct_solve_info(matvec, b, x_tree, self.tol, self.measure_residual)
+
+
+@dataclass
+class LanczosDeflation(_Spectral):
+    """The deflation space ``W = V`` of :class:`~implicitbilevel.RecycledCG` and
+    :class:`~implicitbilevel.RecycledMINRES`, from the ``rank`` eigenpairs of ``H`` of largest
+    magnitude, so that even the first solve on an operator is deflated.
+
+    Deflation solves ``A x = b`` as ``x = W E⁻¹ Wᵀ b + P_Dᵀ x̃`` with ``E = WᵀAW`` and the
+    Krylov method on ``P_D A x̃ = P_D b``, ``P_D = I − AW E⁻¹ Wᵀ`` (Frank & Vuik 2001; see
+    :mod:`implicitbilevel.solvers.recycled`). ``AW = DW + HW/μ`` comes from the products Lanczos
+    kept (``D`` one scalar per name), so no product is spent beyond the build.
+
+    Args:
+        rank, products, block, seed: as :class:`LanczosPreconditioner`.
+
+    Raises:
+        ValueError: for bad settings; for :class:`~implicitbilevel.RecycledCG` when ``A`` is
+            found indefinite on ``V`` (some ``vᵢᵀAvᵢ <= 0``; the message names the smallest
+            eigenvalue found: use :class:`~implicitbilevel.RecycledMINRES`).
+    """
+
+    rank: int = 8
+    products: int | None = None
+    block: int | None = None
+    seed: int = 0
+    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
+                                                                repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def space(self, system: MatVec, positive: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W, AW, θ)``: orthonormal rows spanning ``V``, their products with ``A`` and
+        ``θ = diag(WᵀAW)`` (rotated so that ``WᵀAW`` is diagonal); ``positive`` refuses an
+        indefinite ``A`` on ``V`` (for CG)."""
+        pairs = self.eigenpairs(system)
+        mu = float(system.mu)  # type: ignore[attr-defined]
+        names = list(pairs.basis)
+        like = {n: t[0] for n, t in pairs.basis.items()}
+        work = torch.promote_types(pairs.eigenvalues.dtype, torch.float32)
+        w = rows_of(pairs.basis, names).to(work)
+        aw = diagonal_of(system, like, "LanczosDeflation").to(work) * w
+        aw += rows_of(pairs.images, names).to(work) / mu
+        rayleigh = (w * aw).sum(dim=1)
+        if positive and bool((rayleigh <= 0).any()):
+            raise _refusal("LanczosDeflation for RecycledCG", pairs, mu,
+                           f"A is indefinite (vᵀAv = {float(rayleigh.min()):.4g} on an "
+                           "eigenvector of H)")
+        return rayleigh_ritz(w, aw, positive)
