@@ -44,7 +44,7 @@ from recipes.vision.loaders import Loaders, build_loaders
 from recipes.vision.mae import MAEPretext, MaskedBatches, mae_bissl_losses, pretrain_mae
 from recipes.vision.models import Downstream, Pretext, build_backbone
 from recipes.vision.train import classification_objective, pretrain_simclr
-from recipes.vision.vit import add_lora, base_trainable, build_vit
+from recipes.vision.vit import add_lora, base_trainable, build_vit, vit_init_state
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vision_embedded.yaml"
 
@@ -116,7 +116,10 @@ class VisionRecipe(Recipe):
         if self.cfg.model.init:
             if getattr(self, "_init_state", None) is None:
                 self._init_state = read_backbone_state(self.cfg.model.init)
-            load_backbone_init(pretext.backbone, self._init_state, self.cfg.model.init)
+            state = self._init_state
+            if self.cfg.model.backbone == "vit":  # a timm ViT's fused qkv onto split q, k, v
+                state = vit_init_state(pretext.backbone, state)
+            load_backbone_init(pretext.backbone, state, self.cfg.model.init)
         return pretext
 
     def downstream_from(self, pretext: nn.Module, target: str) -> nn.Module:

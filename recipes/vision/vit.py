@@ -19,7 +19,8 @@ parameters of the pretext and downstream models, and hence of the bilevel proble
 adapters (``backbone.*lora_*``) and the heads only; the proximal regulariser couples the two
 adapter sets θ_P and θ_D by their common names, as it couples backbone weights of a ResNet. The
 pretext stage pretrains the base weights themselves (:func:`base_trainable` turns them into
-parameters for that stage only).
+parameters for that stage only), or ``model.init`` gives them: a timm ViT checkpoint (fused
+``qkv``, e.g. an MAE ViT-B/16) is mapped onto this layout by :func:`vit_init_state`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SplitQKV", "add_lora", "base_trainable", "build_vit", "freeze_to_buffers"]
+__all__ = ["SplitQKV", "add_lora", "base_trainable", "build_vit", "freeze_to_buffers",
+           "vit_init_state"]
 
 SIZES = {"tiny": {}, "b16": dict(patch=16, depth=12, width=768, heads=12)}
 
@@ -129,3 +131,29 @@ def base_trainable(net: nn.Module) -> Iterator[None]:
             owner = net.get_submodule(owner_name) if owner_name else net
             value = owner._parameters.pop(attr)
             owner.register_buffer(attr, value.detach().requires_grad_(False))
+
+
+def vit_init_state(net: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A timm ViT state dict (fused ``attn.qkv``) in ``net``'s layout: ``qkv`` split into ``q``,
+    ``k``, ``v`` (``.base_layer.`` where an adapter sits), the adapters kept from ``net``, and the
+    keys ``net`` has no place for (a classifier ``head``, an MAE decoder) left out."""
+    own = net.state_dict()
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if ".attn.qkv." in key:
+            prefix, kind = key.rsplit(".", 1)
+            d = value.shape[0] // 3
+            for i, part in enumerate("qkv"):
+                plain = f"{prefix}.{part}.{kind}"
+                name = plain if plain in own else f"{prefix}.{part}.base_layer.{kind}"
+                out[name] = value[i * d:(i + 1) * d]
+            continue
+        prefix, _, kind = key.rpartition(".")
+        wrapped = f"{prefix}.base_layer.{kind}"
+        name = key if key in own else wrapped if wrapped in own else None
+        if name is not None:
+            out[name] = value
+    for key, value in own.items():
+        if "lora_" in key:
+            out[key] = value
+    return out

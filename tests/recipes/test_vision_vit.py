@@ -23,6 +23,7 @@ pytest.importorskip("peft")
 from implicitbilevel import BilevelProblem, Dense, ImplicitJacobian, ProximalL2  # noqa: E402
 from implicitbilevel.bissl import bissl_upper_loss  # noqa: E402
 from implicitbilevel.bissl.checkpoint import load_checkpoint  # noqa: E402
+from recipes.vision.init import load_backbone_init  # noqa: E402
 from recipes.vision.mae import (  # noqa: E402
     MAEPretext,
     MaskedBatches,
@@ -32,7 +33,13 @@ from recipes.vision.mae import (  # noqa: E402
     pretrain_mae,
 )
 from recipes.vision.models import Downstream  # noqa: E402
-from recipes.vision.vit import SplitQKV, add_lora, base_trainable, build_vit  # noqa: E402
+from recipes.vision.vit import (  # noqa: E402
+    SplitQKV,
+    add_lora,
+    base_trainable,
+    build_vit,
+    vit_init_state,
+)
 from tests.reference import dense_hessian, flat  # noqa: E402
 
 D64 = torch.float64
@@ -62,6 +69,19 @@ def test_split_qkv_equals_fused_and_lora_starts_as_identity():
     assert [n for n, _ in net.named_parameters()] == names
     with pytest.raises(ValueError, match="lora_targets"):
         add_lora(build_vit(8, patch=4, depth=1, width=8, heads=2), 2, ["query"])
+
+
+def test_a_timm_vit_checkpoint_loads_onto_the_split_lora_layout():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    ref = VisionTransformer(img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2,
+                            num_classes=10).eval()
+    net = tiny_vit()
+    load_backbone_init(net, vit_init_state(net, ref.state_dict()), "timm")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(ref.forward_head(ref.forward_features(x), pre_logits=True), net(x),
+                          atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
@@ -174,3 +194,21 @@ def test_vit_pipeline_runs_end_to_end_and_keeps_the_frozen_backbone(tmp_path):
     moved = [k for k in before if "lora_" in k and not torch.equal(before[k], after["pretext"][k])]
     assert moved
     assert json.loads((out / "digits" / "bissl_ft.json").read_text())["summary"]
+
+
+def test_vit_configs_load_with_the_bisslight_settings():
+    from recipes.common import load_config
+    from recipes.vision.config import VisionConfig
+
+    paper = load_config("recipes/configs/vision_vit_paper.yaml", VisionConfig)
+    b = paper.bissl
+    assert (paper.model.backbone, paper.model.vit_size, paper.pretext.task) == ("vit", "b16", "mae")
+    assert (b.alternations, b.lower_steps, b.upper_steps, b.lam, b.lower_lr) == (
+        500, 20, 8, 0.001, 0.01)
+    assert (paper.model.lora_rank, paper.pretext.decoder_lr, b.lower_batch_size,
+            b.upper_batch_size, paper.warmup.epochs) == (64, 1e-4, 256, 64, 20)
+    embedded = load_config("recipes/configs/vision_vit_embedded.yaml", VisionConfig)
+    assert embedded.bissl.ij == "mfac" and embedded.model.lora_targets == ["q", "v"]
+    with pytest.raises(ValueError, match="mae needs model.backbone=vit"):
+        load_config("recipes/configs/vision_embedded.yaml", VisionConfig,
+                    ["pretext.task=mae"])
