@@ -110,19 +110,27 @@ class MAEPretext(nn.Module):
 
 
 class MaskedBatches:
-    """``(images, noise)`` batches from a loader of view pairs (the first view), with the noise
-    drawn from a generator seeded by ``seed``."""
+    """``(images, noise)`` batches from a loader of view pairs (the first view).
+
+    Each pass draws its noise from a generator seeded by ``seed`` and one number drawn from
+    torch's global generator when the pass starts (after the loader's own shuffle): the BiSSL
+    trainer, which restores the global generator at the start of a pass on resume, replays the
+    same masks, as it replays the same images."""
 
     def __init__(self, loader: Any, patches: int, seed: int) -> None:
-        self.loader, self.patches, self.seed, self._epoch = loader, patches, seed, 0
+        self.loader, self.patches, self.seed = loader, patches, seed
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed((self.seed * 1000003 + self._epoch) % (2**63 - 1))
-        self._epoch += 1
-        for batch in self.loader:
+        inner = iter(self.loader)
+        drawn = int(torch.randint(0, 2**62, (1,)).item())
+        gen = torch.Generator().manual_seed((self.seed * 1000003 + drawn) % (2**63 - 1))
+        return self._masked(inner, gen)
+
+    def _masked(self, inner: Iterator, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in inner:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             yield images, torch.rand(images.shape[0], self.patches, generator=gen)
 

@@ -212,3 +212,24 @@ def test_vit_configs_load_with_the_bisslight_settings():
     with pytest.raises(ValueError, match="mae needs model.backbone=vit"):
         load_config("recipes/configs/vision_embedded.yaml", VisionConfig,
                     ["pretext.task=mae"])
+
+
+def test_masked_batches_replay_exactly_on_a_trainer_resume():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from implicitbilevel.bissl.batch_stack import BatchStack
+
+    images = torch.rand(12, 3, 8, 8)
+    loader = DataLoader(TensorDataset(images, images), batch_size=4, shuffle=True)
+    torch.manual_seed(0)
+    stack = BatchStack(MaskedBatches(loader, 4, seed=5))
+    for _ in range(5):  # into the second pass
+        stack.next()
+    state, rng = stack.state_dict(), torch.random.get_rng_state()  # the trainer saves both
+    later = [stack.next() for _ in range(4)]
+    torch.manual_seed(123)  # a resumed process: another global state until the stack restores it
+    resumed = BatchStack(MaskedBatches(loader, 4, seed=5))
+    resumed.load_state_dict(state)
+    torch.random.set_rng_state(rng)
+    for (x, noise), (y, noise2) in zip(later, [resumed.next() for _ in range(4)]):
+        assert torch.equal(x, y) and torch.equal(noise, noise2)
