@@ -2,8 +2,9 @@
 
 Usage::
 
-    python benchmarks/recycled_ij.py --quick   # 2-core CPU; < 2 min once u* is cached
-    python benchmarks/recycled_ij.py --full    # more budgets, tolerance runs, a recycle_dim sweep
+    python benchmarks/recycled_ij.py --quick   # 2-core CPU: ~2,400 products, ~2 min idle
+    python benchmarks/recycled_ij.py --full --damping 999.999   # more budgets, tolerance runs,
+    python benchmarks/recycled_ij.py --full --damping 10        # a recycle_dim sweep; one μ a run
 
 One BiSSL alternation of the pretrained small ResNet of :mod:`benchmarks.robust_ij`
 (:func:`benchmarks.pretrained.vision_network`: the vision recipe's network after its SimCLR and
@@ -120,7 +121,7 @@ class Settings:
         if mode == "quick":
             return cls()
         if mode == "full":
-            return cls(budgets=(5, 10, 20, 50), tolerance_cap=100, sweep=(4, 8, 16, 32),
+            return cls(budgets=(5, 10, 20, 40), tolerance_cap=60, sweep=(4, 8, 16, 32),
                        tolerance_dampings=(999.999, 10.0))
         if mode == "smoke":
             return cls(network="toy", upper_steps=3, budgets=(4,), tolerance_cap=20, sweep=(2,),
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The command line: ``--quick`` (default) / ``--full``, ``--device``, ``--out``."""
     p = parser(__doc__)
     add_modes(p, quick="2-core CPU: N_c 5 and 20 (the default)",
-              full="N_c 5-50, tolerance runs, a recycle_dim sweep")
+              full="N_c 5-40, tolerance runs at both mu, a recycle_dim sweep")
     add_device(p)
     add_out(p)
     add_threads(p)
