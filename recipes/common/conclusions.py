@@ -42,6 +42,10 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
 
 
+def _ratio(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{value:.2f}"
+
+
 def _interval(pair: list[float] | None, scale: float = 100.0, fmt: str = "+.1f") -> str:
     return "–" if pair is None else f"[{scale * pair[0]:{fmt}}, {scale * pair[1]:{fmt}}]"
 
@@ -73,10 +77,10 @@ def _sentence(target: str, epochs: float, c: dict[str, Any], scale: float) -> st
 
 def _spread_sentence(target: str, rows: list[dict[str, Any]]) -> str:
     smaller = [f"{r['epochs']:g}" for r in rows if r["comparison"]["spread_significant"]
-               and r["comparison"]["spread_ratio"] < 1]
+               and (r["comparison"]["spread_ratio"] or 0.0) < 1]
     larger = [f"{r['epochs']:g}" for r in rows if r["comparison"]["spread_significant"]
-              and r["comparison"]["spread_ratio"] > 1]
-    ratios = ", ".join(f"{r['comparison']['spread_ratio']:.2f}" for r in rows)
+              and (r["comparison"]["spread_ratio"] or 0.0) > 1]
+    ratios = ", ".join(_ratio(r["comparison"]["spread_ratio"]) for r in rows)
     budgets = ", ".join(f"{r['epochs']:g}" for r in rows)
     found = []
     if smaller:
@@ -132,7 +136,7 @@ def study_table(rows: list[dict[str, Any]], correction: str = "holm", alpha: flo
              [f"p t ({adj})", *[_p(c["p_adjusted"]) for c in comps]],
              [f"p Wilcoxon ({adj})", *[_p(c.get("wilcoxon_p_adjusted")) for c in comps]],
              [f"seed spread ratio (p, {adj})", *[
-                 f"{c['spread_ratio']:.2f} ({_p(c['spread_p_adjusted'])})" for c in comps]]]
+                 f"{_ratio(c['spread_ratio'])} ({_p(c['spread_p_adjusted'])})" for c in comps]]]
     out = ["| " + " | ".join(line) + " |" for line in lines]
     out.insert(1, "|" + "---|" * len(lines[0]))
     return "\n".join(out)
@@ -143,8 +147,7 @@ def _caption(study: dict[str, Any], target: str) -> str:
     return (f"{target}: test {entry['metric']} ×100, mean ± std over {study['replicates']} "
             f"replicate means ({len(study['seeds'])} fine-tuning seeds each); bold: ahead at "
             f"α = {study['alpha']:g} after {study['correction']} adjustment over all "
-            f"{sum(len(e['rows']) for e in study['targets'].values())} cells. Wall time "
-            f"{study['wall_seconds'] / 60:.0f} min.")
+            f"{sum(len(e['rows']) for e in study['targets'].values())} cells.")
 
 
 def study_markdown(study: dict[str, Any]) -> str:

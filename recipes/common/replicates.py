@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,9 +116,19 @@ def _shared_only_ft(recipe: Recipe) -> bool:
 
 
 def _copy(source: Path, dest: Path) -> None:
-    """Copy a shared stage output into a replicate, with its run record when it has one."""
-    for src, dst in ((source, dest), *((fingerprint.fingerprint_path(source),
-                                         fingerprint.fingerprint_path(dest)),)):
+    """Copy a shared stage output into a replicate, with its run record when it has one and the
+    other files that record lists (e.g. the GPT recipe's ``tokenizer.json`` beside
+    ``pretext.pt``)."""
+    pairs = [(source, dest), (fingerprint.fingerprint_path(source),
+                              fingerprint.fingerprint_path(dest))]
+    try:
+        listed = json.loads(pairs[1][0].read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        listed = {}
+    for name in listed if isinstance(listed, dict) else []:
+        if "/" not in name and name != source.name:
+            pairs.append((source.parent / name, dest.parent / name))
+    for src, dst in pairs:
         if src.exists() and (not dst.exists() or dst.stat().st_mtime_ns < src.stat().st_mtime_ns):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst.with_name(dst.name + ".tmp"))
@@ -156,9 +167,11 @@ def _one_replicate(recipe: Recipe, base: Path, base_cfg: Any, allow_changed: boo
     _run_stages(recipe, stages, allow_changed, reference)
 
 
-def run_replicates(recipe: Recipe, allow_changed: bool = False) -> list[Any]:
-    """Run (or reuse) the shared pretext stage and every replicate's stages; returns each
-    replicate's config. Under ``torchrun`` replicate ``r`` runs on rank ``r mod world``."""
+def run_replicates(recipe: Recipe, allow_changed: bool = False,
+                   only: list[int] | None = None) -> list[Any]:
+    """Run (or reuse) the shared pretext stage and the stages of every replicate (of the
+    replicates ``only``); returns each replicate's config. Under ``torchrun`` replicate ``r`` runs
+    on rank ``r mod world``."""
     study = recipe.cfg.study
     if not study.replicate_pretext:
         shared = ["pretext", *(["only-ft"] if _shared_only_ft(recipe) else [])]
@@ -167,7 +180,7 @@ def run_replicates(recipe: Recipe, allow_changed: bool = False) -> list[Any]:
     world, rank, base, base_cfg = (recipe.dist.world_size, recipe.dist.rank, recipe.out,
                                    recipe.cfg)
     error: Exception | None = None
-    for r in range(study.replicates):
+    for r in range(study.replicates) if only is None else only:
         if r % world != rank:
             continue
         try:

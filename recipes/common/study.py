@@ -168,13 +168,20 @@ def run_study(recipe: Recipe, overwrite: bool = False,
     finished under the same configuration)."""
     start = time.perf_counter()
     stages = prerequisites(recipe)
-    rep_cfgs = run_replicates(recipe, allow_changed_config)
-    prereq_seconds = time.perf_counter() - start
     study, out = recipe.cfg.study, recipe.out
+    # one process: replicate by replicate (stages, then cells), so that a stopped study has whole
+    # replicates; under torchrun every replicate's stages first, spread over the ranks
+    alone = recipe.dist.world_size == 1
+    rep_cfgs = run_replicates(recipe, allow_changed_config, only=[0] if alone else None)
+    prereq_seconds = time.perf_counter() - start
     targets: dict[str, Any] = {}
     cells: dict[tuple[str, float, int], dict[str, Any]] = {}
-    for target in recipe.targets:
-        for r in range(study.replicates):
+    for r in range(study.replicates):
+        if alone and r > 0:
+            stage_start = time.perf_counter()
+            rep_cfgs = run_replicates(recipe, allow_changed_config, only=[r])
+            prereq_seconds += time.perf_counter() - stage_start
+        for target in recipe.targets:
             with replicate_view(recipe, r):
                 for epochs in study.epochs:
                     only = _run_cell(recipe, _cell_path(out, target, r, epochs, "Only-FT"),

@@ -15,12 +15,13 @@ can learn from them, so the numbers of the embedded run measure something:
 - ``stsb``: similarity 0-5 from the number of matching event slots (1 + matches, noise 0.25), and
   about 0 for unrelated pairs.
 
-A fifth (:data:`EASY_FRACTION`) of the negative pairs carries an easy cue (a negation, an
-unrelated topic); the rest differ only in one slot and need the two texts compared. With half of
-them easy (the earlier generator) a small model learned the cue and nothing else on four of the
-seven tasks, the same predictions from every fine-tuning seed, so seeds could not be compared;
-now every task needs the slow comparison and the fine-tuning seeds give different scores (checked
-by ``tests/recipes/test_study_data.py`` and the stored study).
+A share :data:`EASY_FRACTION` of the negative pairs carries an easy cue (a negation, an unrelated
+topic); the rest differ only in one slot and need the two texts compared, and the changed slot
+takes its value mostly from half of the slot's words (:data:`SKEW`: a weak word-level cue). A
+task that is all easy cue is learned to the same predictions by every fine-tuning seed, one with no
+cue a small model does not leave the constant prediction on (four of the seven tasks gave every seed
+the same score with the earlier generator); between the two the seeds give different scores
+(checked on the stored study by ``tests/recipes/test_study_conclusions.py``).
 
 Labels follow the GLUE conventions of ``datasets`` (entailment = 0 for RTE and QNLI). A fraction
 ``label_noise`` of the binary labels is flipped (and STS-B scores get noise of that many points
@@ -91,9 +92,9 @@ NEGATIVE = ["terrible", "boring", "awful", "dull", "clumsy", "weak", "tedious", 
 LINKS = ["was", "seemed", "felt"]
 ADVERBS = ["really", "very", "quite", "truly", ""]
 #: The share of negative pairs with an easy cue (negation, unrelated topic).
-EASY_FRACTION = 0.2
+EASY_FRACTION = 0.3
 #: How often a changed slot takes a value from the first half of its pool (a weak cue).
-SKEW = 0.6
+SKEW = 0.8
 
 
 @dataclass(frozen=True)
