@@ -126,7 +126,7 @@ def _copy(source: Path, dest: Path) -> None:
     except (OSError, ValueError, AttributeError):
         listed = {}
     for name in listed if isinstance(listed, dict) else []:
-        if "/" not in name and name != source.name:
+        if "/" not in name and name not in (source.name, "pretext_baseline.pt"):  # own one
             pairs.append((source.parent / name, dest.parent / name))
     for src, dst in pairs:
         if src.exists() and (not dst.exists() or dst.stat().st_mtime_ns < src.stat().st_mtime_ns):
