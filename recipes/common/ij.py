@@ -18,7 +18,8 @@ One config block and one builder, so every solver and curvature option exists in
 ``nystrom-minres``   MINRES with the same preconditioner
 ``nystrom``          the Woodbury inverse of ``I + Ĥ/μ``: no products per solve
 ``mfac``             M-FAC (Sec. 9.1): the Woodbury inverse of ``I + F̂/μ``, ``F̂`` the
-                     empirical Fisher of the last ``mfac_m`` lower-level gradients; no products
+                     empirical Fisher of the last ``mfac_m`` lower-level gradients, one inverse
+                     for all names or one per block (``mfac_blocks``); no products
 ``dense``            exact (small models only)
 ===================  ==========================================================================
 
@@ -73,6 +74,11 @@ class IJSettings:
     neumann_alpha: Float = Field(1.0, gt=0.0, description="step α of the Neumann series")
     nystrom_rank: Int = Field(20, ge=1, description="rank of the Nyström curvature (nystrom-*)")
     mfac_m: Int = Field(20, ge=1, description="gradients in the M-FAC window (mfac)")
+    mfac_blocks: Str = Field("global", description="mfac: one Woodbury inverse for all solved "
+                             "names (global), one per module (layer), or one per first match of a "
+                             r"regular expression (e.g. 'blocks\.\d+': per transformer block)")
+    mfac_window_device: Literal["same", "cpu"] = Field(
+        "same", description="mfac: keep the gradient window with the parameters or on the CPU")
     warm_start: Bool = Field(False,
                              description="start each solve from the previous one (cg, minres)")
     curvature: Literal["hessian", "gauss-newton"] = "hessian"
@@ -108,7 +114,8 @@ def build_solver(s: IJSettings) -> LinearSolver:
     if s.ij == "nystrom":
         return NystromSolver(rank=s.nystrom_rank)
     if s.ij == "mfac":
-        return MFAC(m=s.mfac_m)
+        return MFAC(m=s.mfac_m, blocks=s.mfac_blocks,
+                    window_device=None if s.mfac_window_device == "same" else "cpu")
     if s.ij == "dense":
         return Dense()
     raise ValueError(f"bissl.ij: unknown solver {s.ij!r}; choose one of {list(IJ_SOLVERS)}")
