@@ -28,5 +28,9 @@ mean the same in every script (``--out``, ``--threads``, ``--quick``/``--full``,
   :mod:`benchmarks.external_methods`).
 - :mod:`benchmarks.sync_batchnorm` (``python benchmarks/sync_batchnorm.py``): the cost of
   SyncBatchNorm on two ranks.
+- :mod:`benchmarks.bilevel_suite` (``python benchmarks/bilevel_suite.py --quick``): the stochastic
+  methods of :mod:`implicitbilevel.stochastic` and the implicit baselines on benchopt's bilevel
+  benchmark problems (:mod:`benchmarks.bilevel_problems`, :mod:`benchmarks.bilevel_classification`),
+  against time and oracle calls; the runners in :mod:`benchmarks.bilevel_methods`.
 - ``benchmarks/gpu_check.sh``: every check that needs a GPU, in one run.
 """

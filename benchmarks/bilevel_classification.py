@@ -34,10 +34,10 @@ N_TEST = 20_000
 def _binary_data(name: str, seed: int) -> tuple[dict, dict, dict]:
     from sklearn.datasets import load_breast_cancer, make_classification
 
-    if name == "ijcnn1":
+    if name == "ijcnn1":  # 21 drawn features and a constant one, the intercept (9:1 classes)
         n_tr, n_val, p = IJCNN1
         feats, labels = make_classification(
-            n_samples=n_tr + n_val + N_TEST, n_features=p, n_informative=10, n_redundant=6,
+            n_samples=n_tr + n_val + N_TEST, n_features=p - 1, n_informative=10, n_redundant=6,
             weights=[0.9], flip_y=0.02, class_sep=1.0, random_state=seed)
         feats, labels = torch.tensor(feats, dtype=F64), torch.tensor(labels, dtype=F64)
         tr, val, te = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_val),
@@ -47,6 +47,9 @@ def _binary_data(name: str, seed: int) -> tuple[dict, dict, dict]:
         feats, labels = torch.tensor(feats, dtype=F64), torch.tensor(labels, dtype=F64)
         tr, val, te = _split(len(labels), seed)
     a_tr, a_val, a_te = _standardise(feats[tr], feats[val], feats[te])
+    if name == "ijcnn1":
+        a_tr, a_val, a_te = (torch.cat([a, torch.ones(len(a), 1, dtype=F64)], 1)
+                             for a in (a_tr, a_val, a_te))
     signs = 2 * labels - 1
     return _table(a_tr, signs[tr]), _table(a_val, signs[val]), _table(a_te, signs[te])
 

@@ -19,8 +19,9 @@ reports, :meth:`BenchProblem.metrics`: ``value`` ``h(x)``, ``grad_norm2`` ``‖�
   hyperparameter per feature, ``g(z, x) = mean log(1 + exp(−y aᵀz)) + ½ Σ_j e^{x_j} z_j²`` and
   ``f`` the unregularised validation loss; ijcnn1 is not on this machine, so a set of its shape
   (49,990 training rows × 22 features, a 91,701-row validation split as ``ijcnn1_test``, and a
-  test split) is drawn by scikit-learn's ``make_classification``; breast-cancer is
-  scikit-learn's own.
+  test split, classes 9:1 as in ijcnn1) is drawn by scikit-learn's ``make_classification``: 21
+  standardised features and a constant one, which stands for the intercept the uncentred ijcnn1
+  features allow; breast-cancer is scikit-learn's own (standardised, no intercept).
 - ``digits_multilogreg``: multinomial logistic regression with one hyperparameter per class,
   ``½ Σ_k e^{x_k} ‖z_{:,k}‖²``, on scikit-learn's digits split 64/16/20 as benchopt splits
   covtype; metric test error.
