@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from implicitbilevel.bissl.checkpoint import save_checkpoint
 
-from . import fingerprint
+from . import fingerprint, records
 from .finite import check_weights
 from .pipeline import Recipe
 from .runtime import DistributedContext, derive_seed, seed_everything
@@ -93,15 +93,17 @@ def _extra_pretraining(recipe: Recipe, allow_changed: bool) -> None:
     under the replicate's seed; writes ``pretext_baseline.pt`` (reused when finished under the
     same configuration)."""
     path = recipe.path(None, "pretext_baseline.pt")
-    allowed = fingerprint.check(path, "pretext", recipe.cfg, allow_changed)
-    if path.exists():
-        return
-    fingerprint.stamp(path, "pretext", recipe.cfg, allowed)
+    fp = fingerprint.fingerprint(recipe.cfg, "pretext")
+    if path.exists() and records.check_done(recipe.out, path, "pretext", fp,
+                                            "study replicate") is None:
+        return  # finished under this configuration (its record written after the file)
+    records.remove_record(path)
     seed_everything(recipe.cfg.run.seed)
     model = recipe.load_pretext(recipe.path(None, "pretext.pt"))
     losses = recipe.pretrain(model, extra=True)
     check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
     save_checkpoint({"pretext": model.state_dict(), "losses": losses}, path)
+    records.write_record(recipe.out, path, "pretext", None, fp, [path])
     recipe.say(f"replicate {recipe.cfg.run.seed}: Only-FT baseline pretrained {len(losses)} "
                f"more {recipe.pretrain_unit}")
 

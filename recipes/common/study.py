@@ -37,7 +37,7 @@ from typing import Any
 
 import implicitbilevel
 
-from . import fingerprint
+from . import fingerprint, records
 from .conclusions import study_markdown, study_table
 from .config import config_to_dict
 from .pipeline import Recipe
@@ -107,20 +107,46 @@ def _run_cell(recipe: Recipe, path: Path, target: str, epochs: float, method: st
     """One cell of the replicate ``recipe`` currently is: reused when finished under the same
     configuration, else searched, retrained, tested and written atomically to ``path``."""
     cfg = cell_config(recipe.cfg, epochs)
-    allowed = fingerprint.check(path, "finetune", cfg, allow_changed) if path.exists() else []
+    fp, source = fingerprint.fingerprint(cfg, "finetune"), _source(recipe, target, method)
     if path.exists() and not overwrite:
-        result = json.loads(path.read_text())
-        result["reused"] = True
-        return result
-    recipe.on_main(lambda: fingerprint.stamp(path, "finetune", cfg, allowed))
+        why = _stale(recipe, path, fp, source, allow_changed)
+        if why is None:  # its record vouches for it: made under this configuration, from this file
+            result = json.loads(path.read_text())
+            result["reused"] = True
+            return result
+        # Never reused under other settings: --allow-changed-config runs the cell again.
+        recipe.say(f"study cell {records.relative(recipe.out, path)}: {why}: running it again")
+    recipe.on_main(lambda: records.remove_record(path))  # no record until the outputs exist
     search = method == "Only-FT" or cfg.finetune.search_after_bissl
     start = time.perf_counter()
-    result = recipe.fine_tune(target, _source(recipe, target, method), method, search,
-                              None if search else chosen, ft=cfg.finetune)
+    result = recipe.fine_tune(target, source, method, search, None if search else chosen,
+                              ft=cfg.finetune)
     result.update(epochs=float(epochs), wall_seconds=time.perf_counter() - start)
-    recipe.on_main(lambda: write_json(result, path))
+
+    def save() -> None:
+        write_json(result, path)
+        records.write_record(recipe.out, path, "finetune", target, fp, [path],
+                             inputs={"source": records.digests(recipe.out, [source])})
+
+    recipe.on_main(save)
     result["reused"] = False
     return result
+
+
+def _stale(recipe: Recipe, path: Path, fp: dict[str, Any], source: Path,
+           allow_changed: bool) -> str | None:
+    """Why the finished cell at ``path`` cannot be reused (``None``: it can): no record (killed,
+    or written by an older version), another configuration (refused unless ``allow_changed``),
+    or another source file."""
+    problem = records.check_done(recipe.out, path, "finetune", fp, "study cell")
+    if problem is not None:
+        if problem.kind == "config" and not allow_changed:
+            raise problem.error()
+        return "; ".join(problem.changes) or problem.kind
+    recorded = (records.read_record(records.record_path(path)) or {}).get("inputs", {})
+    if recorded.get("source") != records.digests(recipe.out, [source]):
+        return f"made from another {records.relative(recipe.out, source)}"
+    return None
 
 
 def _scores(cell: dict[str, Any], key: str) -> list[float]:

@@ -130,3 +130,23 @@ def test_a_killed_study_resumes_from_its_finished_replicates(tiny_study, tmp_pat
     shutil.rmtree(tmp_path / "study" / "digits" / "r0", ignore_errors=False)
     with pytest.raises(ConfigChanged, match="finetune.search_trials"):
         run("study", *args, "--set", "study.search_trials=2")
+    # --allow-changed-config never reuses such a cell: it runs again under the new settings,
+    # and its record says so (the stored result is what the current settings made).
+    cell = tmp_path / "study" / "digits" / "r1" / "e1_bissl_ft.json"
+    before = json.loads(cell.read_text())
+    run("study", *args, "--set", "study.search_trials=2", "--allow-changed-config")
+    record = json.loads((cell.parent / (cell.name + ".config.json")).read_text())
+    assert record["format"] == 2 and record["stage"] == "finetune"
+    trials = [v for k, v in _flatten(record["fingerprint"]).items() if k.endswith("search_trials")]
+    assert trials and set(trials) == {2}, record["fingerprint"]
+    assert json.loads(cell.read_text())["wall_seconds"] != before["wall_seconds"]  # rerun
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
