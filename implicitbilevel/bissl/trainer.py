@@ -82,7 +82,7 @@ class BiSSLConfig:
             upper step's solve in each alternation (one more curvature product per alternation).
         measure_exact_residual: log ``ij_exact_relative_residual``, the same on the exact-Hessian
             system (one more product when the curvature is not the exact Hessian); see
-            :mod:`implicitbilevel.bissl.diagnostics`.
+            ``implicitbilevel.bissl.diagnostics``.
     """
 
     alternations: int = 500

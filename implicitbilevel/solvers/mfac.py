@@ -298,7 +298,7 @@ class MFAC(LinearSolver):
             thesis's settings, Sec. 6.1.3).
         measure_residual: spend one product to measure the residual of the Hessian system.
         tol: relative residual tolerance for ``converged`` when the residual is measured.
-        blocks: a partition of the solved names (:func:`partition_blocks`: ``None`` = one global
+        blocks: a partition of the solved names (``partition_blocks``: ``None`` = one global
             block, ``"layer"``, a regular expression, or lists of names); each block is solved
             with its own Gram matrix of the same ``m`` gradients (module docstring).
         window_device: where the window lives (``"cpu"`` keeps it in host memory on a GPU run);
