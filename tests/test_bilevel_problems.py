@@ -93,3 +93,27 @@ def test_cleaning_corrupts_the_stated_share_of_labels():
         noisy, _, _ = _digits(0, share)
         changed = float((noisy["t"] != clean["t"]).double().mean())
         assert changed == pytest.approx(share * 0.9, abs=0.05)  # a random class may be the same
+
+
+def test_every_suite_method_runs_and_the_report_renders(tmp_path):
+    """Each runner of the suite takes steps on a tiny quadratic, and a result renders."""
+    from benchmarks.bilevel_methods import METHODS, make_runner
+    from benchmarks.bilevel_suite import Settings, plot, render, run_method
+
+    pb = quadratic_problem(dim_inner=4, dim_outer=2, n_inner=128, n_outer=64)
+    for spec in METHODS:
+        runner = make_runner(spec, pb, 0.1, 1.0, seed=0)
+        for _ in range(2):
+            runner.step()
+        assert runner.equivalents() > 0, spec.name
+        assert all(bool(torch.isfinite(t).all()) for t in runner.x.values()), spec.name
+    tiny = Settings("quick", seeds=(1, 2), budget=0.05, tune_budget=0.02, evals=3)
+    methods = [run_method(spec, pb, tiny) for spec in METHODS[:2]]
+    problem = {"title": pb.title, "info": pb.info, "methods": methods,
+               "target": methods[0]["target"], "plot": str(tmp_path / "q.png")}
+    plot(problem, problem["plot"])
+    results = {"mode": "quick", "command": "test", "wall_seconds": 0.0,
+               "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 1, "torch": "t",
+                           "python": "p", "date_utc": "now"}, "problems": {"quadratic": problem}}
+    text = render(results)
+    assert "| SOBA |" in text and "| SABA |" in text and (tmp_path / "q.png").is_file()
