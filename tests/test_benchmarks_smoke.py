@@ -25,16 +25,21 @@ def one_thread():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """``benchmarks/run.py`` at its smoke size, run once for the tests below."""
+    return _run_once(tmp_path_factory.mktemp("smoke"), run, Settings.for_mode("smoke", "cpu"),
+                     "smoke-cpu.json")
+
+
+def _run_once(tmp_path, run_fn, settings, json_name):
+    """A benchmark at its smoke size on one intra-op thread: the folder, the settings, what it
+    returned and the JSON it wrote."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    tmp_path = tmp_path_factory.mktemp("smoke")
-    settings = Settings.for_mode("smoke", "cpu")
     try:
-        results = run("smoke", "cpu", str(tmp_path), "pytest smoke", log=lambda *_: None,
-                      settings=settings)
+        results = run_fn("smoke", "cpu", str(tmp_path), "pytest smoke", log=lambda *_: None,
+                         settings=settings)
     finally:
         torch.set_num_threads(before)
-    return tmp_path, settings, results, json.loads((tmp_path / "smoke-cpu.json").read_text())
+    return tmp_path, settings, results, json.loads((tmp_path / json_name).read_text())
 
 
 def _require_peer(saved: dict, peer: str) -> None:
@@ -120,16 +125,8 @@ def robust_smoke(tmp_path_factory):
     from benchmarks.robust_ij import Settings as RobustSettings
     from benchmarks.robust_ij import run as run_robust
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tmp_path = tmp_path_factory.mktemp("robust")
-    settings = RobustSettings.for_mode("smoke", "cpu")
-    try:
-        results = run_robust("smoke", "cpu", str(tmp_path), "pytest smoke", log=lambda *_: None,
-                             settings=settings)
-    finally:
-        torch.set_num_threads(before)
-    return tmp_path, settings, results, json.loads((tmp_path / "robust_ij-cpu.json").read_text())
+    return _run_once(tmp_path_factory.mktemp("robust"), run_robust,
+                     RobustSettings.for_mode("smoke", "cpu"), "robust_ij-cpu.json")
 
 
 def test_robust_ij_smoke(robust_smoke):
