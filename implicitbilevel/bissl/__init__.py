@@ -1,7 +1,7 @@
 """BiSSL training (thesis Algorithm 2) on a :class:`~implicitbilevel.BilevelProblem`: the loop and
 what it needs to run for days on shared machines.
 
-- ``trainer``: :class:`BiSSLTrainer` and :class:`BiSSLConfig`, the
+- ``trainer`` and ``config``: :class:`BiSSLTrainer` and :class:`BiSSLConfig`, the
   alternations of ``N_L`` lower and ``N_U`` upper steps with clipping, schedules, λ stepping,
   logging and exact resume;
 - ``objective``: :func:`bissl_upper_loss`, the upper objective
@@ -15,7 +15,8 @@ what it needs to run for days on shared machines.
 """
 
 from .batch_stack import BatchStack
+from .config import BiSSLConfig
 from .objective import bissl_upper_loss
-from .trainer import BiSSLConfig, BiSSLTrainer
+from .trainer import BiSSLTrainer
 
 __all__ = ["BatchStack", "BiSSLConfig", "BiSSLTrainer", "bissl_upper_loss"]

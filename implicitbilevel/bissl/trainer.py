@@ -38,7 +38,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,64 +46,21 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, NonFiniteError
-from ..lam import LearnableLambda
 from ..parallel.distributed import is_main_process
 from ..problem import BilevelProblem
 from ..results import assign_grads
 from ..tree import Params
 from .batch_stack import BatchStack, to_device
 from .checkpoint import load_checkpoint
+from .config import BiSSLConfig, resume_changes, run_settings
 from .diagnostics import solve_diagnostics
 from .run_log import json_line, progress_bar, rewrite_log
-from .run_state import RunState, config_changes, save_on_main, upgrade_v1
+from .run_state import RunState, save_on_main, upgrade_v1
 
 __all__ = ["BiSSLConfig", "BiSSLTrainer"]
 
 _FORMAT = "implicitbilevel.bissl/2"
-#: The loop settings that change what a run computes (progress bars and logging do not).
-_RESULT_SETTINGS = ("alternations", "lower_steps", "upper_steps", "grad_clip", "autocast")
 _FORMAT_V1 = "implicitbilevel.bissl/1"  # a learnable λ's ρ under "lam_rho", apart from upper_params
-
-
-@dataclass
-class BiSSLConfig:
-    """The loop's hyperparameters (thesis defaults, Sec. 6.1.3).
-
-    Attributes:
-        alternations: ``T``.
-        lower_steps: ``N_L``.
-        upper_steps: ``N_U``.
-        grad_clip: clip each level's gradient norm to this (``None``: no clipping).
-        checkpoint_every: alternations between checkpoints (with ``out_dir``).
-        autocast: ``"bf16"`` runs the forward passes of both levels (and the Hessian's) under
-            ``torch.autocast``; gradients, solver arithmetic and weights stay in fp32.
-        progress: show a progress bar (needs ``tqdm``).
-        measure_residual: log ``ij_relative_residual``, the true ``‖v − A u‖/‖v‖`` of the last
-            upper step's solve in each alternation (one more curvature product per alternation).
-        measure_exact_residual: log ``ij_exact_relative_residual``, the same on the exact-Hessian
-            system (one more product when the curvature is not the exact Hessian); see
-            ``implicitbilevel.bissl.diagnostics``.
-    """
-
-    alternations: int = 500
-    lower_steps: int = 20
-    upper_steps: int = 8
-    grad_clip: float | None = 10.0
-    checkpoint_every: int = 1
-    autocast: str | None = None
-    progress: bool = True
-    measure_residual: bool = True
-    measure_exact_residual: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("alternations", "lower_steps", "upper_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"BiSSLConfig.{name} must be an int >= 1, got {value!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"BiSSLConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
-        if self.autocast not in (None, "bf16"):
-            raise ValueError(f"BiSSLConfig.autocast must be None or 'bf16', got {self.autocast!r}")
 
 
 def _grad_norm(params: Mapping[str, Tensor]) -> Tensor:
@@ -334,11 +291,7 @@ class BiSSLTrainer:
 
     def _settings(self) -> dict[str, Any]:
         """What a resume must not change silently: the loop's settings and the problem's."""
-        cfg, ij = asdict(self.config), self.problem.ij
-        return {**{k: cfg[k] for k in _RESULT_SETTINGS}, "lam": _describe_lam(self.problem.lam),
-                "damping": ij.damping, "solver": repr(self.problem.solver),
-                "solve_over": ij.solve_over, "head_damping": ij.head_damping,
-                "curvature": ij.curvature if isinstance(ij.curvature, str) else "gauss-newton"}
+        return run_settings(self.config, self.problem)
 
     def _solver_state(self) -> dict[str, Any]:
         """``{"ij": ...}`` when the solver carries state across alternations (M-FAC's window)."""
@@ -387,12 +340,8 @@ class BiSSLTrainer:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path)
-            changes = config_changes(state.get("settings"), self._settings())
-            if changes and not allow_changed_config:
-                listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-                raise ValueError(f"the checkpoint in {self.out_dir} was made under other settings "
-                                 f"({listed}); resume with the settings it was made with, or "
-                                 "pass allow_changed_config=True to continue under the new ones")
+            changes = resume_changes(state.get("settings"), self._settings(), self.out_dir,
+                                     allow=allow_changed_config)
             self.load_state_dict(state)
             self._changes = {k: list(v) for k, v in changes.items()}
         self.run_state.broadcast()
@@ -432,11 +381,3 @@ class BiSSLTrainer:
             if bar is not None:
                 bar.close()
         return self.history
-
-
-def _describe_lam(lam: Any) -> str:
-    """λ as a resume compares it: a learnable λ's starting value does not matter once ρ is
-    restored from the checkpoint."""
-    if isinstance(lam, LearnableLambda):
-        return f"LearnableLambda(damping={lam.damping!r})"
-    return repr(lam)
