@@ -32,6 +32,9 @@ def targets(systems: Sequence[Mapping[str, Any]], residual: float = 0.1,
             if not r:
                 unknown.append(f"{s['proxy']}@{s['steps']} (not measured)")
                 continue
+            if "skipped" in r:
+                unknown.append(f"{s['proxy']}@{s['steps']} (skipped)")
+                continue
             if "error" in r:
                 failed.append(f"{s['proxy']}@{s['steps']}: {r['error']}")
                 continue
@@ -45,12 +48,12 @@ def targets(systems: Sequence[Mapping[str, Any]], residual: float = 0.1,
             # "No method reaches it": no method solving the same system (exact or GN) does.
             anyone = any((x.get("solved_within_target") or 0) >= fraction
                          and x["breakdowns"] == 0 for x in s["rows"]
-                         if "error" not in x and x["curvature"] == r["curvature"])
+                         if _measured(x) and x["curvature"] == r["curvature"])
             minres = rows.get("minres", {}).get("exact_residual_median", math.nan)
             if key == "minres" and r["breakdowns"] == 0 and (within is None or within < fraction):
                 anyone_exact = any((x.get("solved_within_target") or 0) >= fraction
                                    for x in s["rows"] if x.get("curvature") == "hessian"
-                                   and "error" not in x and x["breakdowns"] == 0)
+                                   and _measured(x) and x["breakdowns"] == 0)
                 if not anyone_exact:
                     fallback += 1  # the reference of the fallback rule
                     continue
@@ -113,6 +116,11 @@ def render_markdown(results: Mapping[str, Any], partial: bool = False) -> str:
                         "<= 0.1", "exact residual", "cos(u, v)", "cost (grads)", "peak MiB")
     for s in systems:
         for r in s.get("rows", []):
+            if "skipped" in r:
+                lines.append(row(s["proxy"], _steps(s), r["method"], "skipped",
+                                 short(r["skipped"].removeprefix("skipped: "), 60), "-", "-",
+                                 "-", "-", "-"))
+                continue
             if "error" in r:
                 lines.append(row(s["proxy"], _steps(s), r["method"], "error",
                                  short(r["error"], 60), "-", "-", "-", "-", "-"))
@@ -149,7 +157,18 @@ def render_markdown(results: Mapping[str, Any], partial: bool = False) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(f"- {key}: {short(why, 150)}")
+    skipped = sorted({(s["proxy"], r["method"], r["skipped"]) for s in systems
+                      for r in s.get("rows", []) if "skipped" in r})
+    if skipped:
+        lines += ["", "Methods not run:", ""]
+        lines += [f"- {proxy}, {key}: {why.removeprefix('skipped: ')}"
+                  for proxy, key, why in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _measured(r: Mapping[str, Any]) -> bool:
+    """Whether a method's row holds measurements (not an error, not skipped)."""
+    return "error" not in r and "skipped" not in r
 
 
 def _steps(s: Mapping[str, Any]) -> str:
