@@ -7,7 +7,11 @@
             --set model.pretrained=DIR --set data.glue=GLUE_DIR --set data.corpus=BOOKS_DIR
         the paper setup (117M GPT, BooksCorpus, GLUE).
     python recipes/gpt_glue_bissl.py bissl --resume      # continue a killed BiSSL stage
-    python recipes/gpt_glue_bissl.py sweep --param lam   # a Table 6.2 grid on every task
+    python recipes/gpt_glue_bissl.py sweep --param lam   # the λ grid of Table 6.2, every task
+    python recipes/gpt_glue_bissl.py sweep --param lam_init --set bissl.lam_damping=10
+        the learnable-λ initialisations of Table F.8 (run it with lam_damping=0 and 10)
+    python recipes/gpt_glue_bissl.py study               # Only-FT vs BiSSL+FT over FT budgets
+    python recipes/gpt_glue_bissl.py --help-config       # every --set key with its default
     torchrun --nproc_per_node 4 recipes/gpt_glue_bissl.py ... (same arguments)
 
 Stages, per GLUE task (``<task>/`` in ``run.out_dir``): ``pretext`` (next-token pretraining of

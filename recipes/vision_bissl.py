@@ -5,7 +5,9 @@
     python recipes/vision_bissl.py all --config recipes/configs/vision_small.yaml \\
         --set data.pretext_root=/data/stl10 --set data.downstream_root=/data
     python recipes/vision_bissl.py bissl --resume        # continue a killed BiSSL stage
-    python recipes/vision_bissl.py sweep --param lam     # a Table 6.2 grid: one table, one plot
+    python recipes/vision_bissl.py sweep --param lam     # the λ grid of Table 6.2 (Table F.1)
+    python recipes/vision_bissl.py study                 # Only-FT vs BiSSL+FT over FT budgets
+    python recipes/vision_bissl.py --help-config         # every --set key with its default
 
 Stages (thesis chapter 6; files in ``run.out_dir``, per downstream dataset ``<target>/``):
 ``pretext`` (SimCLR with LARS), ``only-ft`` (random search of (lr, wd), retrain over seeds),

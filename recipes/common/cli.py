@@ -3,6 +3,7 @@
     python recipes/<recipe>.py [STAGE ...] [--config FILE] [--set KEY=VALUE ...] [--resume]
     python recipes/<recipe>.py sweep --param NAME [--config FILE] [--set KEY=VALUE ...]
     python recipes/<recipe>.py study [--config FILE] [--set KEY=VALUE ...] [--overwrite]
+    python recipes/<recipe>.py --help-config [--config FILE]   # every --set key, its default
 
 ``STAGE``: ``all`` (default: every stage, then the report), ``pretext``, ``only-ft``,
 ``head-warmup``, ``bissl``, ``finetune``, ``report``; several run in the pipeline's order.
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .config import load_config
+from .help import config_help, plain, stages_help
 from .pipeline import STAGES, Recipe
 from .report import report
 from .run_lock import RunLock
@@ -46,14 +48,26 @@ __all__ = ["COMMANDS", "main", "parse_args"]
 COMMANDS = ("all", *STAGES, "report", "sweep", "study")
 
 
-def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> argparse.Namespace:
-    """The shared command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+def parse_args(argv: list[str] | None, default_config: Path, doc: str = "",
+               config_class: type | None = None) -> argparse.Namespace:
+    """The shared command line (see the module docstring).
+
+    ``doc`` (the recipe's docstring) is shown as plain text, followed by every command and sweep
+    parameter; with ``config_class``, ``--help-config`` prints every config key (with the values
+    of ``--config`` where they differ from the defaults) and exits.
+    """
+    p = argparse.ArgumentParser(description=plain(doc), epilog=stages_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stages", nargs="*", metavar="STAGE",
-                   help=f"one or more of {', '.join(COMMANDS)} (default: all)")
-    p.add_argument("--config", default=str(default_config), help="YAML config file")
+                   help=f"one or more of {', '.join(COMMANDS)} (default: all; see below)")
+    p.add_argument("--config", default=str(default_config),
+                   help=f"YAML config file (default: {_shown(default_config)})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set bissl.lam=0.01 (repeatable)")
+                   help="override a config value, e.g. --set bissl.lam=0.01 (repeatable); "
+                        "--help-config lists every key")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config key with its type, default, bounds and meaning, "
+                        "and the value --config sets where it differs, then exit")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed BiSSL stage and skip finished stages")
     p.add_argument("--overwrite", action="store_true",
@@ -61,8 +75,18 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> a
     p.add_argument("--allow-changed-config", action="store_true",
                    help="go on although a stage's input or a reused stage was made under "
                         "another configuration (each change is recorded in the stage's record)")
-    p.add_argument("--param", choices=sorted(SWEEPS), default="lam", help="what `sweep` varies")
+    p.add_argument("--param", choices=sorted(SWEEPS), default="lam", metavar="NAME",
+                   help="what `sweep` varies (default: lam; the names are listed below)")
     args = p.parse_args(argv)
+    if args.help_config:
+        if config_class is None:
+            p.error("--help-config needs the recipe's config class")
+        try:
+            loaded = load_config(args.config, config_class, args.overrides)
+        except ValueError as err:
+            p.error(str(err))
+        print(config_help(config_class, loaded, _shown(Path(args.config))))
+        p.exit()
     args.stages = args.stages or ["all"]
     unknown = [s for s in args.stages if s not in COMMANDS]
     if unknown:
@@ -70,6 +94,14 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str = "") -> a
     if len(args.stages) > 1 and {"sweep", "all", "study"} & set(args.stages):
         p.error("'all', 'sweep' and 'study' run alone")
     return args
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Path,
@@ -80,7 +112,7 @@ def main(recipe_class: type[Recipe], argv: list[str] | None, default_config: Pat
     magnitude), and the thread count and the flag are restored afterwards, as is the absence of
     a process group when this call created it.
     """
-    args = parse_args(argv, default_config, doc)
+    args = parse_args(argv, default_config, doc, recipe_class.config_class)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # stage summaries appear as they finish
     was_flushing = sys.float_info.min / 2 == 0.0
