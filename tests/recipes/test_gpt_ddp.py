@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_gpt_end_to_end import TINY as E2E_TINY
-from test_gpt_end_to_end import _load_script
 from test_gpt_end_to_end import sets as _sets
+from tiny import load_gpt_script as _load_script
 
 from implicitbilevel.bissl.checkpoint import load_checkpoint
 from recipes.common import RankFailure, map_over_ranks, per_rank_batch_size

@@ -1,14 +1,14 @@
 """A tiny end-to-end run of the GPT-GLUE recipe (embedded data, every stage, seconds), its BiSSL
 variants, a resumed BiSSL stage and a fine-tuning-epochs sweep."""
 
-import importlib.util
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from tiny import GPT_TINY as TINY
+from tiny import SCRIPT, load_gpt_script, sets  # noqa: F401
 
 from recipes.common import load_checkpoint
 from recipes.common.pipeline import Recipe
@@ -17,34 +17,9 @@ from recipes.common.pipeline import Recipe
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "gpt_glue_bissl.py"
-
-TINY = [
-    "data.tasks=[sst2, stsb]", "data.embedded_train=80", "data.embedded_test=40",
-    "data.embedded_corpus_sentences=600", "model.context=48", "model.width=16", "model.layers=1",
-    "model.heads=2", "model.bpe_vocab=200", "pretrain.steps=5", "finetune.epochs=1",
-    "finetune.lrs=[1.0e-3, 3.0e-3]", "finetune.weight_decays=[0.01]", "finetune.seeds=[0, 1]",
-    "finetune.evals_per_epoch=2", "bissl.alternations=3", "bissl.lower_steps=2",
-    "bissl.upper_steps=1", "bissl.lower_batch_size=4", "bissl.cg_iters=2", "bissl.damping=100.0",
-    "bissl.checkpoint_every=1", "run.progress=false",
-]  # fmt: skip
-
-
-def sets(*overrides):
-    """``--set`` arguments."""
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpt_glue_bissl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_gpt_script()
 
 
 @pytest.fixture(scope="module")

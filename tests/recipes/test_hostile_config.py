@@ -11,8 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_gpt_end_to_end import _load_script
-from test_vision_e2e import TINY, run, sets
+from tiny import TINY, run, sets
+from tiny import load_gpt_script as _load_script
 
 from recipes.common import ConfigError, load_config
 from recipes.common.run_lock import RunLock, RunLocked

@@ -9,10 +9,8 @@ import sys
 
 import pytest
 import torch
-from test_gpt_end_to_end import TINY as GPT_TINY
-from test_gpt_end_to_end import _load_script
-from test_gpt_end_to_end import sets as gpt_sets
-from test_vision_e2e import TINY, run, sets
+from tiny import GPT_TINY, TINY, gpt_sets, run, sets
+from tiny import load_gpt_script as _load_script
 
 from recipes.common import load_checkpoint
 from recipes.common.config import ConfigError

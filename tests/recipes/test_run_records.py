@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from test_vision_e2e import TINY, run, sets
+from tiny import TINY, run, sets
 
 from recipes.common import load_checkpoint, save_checkpoint
 from recipes.common.fingerprint import ConfigChanged

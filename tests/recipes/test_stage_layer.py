@@ -3,7 +3,7 @@ pretraining, the λ wiring."""
 
 import pytest
 import torch
-from test_vision_e2e import TINY, run, sets
+from tiny import TINY, run, sets
 
 from implicitbilevel import BilevelProblem, LearnableLambda
 from recipes.common import load_checkpoint

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from test_vision_e2e import TINY, run, sets
+from tiny import TINY, run, sets
 
 from recipes.common.fingerprint import ConfigChanged
 from recipes.common.pipeline import Recipe

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vision_e2e import TINY
+from tiny import TINY
 
 from recipes import vision_bissl
 from recipes.common import load_checkpoint

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
+from tiny import TINY, run, sets  # noqa: F401  (re-exported for older imports)
 
-from recipes import vision_bissl
 from recipes.common import load_checkpoint
 from recipes.common.pipeline import Recipe
 
@@ -15,31 +15,6 @@ from recipes.common.pipeline import Recipe
 # Slow: whole pipelines (the README says how to skip them locally).
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")]
-
-TINY = [
-    "data.image_size=8", "data.test_resize=8", "data.digits_pretext=128", "data.digits_train=40",
-    "data.digits_val=30", "model.width=4", "model.proj_dim=16", "pretext.epochs=2",
-    "pretext.baseline_extra_epochs=1",
-    "pretext.batch_size=64", "pretext.warmup_epochs=1", "finetune.epochs=2",
-    "finetune.batch_size=20", "finetune.search_trials=2", "finetune.search_epochs=1",
-    "finetune.seeds=[0, 1, 2]", "warmup.epochs=1", "bissl.alternations=3", "bissl.lower_steps=2",
-    "bissl.upper_steps=2", "bissl.lower_batch_size=32", "bissl.upper_batch_size=20",
-    "bissl.lower_warmup_alternations=1", "run.threads=1", "run.progress=false",
-]  # fmt: skip
-
-
-def sets(*overrides):
-    """``--set`` arguments."""
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def run(*argv):
-    threads = torch.get_num_threads()
-    try:
-        return vision_bissl.main(list(argv))
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_vision_e2e import TINY, run, sets
+from tiny import TINY, run, sets
 from torchvision.models import resnet18, resnet50
 
 from recipes.common import load_checkpoint
