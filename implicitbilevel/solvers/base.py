@@ -65,6 +65,17 @@ class SolveInfo:
             never below ``10·eps·rhs_norm`` (the dtype's rounding floor).
         breakdown: ``None``, or why the solver stopped early (non-positive curvature, non-finite
             values, a diverging series, a singular matrix).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b = {"w": torch.tensor([3.0, 4.0], dtype=torch.float64)}
+        >>> _, info = ib.CG(max_iter=1)(lambda v: {"w": Q @ v["w"]}, b)
+        >>> info.rhs_norm, info.iterations
+        (5.0, 1)
+        >>> info.relative_residual == info.residual_norm / info.rhs_norm
+        True
     """
 
     iterations: int
@@ -85,6 +96,20 @@ class LinearSolver(abc.ABC):
     Attributes:
         observes_gradients: whether :meth:`observe` uses the gradients it is given (a training
             loop computes and sends them only then).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> class Jacobi(ib.LinearSolver):                        # x = b / diag(A), one product
+        ...     def __call__(self, matvec, b, x0=None):
+        ...         d = matvec({n: torch.ones_like(t) for n, t in b.items()})  # A is diagonal
+        ...         x = {n: b[n] / d[n] for n in b}
+        ...         return x, ib.SolveInfo(1, 0.0, float(torch.linalg.vector_norm(b["w"])), True)
+        >>> A = torch.tensor([2.0, 4.0], dtype=torch.float64)
+        >>> x, info = Jacobi()(lambda v: {"w": A * v["w"]}, {"w": torch.tensor([1.0, 1.0],
+        ...                    dtype=torch.float64)})
+        >>> x["w"].tolist()
+        [0.5, 0.25]
     """
 
     observes_gradients: ClassVar[bool] = False

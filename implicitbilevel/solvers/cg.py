@@ -62,6 +62,17 @@ class CG(KrylovSolver):
         preconditioner: ``None``, or a :data:`~implicitbilevel.solvers.Preconditioner`: called
             with the system's ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive
             definite ``M ≈ A``. The stopping test stays on the true residual ``||r||``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+        >>> x, info = ib.CG(max_iter=10, tol=1e-10)(lambda v: {"w": Q @ v["w"]}, b)
+        >>> torch.allclose(x["w"], torch.linalg.solve(Q, b["w"]))
+        True
+        >>> info.iterations, info.converged
+        (2, True)
     """
 
     blockwise: bool = False

@@ -26,6 +26,15 @@ class Dense(LinearSolver):
     Args:
         max_dim: refuse systems with more unknowns than this (the matrix has ``n²`` entries and
             costs ``n`` products).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+        >>> x, info = ib.Dense()(lambda v: {"w": Q @ v["w"]}, b)
+        >>> torch.allclose(x["w"], torch.linalg.solve(Q, b["w"])), info.iterations
+        (True, 2)
     """
 
     max_dim: int = 4096

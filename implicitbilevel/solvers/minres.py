@@ -108,6 +108,17 @@ class MINRES(KrylovSolver):
 
     Reference: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of linear
     equations", SIAM J. Numer. Anal. 12(4), 617-629, 1975.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> A = torch.tensor([[1.0, 2.0], [2.0, -1.0]], dtype=torch.float64)  # indefinite
+        >>> b = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+        >>> x, info = ib.MINRES(max_iter=10, tol=1e-10)(lambda v: {"w": A @ v["w"]}, b)
+        >>> torch.allclose(x["w"], torch.linalg.solve(A, b["w"]))
+        True
+        >>> info.breakdown is None
+        True
     """
 
     def solve(

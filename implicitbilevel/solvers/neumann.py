@@ -29,6 +29,16 @@ class Neumann(LinearSolver):
         max_iter: ``K``, the number of matrix-vector products.
         alpha: the step ``α`` (``1`` suits ``A = I + H/μ`` when ``||H/μ|| < 1``).
         tol: stop once ``||p_k|| <= tol·||b||`` (``0``: always ``K`` products).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> A = torch.eye(2, dtype=torch.float64) + Q / 4          # spectral radius of I - A/2 < 1
+        >>> b = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+        >>> x, info = ib.Neumann(max_iter=60, alpha=0.5)(lambda v: {"w": A @ v["w"]}, b)
+        >>> torch.allclose(x["w"], torch.linalg.solve(A, b["w"]))
+        True
     """
 
     max_iter: int = 5

@@ -49,6 +49,15 @@ class OriginalBiSSLCG(LinearSolver):
     Diagnostics: ``iterations = max_iter``; ``residual_norm`` from the recurrence (``‖r‖`` over
     all blocks; the trainer measures the true residual); ``converged`` is ``False`` (there is no
     stopping test); ``breakdown`` names the non-finite entries that were replaced, if any.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+        >>> x, info = ib.OriginalBiSSLCG(max_iter=2)(lambda v: {"w": Q @ v["w"]}, b)
+        >>> torch.allclose(x["w"], torch.linalg.solve(Q, b["w"]))   # CG is exact after n = 2 steps
+        True
     """
 
     max_iter: int = 5
