@@ -93,6 +93,15 @@ class GradientWindow:
         buffer: ``{name: Tensor of shape (m, *shape)}``; rows ``0 … k−1`` hold gradients.
         gram: ``{name: (m, m) float64}``, ``gram[name][i, j] = ⟨g_i[name], g_j[name]⟩``.
         version: incremented by every change (a key for what is cached from the window).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> window = ib.GradientWindow(m=2)
+        >>> for g in ([1.0, 0.0], [0.0, 2.0], [3.0, 0.0]):  # the third replaces the first
+        ...     window.observe({"w": torch.tensor(g, dtype=torch.float64)})
+        >>> window.count, sorted(window.buffer["w"].sum(dim=1).tolist())
+        (2, [2.0, 3.0])
     """
 
     def __init__(self, m: int, device: str | torch.device | None = None) -> None:
@@ -311,6 +320,22 @@ class MFAC(LinearSolver):
         ValueError: at construction for a bad ``m`` or ``tol``; when called with a system whose
             damping ``D`` is not an invertible per-name diagonal, or with a right-hand side over
             other names than the observed gradients.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> H = ib.HessianOperator(lambda p: (p["w"] ** 2).sum(),          # only its names are used
+        ...                        {"w": torch.zeros(3, dtype=torch.float64)})
+        >>> A = ib.IJSystem(H, mu=0.5, identity=["w"])
+        >>> solver = ib.MFAC(m=2)
+        >>> G = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> for g in G:
+        ...     solver.observe({"w": g})                   # a training loop's lower gradients
+        >>> v = {"w": torch.ones(3, dtype=torch.float64)}
+        >>> u, info = solver(A, v)                         # (I + G^T G / (k mu))^-1 v, no H
+        >>> fisher = torch.eye(3, dtype=torch.float64) + G.T @ G / (2 * 0.5)
+        >>> torch.allclose(u["w"], torch.linalg.solve(fisher, v["w"])), A.products
+        (True, 0)
     """
 
     m: int = 20
