@@ -148,6 +148,19 @@ class CurvatureOperator(abc.ABC):
     tensors autograd would check). :meth:`check_point` with ``at=`` also compares the fingerprint
     of the values, which catches what version counters miss: a change made through ``.data``, or
     a call with another dict of values than the one the operator was built at.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ Q @ p["w"],
+        ...                        {"w": torch.zeros(2, dtype=torch.float64)})
+        >>> isinstance(H, ib.CurvatureOperator), H.names
+        (True, ['w'])
+        >>> _ = H({"w": torch.ones(2, dtype=torch.float64)})
+        >>> _ = H.batched({"w": torch.eye(2, dtype=torch.float64)})     # k = 2 products in one call
+        >>> H.calls                                       # products: 1 + 2
+        3
     """
 
     psd: bool = False

@@ -234,6 +234,16 @@ class GaussNewtonOperator(CurvatureOperator):
         psd: ``True``.
         memo: an empty dict at construction, for callers to cache what is derived from this one
             operator (e.g. a low-rank approximation shared by several solves).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> X = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> G = ib.GaussNewtonOperator(lambda p: X @ p["w"], lambda z: 0.5 * (z ** 2).sum(),
+        ...                            {"w": torch.zeros(2, dtype=torch.float64)})
+        >>> t = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+        >>> torch.allclose(G(t)["w"], X.T @ X @ t["w"])                   # J^T J t with J = X
+        True
     """
 
     psd = True
@@ -292,6 +302,21 @@ class GaussNewton:
 
     Calling the object evaluates the composed loss, so it also serves where a plain loss function
     is expected (e.g. as ``fn`` of a :class:`~implicitbilevel.hessian.HessianOperator`).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> y = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+        >>> gn = ib.GaussNewton(lambda p: torch.tanh(X @ p["w"]),
+        ...                     lambda z: 0.5 * ((z - y) ** 2).sum())
+        >>> w = {"w": torch.tensor([0.3, -0.2], dtype=torch.float64)}
+        >>> float(gn(w)) == float(0.5 * ((torch.tanh(X @ w["w"]) - y) ** 2).sum())
+        True
+        >>> J = (1 - torch.tanh(X @ w["w"]) ** 2)[:, None] * X       # Jacobian of the outputs
+        >>> G = ib.GaussNewtonOperator(gn.outputs, gn.output_loss, w)
+        >>> torch.allclose(G.batched({"w": torch.eye(2, dtype=torch.float64)})["w"], J.T @ J)
+        True
     """
 
     outputs: Callable[..., Tensor]

@@ -85,7 +85,20 @@ _FALLBACK_WARNED: set[tuple[int, str]] = set()
 
 
 def in_hvp() -> bool:
-    """Return ``True`` while a Hessian-vector product of this library is being evaluated."""
+    """Return ``True`` while a Hessian-vector product of this library is being evaluated.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> seen = []
+        >>> def f(p):
+        ...     seen.append(ib.in_hvp())
+        ...     return (p["w"] ** 2).sum()
+        >>> w = {"w": torch.ones(2, dtype=torch.float64)}
+        >>> _ = ib.hvp(f, w, w)
+        >>> ib.in_hvp(), any(seen)
+        (False, True)
+    """
     return _IN_HVP.get()
 
 
@@ -126,6 +139,16 @@ def functional_module(module: nn.Module, *, freeze_buffers: bool | None = None) 
         freeze_buffers: ``True`` runs on copies of the buffers (running statistics unchanged),
             ``False`` on the module's own buffers (a train-mode BatchNorm updates them). ``None``
             (default) freezes inside this library's Hessian-vector products and nowhere else.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> net = torch.nn.Linear(2, 1).double()
+        >>> call = ib.functional_module(net)
+        >>> x = torch.ones(1, 2, dtype=torch.float64)
+        >>> params = {"weight": torch.zeros(1, 2, dtype=torch.float64)}   # the bias keeps its value
+        >>> torch.equal(call(params, x), net.bias.detach().reshape(1, 1))
+        True
     """
 
     def call(params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
@@ -273,6 +296,16 @@ def hvp(
 
     Returns:
         A dict with the names of ``params``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> def f(p):                                    # f(w) = sum(w^3): Hessian diag(6 w)
+        ...     return (p["w"] ** 3).sum()
+        >>> w = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+        >>> t = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+        >>> ib.hvp(f, w, t)["w"].tolist()
+        [6.0, 12.0]
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -315,6 +348,18 @@ class HessianOperator(CurvatureOperator):
         psd: ``False``: the exact Hessian of a non-convex loss can be indefinite.
         memo: an empty dict at construction, for callers to cache what is derived from this one
             operator (e.g. a low-rank approximation shared by several solves).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> def f(p):                                    # 1/2 w^T Q w: Hessian Q
+        ...     return 0.5 * p["w"] @ Q @ p["w"]
+        >>> H = ib.HessianOperator(f, {"w": torch.zeros(2, dtype=torch.float64)})
+        >>> H({"w": torch.tensor([1.0, 0.0], dtype=torch.float64)})["w"].tolist()
+        [2.0, 0.5]
+        >>> H.batched({"w": torch.eye(2, dtype=torch.float64)})["w"].tolist()   # k = 2 tangents
+        [[2.0, 0.5], [0.5, 1.0]]
     """
 
     psd = False
