@@ -86,6 +86,20 @@ class ArgminSolve:
         stationarity: how far the given ``y`` is from a stationary point of ``g``
             (:class:`~implicitbilevel.stationarity.Stationarity`), ``None`` with
             ``on_nonstationary="ignore"``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> x = {"a": torch.tensor(2.0, dtype=torch.float64, requires_grad=True)}
+        >>> def g(y, x):                                  # y* = a / 3
+        ...     return 1.5 * (y["w"] ** 2).sum() - x["a"] * y["w"].sum()
+        >>> records = []
+        >>> y = ib.argmin(g, {"w": torch.tensor([2.0 / 3], dtype=torch.float64)}, x,
+        ...               ij=ib.ImplicitJacobian(ib.CG(max_iter=3)), on_solve=records.append)
+        >>> y["w"].sum().backward()
+        >>> solve = records[0]                            # A = H = 3, v = dL/dy* = 1: u = 1/3
+        >>> round(float(solve.u["w"]), 12), round(float(x["a"].grad), 12)
+        (0.333333333333, 0.333333333333)
     """
 
     u: Params
@@ -292,6 +306,21 @@ def argmin(
         TypeError: ``y`` or ``x`` is not a non-empty dict of tensors; a bad solver or curvature.
         ValueError: ``g`` does not return a scalar (checked once here, with ``g`` evaluated at
             ``y``); a bad ``damping`` or ``on_breakdown``; a tensor in ``args`` requires grad.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> t = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+        >>> x = {"lam": torch.tensor(0.5, dtype=torch.float64, requires_grad=True)}
+        >>> def ridge(y, x):                      # 1/2 ||Xw - t||^2 + lam/2 ||w||^2
+        ...     return 0.5 * ((X @ y["w"] - t) ** 2).sum() + 0.5 * x["lam"] * (y["w"] ** 2).sum()
+        >>> K = X.T @ X + 0.5 * torch.eye(2, dtype=torch.float64)
+        >>> w = torch.linalg.solve(K, X.T @ t)             # the inner solution, found any way
+        >>> w_star = ib.argmin(ridge, {"w": w}, x, ij=ib.ImplicitJacobian(ib.Dense()))
+        >>> w_star["w"].sum().backward()                   # d(sum w*)/d lam = -1^T K^-1 w*
+        >>> torch.allclose(x["lam"].grad, -torch.linalg.solve(K, w).sum())
+        True
     """
     y = _tensor_dict(y, "y (the inner solution)")
     x = _tensor_dict(x, "x (the outer variables)")

@@ -216,6 +216,17 @@ class IJSystem:
         ridge: ``ε`` added on ``ridge_names`` (the head block of the concatenated-head system).
         ridge_names: the names the ridge applies to.
         reducer: averages curvature products across data-parallel ranks (``dict``: none).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ Q @ p["w"],
+        ...                        {"w": torch.zeros(2, dtype=torch.float64)})
+        >>> A = ib.IJSystem(H, mu=2.0, identity=["w"])                    # A = I + Q / 2
+        >>> z = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+        >>> torch.allclose(A(z)["w"], (torch.eye(2, dtype=torch.float64) + Q / 2) @ z["w"])
+        True
     """
 
     def __init__(

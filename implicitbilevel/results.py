@@ -50,6 +50,28 @@ class UpperGradient:
         prepare_seconds: the seconds the solver spent on per-operator work for this step
             (:meth:`LinearSolver.prepare <implicitbilevel.LinearSolver.prepare>`; 0 when it was
             already prepared for this operator).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b, c = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> lam = torch.tensor(0.5, dtype=torch.float64)
+        >>> def lower_loss(y, batch):                     # l(y) = 1/2 y^T Q y - b^T y
+        ...     return 0.5 * y["w"] @ Q @ y["w"] - b @ y["w"]
+        >>> def upper_loss(x, y, batch):                  # f(x, y) = 1/2 ||y - c||^2
+        ...     return 0.5 * ((y["w"] - c) ** 2).sum()
+        >>> x = {"w": torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)}
+        >>> QL = Q + lam * torch.eye(2, dtype=torch.float64)
+        >>> y = {"w": torch.linalg.solve(QL, b + lam * x["w"].detach()).requires_grad_()}  # y*(x)
+        >>> problem = ib.BilevelProblem(upper_loss, lower_loss, lam=float(lam),
+        ...                             regularizer=ib.ProximalL2(),
+        ...                             ij=ib.ImplicitJacobian(ib.CG(10)))
+        >>> out = problem.upper_grad(x, y, upper_batch=None, lower_batch=None)
+        >>> torch.allclose(out.system(out.u)["w"], out.rhs["w"])     # u solves A u = v
+        True
+        >>> out.lam, out.info.converged
+        (0.5, True)
     """
 
     grads: Params
@@ -87,6 +109,26 @@ class LowerGradient:
         loss: ``ℓ(y)``, detached.
         regularizer: ``r(x, y)``, detached.
         lam: the λ used.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+        >>> b, c = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> lam = torch.tensor(0.5, dtype=torch.float64)
+        >>> def lower_loss(y, batch):                     # l(y) = 1/2 y^T Q y - b^T y
+        ...     return 0.5 * y["w"] @ Q @ y["w"] - b @ y["w"]
+        >>> def upper_loss(x, y, batch):                  # f(x, y) = 1/2 ||y - c||^2
+        ...     return 0.5 * ((y["w"] - c) ** 2).sum()
+        >>> x = {"w": torch.tensor([0.2, -0.1], dtype=torch.float64, requires_grad=True)}
+        >>> QL = Q + lam * torch.eye(2, dtype=torch.float64)
+        >>> y = {"w": torch.linalg.solve(QL, b + lam * x["w"].detach()).requires_grad_()}  # y*(x)
+        >>> problem = ib.BilevelProblem(upper_loss, lower_loss, lam=float(lam),
+        ...                             regularizer=ib.ProximalL2())
+        >>> y0 = {"w": torch.zeros(2, dtype=torch.float64, requires_grad=True)}
+        >>> low = problem.lower_grad(x, y0, batch=None)            # -b + lam (0 - x)
+        >>> torch.allclose(low.grads["w"], -b - lam * x["w"].detach()), low.lam
+        (True, 0.5)
     """
 
     grads: Params
@@ -99,6 +141,15 @@ def assign_grads(params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> N
     """Write ``grads`` into ``params[name].grad`` so a ``torch.optim`` optimiser can step.
 
     Names in ``params`` without a gradient get ``None`` (the optimiser skips them).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> params = {n: torch.zeros(2, requires_grad=True) for n in ("w", "b")}
+        >>> ib.assign_grads(params, {"w": torch.tensor([1.0, 2.0])})
+        >>> torch.optim.SGD(params.values(), lr=0.5).step()
+        >>> params["w"].tolist(), params["b"].grad is None
+        ([-0.5, -1.0], True)
     """
     for name, p in params.items():
         g = grads.get(name)

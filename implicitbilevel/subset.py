@@ -46,6 +46,26 @@ class IJSubset:
             predicate ``name -> bool`` over the solved names (e.g. ``re.compile(p).search``).
         outside: ``"identity"`` (``u = v`` on the coupled names outside ``S``) or ``"zero"``
             (``u = 0`` there, those names held fixed).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> def lower_loss(y, batch):                     # couples "a" and "b" through a product
+        ...     return (y["a"] * y["b"]).sum() ** 2 + (y["a"] ** 2).sum() + (y["b"] ** 2).sum()
+        >>> def upper_loss(x, y, batch):
+        ...     return ((y["a"] - 1) ** 2).sum() + ((y["b"] + 1) ** 2).sum()
+        >>> x = {n: torch.zeros(2, dtype=torch.float64, requires_grad=True) for n in "ab"}
+        >>> y = {n: torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True) for n in "ab"}
+        >>> ij = ib.ImplicitJacobian(ib.Dense(), subset=["a"])   # solve over "a" only
+        >>> isinstance(ij.ij_subset(), ib.IJSubset)
+        True
+        >>> problem = ib.BilevelProblem(upper_loss, lower_loss, lam=1.0,
+        ...                             regularizer=ib.ProximalL2(), ij=ij)
+        >>> out = problem.upper_grad(x, y, upper_batch=None, lower_batch=None)
+        >>> sorted(out.u)                                  # the solve covers S = {"a"}
+        ['a']
+        >>> out.grads["b"].tolist()                       # u = v = 2 (y_b + 1) outside S
+        [3.0, 3.0]
     """
 
     def __init__(
