@@ -19,12 +19,41 @@ __all__ = ["CheckpointError", "HVPModeError", "NonFiniteError", "SolverBreakdown
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite."""
+    """A loss or gradient became NaN or infinite.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> problem = ib.BilevelProblem(lambda x, y, b: (y["w"] ** 2).sum(),
+        ...                             lambda y, b: (y["w"].log() ** 2).sum(), lam=1.0)
+        >>> x = {"w": torch.zeros(1, requires_grad=True)}
+        >>> y = {"w": torch.tensor([-1.0], requires_grad=True)}           # log(-1) is NaN
+        >>> try:
+        ...     problem.lower_grad(x, y, batch=None)
+        ... except ib.NonFiniteError as err:
+        ...     print(type(err).__name__, issubclass(ib.NonFiniteError, FloatingPointError))
+        NonFiniteError True
+    """
 
 
 class SolverBreakdownError(RuntimeError):
     """A linear solve broke down; ``info`` holds its diagnostics
-    (a :class:`~implicitbilevel.SolveInfo`)."""
+    (a :class:`~implicitbilevel.SolveInfo`).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> x = {"a": torch.tensor(1.0, dtype=torch.float64, requires_grad=True)}
+        >>> def g(y, x):                          # a saddle: Hessian diag(1, -1), indefinite
+        ...     return 0.5 * y["w"][0] ** 2 - 0.5 * y["w"][1] ** 2 - x["a"] * y["w"].sum()
+        >>> y = ib.argmin(g, {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}, x,
+        ...               ij=ib.ImplicitJacobian(ib.CG(max_iter=5)))
+        >>> try:                                          # CG meets d^T A d = 0 on [1, 1]
+        ...     y["w"].sum().backward()
+        ... except ib.SolverBreakdownError as err:
+        ...     print(err.info.breakdown is not None)
+        True
+    """
 
     def __init__(self, message: str, info: Any) -> None:
         super().__init__(message)

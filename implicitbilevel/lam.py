@@ -36,7 +36,16 @@ def _check_positive(name: str, value: float) -> None:
 
 
 class LambdaSchedule(abc.ABC):
-    """A schedule ``t ↦ λ(t) > 0`` over the alternations ``t = 0, …, T−1``."""
+    """A schedule ``t ↦ λ(t) > 0`` over the alternations ``t = 0, …, T−1``.
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> class Halving(ib.LambdaSchedule):             # lam(t) = 2^-t
+        ...     def __call__(self, t):
+        ...         return 0.5 ** t
+        >>> [Halving()(t) for t in range(3)]
+        [1.0, 0.5, 0.25]
+    """
 
     @abc.abstractmethod
     def __call__(self, t: int) -> float:
@@ -45,7 +54,14 @@ class LambdaSchedule(abc.ABC):
 
 @dataclass(frozen=True)
 class ConstantSchedule(LambdaSchedule):
-    """``λ(t) = value`` (the original BiSSL: λ = 0.001 for vision, 0.1 for GPT)."""
+    """``λ(t) = value`` (the original BiSSL: λ = 0.001 for vision, 0.1 for GPT).
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> lam = ib.ConstantSchedule(0.001)
+        >>> lam(0), lam(499)
+        (0.001, 0.001)
+    """
 
     value: float
 
@@ -88,7 +104,14 @@ class _Interpolated(LambdaSchedule):
 
 @dataclass(frozen=True)
 class CosineDecay(_Interpolated):
-    """``f_CD(t) = ½(1 + cos(π t/(T−1)))``: λ falls from ``lam_max`` to ``lam_min`` (Sec. 5.2.1)."""
+    """``f_CD(t) = ½(1 + cos(π t/(T−1)))``: λ falls from ``lam_max`` to ``lam_min`` (Sec. 5.2.1).
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> lam = ib.CosineDecay(lam_min=1e-8, lam_max=1.0, total=3)
+        >>> [round(lam(t), 6) for t in range(3)]
+        [1.0, 0.5, 0.0]
+    """
 
     def shape(self, s: float) -> float:
         """``½(1 + cos πs)``."""
@@ -97,7 +120,14 @@ class CosineDecay(_Interpolated):
 
 @dataclass(frozen=True)
 class CosineIncrease(_Interpolated):
-    """``f_CI(t) = 1 − f_CD(t)``: λ rises from ``lam_min`` to ``lam_max`` (Sec. 5.2.1)."""
+    """``f_CI(t) = 1 − f_CD(t)``: λ rises from ``lam_min`` to ``lam_max`` (Sec. 5.2.1).
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> lam = ib.CosineIncrease(lam_min=1e-8, lam_max=1.0, total=3)
+        >>> [round(lam(t), 6) for t in range(3)]
+        [0.0, 0.5, 1.0]
+    """
 
     def shape(self, s: float) -> float:
         """``1 − ½(1 + cos πs)``."""
@@ -109,6 +139,14 @@ class ExponentialIncrease(_Interpolated):
     """``f_EI(t) = (1 − e^{−α t/(T−1)}) / (1 − e^{−α})``: a rise whose sharpness grows with α.
 
     ``α → 0`` approaches a linear ramp, large α a step (Sec. 5.2.1, Fig. 5.2).
+
+    Example:
+        >>> import math
+        >>> import implicitbilevel as ib
+        >>> lam = ib.ExponentialIncrease(lam_min=0.0001, lam_max=1.0, total=3, alpha=10.0)
+        >>> s = (1 - math.exp(-5.0)) / (1 - math.exp(-10.0))   # f_EI at t = 1 of T = 3
+        >>> lam(0), lam(2), math.isclose(lam(1), 0.0001 + (1.0 - 0.0001) * s)
+        (0.0001, 1.0, True)
     """
 
     alpha: float = 10.0
@@ -158,6 +196,15 @@ class LearnableLambda:
         dtype: dtype of ``ρ``.
         device: device of ``ρ`` (put it where the parameters are).
         damping: ``λ_damp^ρ ≥ 0`` in the prefactor of eq. 5.6; ``None``: the problem's damping.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> lam = ib.LearnableLambda(0.1, dtype=torch.float64)
+        >>> round(lam(), 12)                              # softplus(rho) starts at init
+        0.1
+        >>> torch.allclose(lam.derivative(), torch.sigmoid(lam.rho.detach())), len(lam.parameters())
+        (True, 1)
     """
 
     def __init__(

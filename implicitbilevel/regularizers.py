@@ -38,7 +38,17 @@ __all__ = ["BaseRegularizer", "ProximalL2", "Regularizer", "SumRegularizer"]
 
 
 class BaseRegularizer(abc.ABC):
-    """The derivatives of ``r(x, y)`` that :class:`~implicitbilevel.BilevelProblem` needs."""
+    """The derivatives of ``r(x, y)`` that :class:`~implicitbilevel.BilevelProblem` needs.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> [issubclass(c, ib.BaseRegularizer) for c in (ib.ProximalL2, ib.Regularizer)]
+        [True, True]
+        >>> r = ib.ProximalL2()                           # every name both dicts hold is coupled
+        >>> r.coupled_names({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.zeros(1)})
+        ['a']
+    """
 
     identity_lower_hessian: bool = False
     """Whether ``∇²_yy r = I`` on the coupled names (then the IJ system there is ``I + H/μ``)."""
@@ -82,6 +92,15 @@ class ProximalL2(BaseRegularizer):
     Args:
         names: the coupled (backbone) parameter names; ``None`` couples every name present in both
             the upper and the lower dict.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> r = ib.ProximalL2(["w"])
+        >>> x = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+        >>> y = {"w": torch.tensor([0.0, 4.0], dtype=torch.float64)}
+        >>> round(float(r.value(x, y)), 12), r.lower_grad(x, y)["w"].tolist()  # |x-y|^2/2, y-x
+        (2.5, [-1.0, 2.0])
     """
 
     identity_lower_hessian = True
@@ -157,6 +176,17 @@ class Regularizer(BaseRegularizer):
 
     ``fn`` and its derivatives run as the Hessian-vector products do: modules wrapped by
     :func:`~implicitbilevel.functional_module` on copies of their running statistics.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> def r(x, y):                                  # r = s/2 ||y||^2, s an upper variable
+        ...     return 0.5 * x["s"] * (y["w"] ** 2).sum()
+        >>> reg = ib.Regularizer(r, ["w"])
+        >>> x = {"s": torch.tensor(3.0, dtype=torch.float64)}
+        >>> y = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
+        >>> float(reg.value(x, y)), reg.lower_grad(x, y)["w"].tolist()   # 7.5, s y
+        (7.5, [3.0, -6.0])
     """
 
     def __init__(
@@ -252,6 +282,16 @@ class SumRegularizer(BaseRegularizer):
     Args:
         *terms: the regularisers summed; their coupled names are united (in order of first
             appearance).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> both = ib.SumRegularizer(ib.ProximalL2(["w"]),
+        ...                          ib.Regularizer(lambda x, y: (y["w"] ** 2).sum(), ["w"]))
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+        >>> float(both.value(x, y)), both.lower_grad(x, y)["w"].tolist()   # 1 + 2; y + 2y
+        (3.0, [3.0, 3.0])
     """
 
     def __init__(self, *terms: BaseRegularizer) -> None:
