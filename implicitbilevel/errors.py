@@ -61,8 +61,46 @@ class SolverBreakdownError(RuntimeError):
 
 
 class HVPModeError(RuntimeError):
-    """An HVP mode was requested that the loss's operations cannot run."""
+    """An HVP mode was requested that the loss's operations cannot run.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> class Square(torch.autograd.Function):      # a Function without a forward-mode rule
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         ctx.save_for_backward(x)
+        ...         return x * x
+        ...     @staticmethod
+        ...     def backward(ctx, g):
+        ...         (x,) = ctx.saved_tensors
+        ...         return 2 * x * g
+        >>> w = {"w": torch.tensor([1.0, 3.0], dtype=torch.float64)}
+        >>> f = lambda p: Square.apply(p["w"]).sum()
+        >>> try:
+        ...     ib.hvp(f, w, w, mode="forward-over-reverse")
+        ... except ib.HVPModeError:
+        ...     print("no forward-mode rule")
+        no forward-mode rule
+        >>> ib.hvp(f, w, w, mode="reverse-over-reverse")["w"].tolist()   # the Hessian is 2 I
+        [2.0, 6.0]
+    """
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or of an unexpected format."""
+    """A checkpoint file is missing, truncated, corrupt or of an unexpected format.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import implicitbilevel as ib
+        >>> from implicitbilevel.bissl.checkpoint import load_checkpoint
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "state.pt"
+        ...     _ = path.write_bytes(b"not a checkpoint")           # a truncated or foreign file
+        ...     try:
+        ...         load_checkpoint(path)
+        ...     except ib.CheckpointError:
+        ...         print("refused")
+        refused
+    """

@@ -261,6 +261,13 @@ def as_lambda(lam: float | LambdaSchedule | LearnableLambda) -> LambdaSchedule |
     Raises:
         ValueError: for λ ≤ 0 or a non-finite λ.
         TypeError: for anything but a number, a schedule or a learnable λ (``bool`` included).
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> from implicitbilevel.lam import as_lambda
+        >>> schedule = ib.CosineDecay(1e-8, 1.0, 5)
+        >>> as_lambda(0.01)(7), as_lambda(schedule) is schedule
+        (0.01, True)
     """
     if isinstance(lam, (LambdaSchedule, LearnableLambda)):
         return lam

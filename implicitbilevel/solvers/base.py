@@ -159,6 +159,21 @@ class KrylovSolver(LinearSolver):
             alternation).
         preconditioner: ``None``, or a :data:`Preconditioner`: called with the system's
             ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive definite ``M ≈ A``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> from implicitbilevel.solvers.base import KrylovSolver
+        >>> A = torch.tensor([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]],
+        ...                  dtype=torch.float64)
+        >>> solver = ib.CG(max_iter=2, warm_start=True)      # each call starts from the last x
+        >>> isinstance(solver, KrylovSolver)
+        True
+        >>> b = {"w": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
+        >>> _, first = solver(lambda v: {"w": A @ v["w"]}, b)
+        >>> _, second = solver(lambda v: {"w": A @ v["w"]}, b)
+        >>> second.residual_norm < first.residual_norm
+        True
     """
 
     max_iter: int = 5
