@@ -31,17 +31,38 @@ __all__ = ["AllReduceMean", "broadcast_from_main", "is_main_process", "rank", "w
 
 
 def rank() -> int:
-    """This process's rank (0 without an initialised process group)."""
+    """This process's rank (0 without an initialised process group).
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel import distributed
+        >>> distributed.rank()
+        0
+    """
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    """Number of ranks (1 without an initialised process group)."""
+    """Number of ranks (1 without an initialised process group).
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel import distributed
+        >>> distributed.world_size()
+        1
+    """
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main_process() -> bool:
-    """``True`` on rank 0, or without an initialised process group."""
+    """``True`` on rank 0, or without an initialised process group.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel import distributed
+        >>> distributed.is_main_process()                   # a single process is the main one
+        True
+    """
     return rank() == 0
 
 
@@ -91,6 +112,14 @@ def broadcast_from_main(
     Packs them into flat buffers of ``bucket_mb`` MiB, as :class:`AllReduceMean` does. Without a
     multi-rank process group it does nothing. Every rank must pass tensors of the same shapes,
     dtypes and order.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel import distributed
+        >>> w = torch.tensor([1.0, 2.0])
+        >>> distributed.broadcast_from_main([w])            # one process: nothing to overwrite
+        >>> w
+        tensor([1., 2.])
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
@@ -110,6 +139,13 @@ class AllReduceMean:
     Args:
         group: the process group (default: the world).
         bucket_mb: size of the flat buffers the tensors are packed into, in MiB.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel import distributed
+        >>> mean = distributed.AllReduceMean()             # without a process group: the identity
+        >>> mean.active, mean({"w": torch.tensor([1.0, 2.0])})
+        (False, {'w': tensor([1., 2.])})
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, bucket_mb: float = 25.0) -> None:

@@ -83,6 +83,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         num_features: the number of channels ``C``.
         eps, momentum, affine, track_running_stats: as for ``nn.BatchNorm2d``.
         process_group: the ranks to synchronise over (default: the world).
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel.sync_batchnorm import SyncBatchNorm
+        >>> from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm
+        >>> x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+        >>> sync = SyncBatchNorm(3, dtype=torch.float64)
+        >>> plain = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+        >>> torch.allclose(sync(x), plain(x))              # one process: a plain BatchNorm
+        True
     """
 
     def __init__(
@@ -171,6 +181,16 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     conversion keeps working), running statistics, counter and train/eval mode. ``torch``'s own
     ``nn.SyncBatchNorm`` layers are converted too. Returns ``module`` itself, or the new layer when
     ``module`` is a BatchNorm.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.parallel.sync_batchnorm import SyncBatchNorm
+        >>> from implicitbilevel.parallel.sync_batchnorm import convert_sync_batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+        >>> weight = net[1].weight
+        >>> net = convert_sync_batchnorm(net)
+        >>> type(net[1]).__name__, net[1].weight is weight  # the same parameter objects
+        ('SyncBatchNorm', True)
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
         module, SyncBatchNorm
