@@ -62,6 +62,16 @@ class BatchStack:
 
     Attributes:
         size: the batches used per pass (full batches only, see above).
+
+    Example:
+        >>> from implicitbilevel.bissl import BatchStack
+        >>> stack = BatchStack([10, 20, 30])               # any iterable of batches: one pass
+        >>> stack.reserve(2)
+        >>> [stack.next(), stack.next()]
+        [10, 20]
+        >>> stack.reserve(2)                                # one batch left: a fresh pass starts
+        >>> [stack.next(), stack.next(), stack.next()], stack.passes
+        ([10, 20, 30], 2)
     """
 
     def __init__(self, loader: Iterable) -> None:

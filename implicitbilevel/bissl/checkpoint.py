@@ -32,6 +32,16 @@ def save_checkpoint(obj: Any, path: str | os.PathLike, keep_previous: bool = Tru
 
     Returns:
         The path written.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from implicitbilevel.bissl.checkpoint import load_checkpoint, save_checkpoint
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = save_checkpoint({"step": 3, "w": torch.ones(2)}, Path(folder) / "run.pt")
+        ...     load_checkpoint(path)
+        {'step': 3, 'w': tensor([1., 1.])}
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +66,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     Raises:
         CheckpointError: the file is missing, truncated or corrupt; the message names the file and,
             when one exists, the previous good checkpoint ``<name>.prev``.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from implicitbilevel.bissl.checkpoint import load_checkpoint, save_checkpoint
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "run.pt"
+        ...     _ = save_checkpoint({"step": 1}, path)
+        ...     _ = save_checkpoint({"step": 2}, path)        # the first is kept as .prev
+        ...     load_checkpoint(path)["step"], sorted(p.name for p in Path(folder).iterdir())
+        (2, ['run.pt', 'run.pt.prev'])
     """
     path = Path(path)
     if not path.is_file():

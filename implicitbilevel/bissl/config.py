@@ -38,6 +38,17 @@ class BiSSLConfig:
         measure_exact_residual: log ``ij_exact_relative_residual``, the same on the exact-Hessian
             system (one more product when the curvature is not the exact Hessian); see
             ``implicitbilevel.bissl.diagnostics``.
+
+    Example:
+        >>> from implicitbilevel.bissl import BiSSLConfig
+        >>> cfg = BiSSLConfig()                             # the thesis defaults (Sec. 6.1.3)
+        >>> cfg.alternations, cfg.lower_steps, cfg.upper_steps
+        (500, 20, 8)
+        >>> try:
+        ...     BiSSLConfig(lower_steps=0)
+        ... except ValueError as err:
+        ...     print(err)
+        BiSSLConfig.lower_steps must be an int >= 1, got 0
     """
 
     alternations: int = 500

@@ -40,7 +40,16 @@ def lars_param_groups(
 ) -> list[dict[str, Any]]:
     """Two parameter groups: tensors with ``ndim > 1`` (adapted, decayed) and the rest (biases,
     BatchNorm/LayerNorm weights: ``lars_exclude=True``, no weight decay). Frozen parameters
-    (``requires_grad=False``) are left out."""
+    (``requires_grad=False``) are left out.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.bissl.lars import LARS, lars_param_groups
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        >>> groups = lars_param_groups(net)
+        >>> [(len(g["params"]), g["weight_decay"], g["lars_exclude"]) for g in groups]
+        [(1, 1e-06, False), (3, 0.0, True)]
+    """
     items = named_params.named_parameters() if isinstance(named_params, nn.Module) else named_params
     adapted, excluded = [], []
     for _, p in items:
@@ -66,6 +75,16 @@ class LARS(Optimizer):
         trust_coefficient: ``η`` (0.001 in the thesis).
         trust_denominator: ``"paper"`` (``‖g‖ + β‖w‖``) or ``"update"`` (``‖g + βw‖``).
         eps: added to the denominator of the trust ratio.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.bissl.lars import LARS, lars_param_groups
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))   # ||w|| = 5
+        >>> opt = LARS([w], lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=0.1)
+        >>> w.grad = torch.tensor([[0.0, 10.0]], dtype=torch.float64)                 # ||g|| = 10
+        >>> _ = opt.step()                                  # w - 0.1 * 5 / 10 * g
+        >>> [round(v, 6) for v in w.detach().flatten().tolist()]
+        [3.0, 3.5]
     """
 
     def __init__(

@@ -23,6 +23,17 @@ def bissl_upper_loss(
             names (backbone and head).
         backbone_names: the backbone names; the first term evaluates the downstream model with the
             lower-level backbone ``θ_P`` substituted for ``θ_D`` under these names.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.bissl import bissl_upper_loss
+        >>> def downstream(p, batch):                      # L^D(theta, phi) on one example
+        ...     return (p["theta"] * p["phi"] - batch) ** 2
+        >>> f = bissl_upper_loss(downstream, ["theta"])
+        >>> x = {"theta": torch.tensor(1.0), "phi": torch.tensor(2.0)}   # theta_D, phi_D
+        >>> y = {"theta": torch.tensor(3.0)}                               # theta_P
+        >>> f(x, y, 1.0)                                   # (3*2 - 1)^2 + (1*2 - 1)^2
+        tensor(26.)
     """
     names = name_list(backbone_names, "backbone_names")
 

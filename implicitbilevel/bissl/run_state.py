@@ -89,6 +89,21 @@ class RunState:
         schedulers: learning-rate schedulers by name; ``None`` entries are skipped.
         stacks: batch stacks by name; their positions are saved per rank.
         modules: modules whose full ``state_dict`` (buffers included) is saved, by name.
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.bissl import BatchStack
+        >>> from implicitbilevel.bissl.run_state import RunState
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> stacks = {"data": BatchStack([1, 2])}
+        >>> state = RunState({"params": {"w": w}}, {"sgd": opt}, {}, stacks, {})
+        >>> saved = state.state_dict()
+        >>> with torch.no_grad():
+        ...     _ = w.mul_(0)                               # the run goes on ...
+        >>> state.load_state_dict(saved)                    # ... and is restored in place
+        >>> w.detach().tolist()
+        [1.0, 2.0]
     """
 
     def __init__(
