@@ -1,11 +1,18 @@
-"""The README's usage example runs and prints a finite loss with CG diagnostics."""
+"""The README: the usage example runs and prints a finite loss with CG diagnostics; the quick
+start pins torch and states the measured costs as the results file holds them."""
 
+import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+QUICKSTART = ROOT / "benchmarks" / "results" / "quickstart-cpu.json"
+sys.path.insert(0, str(ROOT / "docs"))
+import facts  # noqa: E402
 
 
 def test_readme_usage_example_runs(capsys):
@@ -25,3 +32,54 @@ def test_readme_quick_start_commands_pin_torch():
     assert len(commands) == 2
     assert any("python recipes/vision_bissl.py" in c for c in commands)
     assert any("python -m pytest -q" in c for c in commands)
+
+
+def _quickstart() -> str:
+    text = README.read_text()
+    return text[text.index("## Quick start"):text.index("## Usage")]
+
+
+def test_readme_quick_start_states_the_measured_costs():
+    """Every number the quick start states is the one in the results file the timing script
+    writes, and the skip reasons are those the tests give."""
+    results = json.loads(QUICKSTART.read_text())
+    text = " ".join(_quickstart().split())
+    install, clone = results["install"], results["clean_clone"]
+    tests = clone["tests"]
+    assert f"{tests['passed']} passed and {tests['skipped']} skipped in " \
+           f"{clone['minutes']['tests']} minutes on 2 idle CPU cores" in text
+    assert f"about {clone['minutes']['ci_script']} minutes" in text
+    assert f"{install['cuda_libraries_gb']} GB of them, with {install['triton_gb']} GB of triton " \
+           f"and {install['torch_gb']} GB of torch itself" in text
+    assert f"every extra measured {install['total_gb']} GB" in text
+    for reason in tests["skip_reasons"]:
+        assert f'"{reason.split(" (")[0]}"' in text, reason
+    skipped = re.findall(r'"(\w+) is not installed" \((\d+) tests?\)', text)
+    assert sum(int(n) for _, n in skipped) == tests["skipped"]
+    assert f"{facts.VISION_EMBEDDED_MINUTES} minutes on 2 idle CPU cores" in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+
+
+def test_readme_skip_reasons_are_the_tests_own():
+    """The quoted reasons are what the peer-agreement tests say when they skip."""
+    source = (ROOT / "tests" / "test_benchmarks_smoke.py").read_text()
+    template = re.search(r'pytest\.skip\(f"\{peer\} (is not installed[^"]*)"\)', source).group(1)
+    calls = re.findall(r'_require_peer\(saved, "(\w+)"\)', source)
+    results = json.loads(QUICKSTART.read_text())["clean_clone"]["tests"]
+    assert sorted(results["skip_reasons"]) == sorted({f"{p} {template}" for p in calls})
+    text = " ".join(_quickstart().split())
+    for peer in set(calls):
+        count = calls.count(peer)
+        assert f'"{peer} is not installed" ({count} test{"s" if count > 1 else ""})' in text
+
+
+def test_readme_metrics_path_is_the_recipes():
+    """The metrics path the README names is where the vision recipe's BiSSL stage logs."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "recipes" / "configs" / "vision_embedded.yaml").read_text())
+    path = f"{config['run']['out_dir']}/{config['data']['downstream']}/bissl/metrics.jsonl"
+    assert path in README.read_text()
+    assert '"metrics.jsonl"' in (ROOT / "implicitbilevel" / "bissl" / "trainer.py").read_text()
+    assert 'out_dir=self.path(target, "bissl")' in \
+        (ROOT / "recipes" / "common" / "pipeline.py").read_text()
