@@ -20,8 +20,36 @@ One config block and one builder, so every solver and curvature option exists in
 ``mfac``             M-FAC (Sec. 9.1): the Woodbury inverse of ``I + F̂/μ``, ``F̂`` the
                      empirical Fisher of the last ``mfac_m`` lower-level gradients, one inverse
                      for all names or one per block (``mfac_blocks``); no products
+``recycled-cg``      deflated CG that keeps the ``recycle_dim`` Ritz vectors of the smallest
+                     eigenvalues from one solve to the next within an alternation
+                     (:class:`~implicitbilevel.RecycledCG`; positive definite systems, e.g.
+                     Gauss–Newton curvature); rebuilt for every alternation's operator
+``recycled-minres``  deflated MINRES that keeps the harmonic Ritz vectors nearest zero
+                     (:class:`~implicitbilevel.RecycledMINRES`; indefinite systems too, the
+                     exact Hessian); its residual never grows
+``lanczos-pcg``      CG preconditioned by ``D + VΛ₊Vᵀ/μ``, ``VΛVᵀ`` the ``lanczos_rank``
+                     eigenpairs of largest magnitude of the curvature (both signs, positive
+                     ones kept), found by block Lanczos once per alternation in
+                     ``lanczos_products`` products (:class:`~implicitbilevel.LanczosPreconditioner`)
+``lanczos-minres``   MINRES with the same preconditioner (indefinite systems)
+``lanczos``          the Woodbury inverse of ``I + VΛVᵀ/μ``: no products per solve; refused,
+                     naming the smallest eigenvalue found, unless ``1 + λ_min/μ > 0.01``
+                     (:class:`~implicitbilevel.LanczosSolver`)
 ``dense``            exact (small models only)
 ===================  ==========================================================================
+
+Settings of the recycled and Lanczos solvers (bounds in :class:`IJSettings`): ``recycle_dim``
+(``k``, 1-256, default 16: memory ``2·n·(3k + recycle_window)`` numbers),
+``recycle_window`` (directions recorded between two updates of the space, 1-256),
+``recycle_lanczos`` (seed the recycle space from the Lanczos eigenpairs, so that the first solve
+of an alternation is deflated too, at ``lanczos_products`` extra products per alternation),
+``lanczos_rank`` (1-256) and ``lanczos_products`` (``0``: ``max(3k, k + 20)``; else at least
+``lanczos_rank``). ``ij_tol`` (every Krylov solver): stop a solve once its relative residual is
+at most ``ij_tol`` (``0``, the default: always ``cg_iters`` products, as the thesis). The
+recycle space and the Lanczos eigenpairs belong to one alternation's operator: they are rebuilt
+for the next one and never enter a checkpoint, so a resumed run (checkpoints fall between
+alternations) repeats the uninterrupted one. The lower-level products logged per alternation
+(``hessian_products``) include the Lanczos build.
 
 ``bissl.curvature``: ``hessian`` (exact) or ``gauss-newton`` (``Jᵀ∇²L J`` of the pretext loss split
 into outputs and a convex output loss; positive semi-definite, so CG converges).
@@ -46,11 +74,16 @@ from implicitbilevel import (
     Dense,
     GaussNewton,
     ImplicitJacobian,
+    LanczosDeflation,
+    LanczosPreconditioner,
+    LanczosSolver,
     LinearSolver,
     Neumann,
     NystromPreconditioner,
     NystromSolver,
     OriginalBiSSLCG,
+    RecycledCG,
+    RecycledMINRES,
 )
 
 from .config import Bool, Float, Int, Str, config_block
@@ -60,7 +93,8 @@ __all__ = ["IJ_SOLVERS", "IJSettings", "build_solver", "implicit_jacobian", "sub
 _NORM_KINDS = {"batchnorm": nn.modules.batchnorm._NormBase, "layernorm": nn.LayerNorm}
 
 IJSolver = Literal["cg", "reference", "cg-blockwise", "minres", "neumann", "nystrom-pcg",
-                   "nystrom-minres", "nystrom", "mfac", "dense"]
+                   "nystrom-minres", "nystrom", "mfac", "recycled-cg", "recycled-minres",
+                   "lanczos-pcg", "lanczos-minres", "lanczos", "dense"]
 IJ_SOLVERS = get_args(IJSolver)
 
 
@@ -79,8 +113,20 @@ class IJSettings:
                              r"regular expression (e.g. 'blocks\.\d+': per transformer block)")
     mfac_window_device: Literal["same", "cpu"] = Field(
         "same", description="mfac: keep the gradient window with the parameters or on the CPU")
+    recycle_dim: Int = Field(16, ge=1, le=256, description="recycled-*: dimension k of the "
+                             "space kept from one solve to the next within an alternation")
+    recycle_window: Int = Field(20, ge=1, le=256, description="recycled-*: directions recorded "
+                                "between two updates of the recycle space")
+    recycle_lanczos: Bool = Field(False, description="recycled-*: seed the recycle space from "
+                                  "lanczos_rank Lanczos eigenpairs (the first solve deflated too)")
+    lanczos_rank: Int = Field(8, ge=1, le=256, description="lanczos-* and recycle_lanczos: "
+                              "eigenpairs of the curvature kept")
+    lanczos_products: Int = Field(0, ge=0, description="products of the Lanczos build, once per "
+                                  "alternation (0: max(3·lanczos_rank, lanczos_rank + 20))")
+    ij_tol: Float = Field(0.0, ge=0.0, lt=1.0, description="Krylov solvers: stop once the "
+                          "relative residual is at most ij_tol (0: always cg_iters products)")
     warm_start: Bool = Field(False,
-                             description="start each solve from the previous one (cg, minres)")
+                             description="start each solve from the previous one (Krylov solvers)")
     curvature: Literal["hessian", "gauss-newton"] = "hessian"
     solve_over: Literal["coupled", "all"] = Field(
         "coupled", description="all: the concatenated head (Sec. 5.3.4)")
@@ -92,25 +138,45 @@ class IJSettings:
         "identity", description="ij_subset: u = v (identity) or u = 0 on the other names")
 
 
+def _lanczos(s: IJSettings) -> dict[str, Any]:
+    """The Lanczos build's settings."""
+    return {"rank": s.lanczos_rank, "products": s.lanczos_products or None}
+
+
 def build_solver(s: IJSettings) -> LinearSolver:
     """The linear solver named by ``s.ij``."""
+    if s.lanczos_products and s.lanczos_products < s.lanczos_rank:
+        raise ValueError(f"bissl.lanczos_products = {s.lanczos_products} is below "
+                         f"bissl.lanczos_rank = {s.lanczos_rank}: the build needs at least one "
+                         "product per eigenpair (0 picks max(3k, k + 20))")
+    if s.recycle_lanczos and not s.ij.startswith("recycled-"):
+        raise ValueError(f"bissl.recycle_lanczos applies to recycled-cg and recycled-minres, not "
+                         f"bissl.ij={s.ij}")
     n = s.cg_iters
+    krylov = {"max_iter": n, "tol": s.ij_tol, "warm_start": s.warm_start}
+    if s.ij in ("recycled-cg", "recycled-minres"):
+        kind = RecycledCG if s.ij == "recycled-cg" else RecycledMINRES
+        return kind(**krylov, recycle_dim=s.recycle_dim, window=s.recycle_window,
+                    deflation=LanczosDeflation(**_lanczos(s)) if s.recycle_lanczos else None)
+    if s.ij in ("lanczos-pcg", "lanczos-minres"):
+        kind = CG if s.ij == "lanczos-pcg" else MINRES
+        return kind(**krylov, preconditioner=LanczosPreconditioner(**_lanczos(s)))
+    if s.ij == "lanczos":
+        return LanczosSolver(**_lanczos(s))
     if s.ij == "cg":
-        return CG(max_iter=n, warm_start=s.warm_start)
+        return CG(**krylov)
     if s.ij == "reference":
         return OriginalBiSSLCG(max_iter=n)
     if s.ij == "cg-blockwise":
         return CG(max_iter=n, blockwise=True)
     if s.ij == "minres":
-        return MINRES(max_iter=n, warm_start=s.warm_start)
+        return MINRES(**krylov)
     if s.ij == "neumann":
         return Neumann(max_iter=n, alpha=s.neumann_alpha)
     if s.ij == "nystrom-pcg":
-        return CG(max_iter=n, warm_start=s.warm_start,
-                  preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
+        return CG(**krylov, preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
     if s.ij == "nystrom-minres":
-        return MINRES(max_iter=n, warm_start=s.warm_start,
-                      preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
+        return MINRES(**krylov, preconditioner=NystromPreconditioner(rank=s.nystrom_rank))
     if s.ij == "nystrom":
         return NystromSolver(rank=s.nystrom_rank)
     if s.ij == "mfac":
@@ -168,7 +234,8 @@ def implicit_jacobian(
         curvature = "hessian"
     if s.head_damping and s.solve_over != "all":
         raise ValueError("bissl.head_damping applies only with bissl.solve_over=all")
-    if s.ij.startswith("nystrom") and s.solve_over == "all":
+    low_rank = s.ij.startswith(("nystrom", "lanczos")) or s.recycle_lanczos
+    if low_rank and s.solve_over == "all":
         raise ValueError(f"bissl.ij={s.ij} assumes the system I + H/μ over the coupled names; "
                          "use bissl.solve_over=coupled, or bissl.ij=minres for the concatenated "
                          "head")
