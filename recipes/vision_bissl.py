@@ -178,33 +178,33 @@ class VisionRecipe(Recipe):
     # -- pretext stage ------------------------------------------------------------------------
 
     def baseline_extra(self) -> bool:
-        """Sec. 6.1.4: Only-FT starts from ``pretext.baseline_extra_epochs`` more epochs."""
+        """Sec. 6.1.4: Only-FT's backbone is pretrained ``pretext.baseline_extra_epochs`` longer."""
         return self.cfg.pretext.baseline_extra_epochs > 0
 
     def pretrain(self, model: nn.Module, extra: bool = False) -> list[float]:
-        """SimCLR with LARS; ``extra`` continues for ``baseline_extra_epochs`` (a new cosine
-        from the peak lr, no warm-up). Returns the NT-Xent of every epoch."""
+        """SimCLR with LARS (ViT: MAE or SimCLR on the adapters); ``extra``: the Only-FT
+        baseline's run, one schedule of ``epochs + baseline_extra_epochs`` (the same warm-up,
+        then one cosine to the end; Sec. 6.1.4). Returns the loss of every epoch."""
         p, run = self.cfg.pretext, self.cfg.run
+        epochs = p.epochs + (p.baseline_extra_epochs if extra else 0)
         if self.cfg.model.backbone == "vit":  # the base weights are pretrained, then frozen
             with base_trainable(model.backbone):
                 if self._mae():
                     return pretrain_mae(
                         model, self.pretext_loader(p.batch_size, run.seed + int(extra), None),
-                        epochs=p.baseline_extra_epochs if extra else p.epochs, lr=p.lr,
-                        weight_decay=p.weight_decay, device=self.device,
-                        warmup_epochs=0 if extra else p.warmup_epochs, progress=self.progress)
-                return self._simclr(model, extra)
-        return self._simclr(model, extra)
+                        epochs=epochs, lr=p.lr, weight_decay=p.weight_decay, device=self.device,
+                        warmup_epochs=p.warmup_epochs, progress=self.progress)
+                return self._simclr(model, epochs, extra)
+        return self._simclr(model, epochs, extra)
 
-    def _simclr(self, model: nn.Module, extra: bool) -> list[float]:
+    def _simclr(self, model: nn.Module, epochs: int, extra: bool) -> list[float]:
         p, run = self.cfg.pretext, self.cfg.run
         return pretrain_simclr(
             model, self.data.pretext(p.batch_size, run.seed + int(extra)),
-            epochs=p.baseline_extra_epochs if extra else p.epochs, lr=p.lr,
-            warmup_epochs=0 if extra else p.warmup_epochs, weight_decay=p.weight_decay,
-            momentum=p.momentum, trust_coefficient=p.trust_coefficient,
-            temperature=p.temperature, device=self.device, bf16=run.bf16,
-            progress=self.progress,
+            epochs=epochs, lr=p.lr, warmup_epochs=p.warmup_epochs,
+            weight_decay=p.weight_decay, momentum=p.momentum,
+            trust_coefficient=p.trust_coefficient, temperature=p.temperature,
+            device=self.device, bf16=run.bf16, progress=self.progress,
         )
 
 

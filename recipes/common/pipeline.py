@@ -83,7 +83,9 @@ class Recipe(abc.ABC):
 
     @abc.abstractmethod
     def pretrain(self, model: nn.Module, extra: bool = False) -> list[float]:
-        """Pretrain ``model`` in place (``extra``: the baseline's extra epochs); the losses."""
+        """Pretrain ``model`` in place; the losses. ``extra``: the Only-FT baseline's run (thesis
+        Sec. 6.1.4), one uninterrupted schedule as long as the pretext run plus the baseline's
+        extra length, from the same initial weights."""
 
     def external_weights(self) -> bool:
         """Whether :meth:`new_pretext` loads pretrained weights (then, untrained, they are not
@@ -212,7 +214,8 @@ class Recipe(abc.ABC):
 
     def stage_pretext(self) -> None:
         """Pretrain from scratch (or keep the pretrained weights); writes ``pretext.pt`` and, for
-        the small-scale setup, ``pretext_baseline.pt`` pretrained further for Only-FT."""
+        the small-scale setup, ``pretext_baseline.pt``: Only-FT's backbone (thesis Sec. 6.1.4),
+        its own run of one longer schedule (:meth:`pretrain_baseline`)."""
         seed_everything(self.cfg.run.seed)
         model = self.new_pretext().to(self.device)
         losses = self.pretrain(model)
@@ -223,11 +226,23 @@ class Recipe(abc.ABC):
         self.say(f"pretext: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} "
                  f"{self.pretrain_unit}" if losses else "pretext: initial weights kept")
         if self.baseline_extra():
-            extra = self.pretrain(model, extra=True)
-            check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
-            save_checkpoint({"pretext": model.state_dict(), "losses": losses + extra},
-                            self.path(None, "pretext_baseline.pt"))
-            self.say(f"pretext (Only-FT baseline): {len(extra)} more, loss {extra[-1]:.3f}")
+            del model
+            self.pretrain_baseline()
+
+    def pretrain_baseline(self) -> list[float]:
+        """Only-FT's backbone (thesis Sec. 6.1.4): pretrained on one schedule of the pretext
+        length plus the baseline's extra length (500 + 100 epochs at paper scale), its own run
+        from the initial weights the pretext run starts from (seeded by ``run.seed``; no restart
+        of the learning rate); writes ``pretext_baseline.pt`` and returns its losses."""
+        seed_everything(self.cfg.run.seed)
+        model = self.new_pretext().to(self.device)
+        losses = self.pretrain(model, extra=True)
+        check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
+        save_checkpoint({"pretext": model.state_dict(), "losses": losses},
+                        self.path(None, "pretext_baseline.pt"))
+        self.say(f"pretext (Only-FT baseline): loss {losses[0]:.3f} -> {losses[-1]:.3f} over "
+                 f"{len(losses)} {self.pretrain_unit}, one schedule")
+        return losses
 
     def train_eval(self, source: nn.Module, target: str, lr: float, wd: float, seed: int,
                    epochs: float, test: bool, checkpoint: Path | None = None) -> dict[str, float]:

@@ -5,8 +5,8 @@ A replicate ``r`` of ``study.replicates`` repeats, under its own seed
 
 * BiSSL+FT: the head warm-up and the BiSSL stage (their data order, head initialisation and
   lower-level batch stacks are seeded by ``run.seed``, which the replicate replaces);
-* Only-FT: the extra pretraining of the Sec. 6.1.4 baseline (``pretext_baseline.pt``), continued
-  from the shared ``pretext.pt`` with the replicate's seed (its data order and augmentations);
+* Only-FT: the longer pretraining of the Sec. 6.1.4 baseline (``pretext_baseline.pt``), its own
+  run of one schedule under the replicate's seed (initial weights, data order, augmentations);
 * with ``study.replicate_pretext`` the pretext stage as well (else one ``pretext.pt`` is shared).
 
 Each replicate is a run folder of its own, ``<out>/study/replicates/r<r>/``, holding the stages'
@@ -32,12 +32,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from implicitbilevel.bissl.checkpoint import save_checkpoint
-
 from . import fingerprint, records
-from .finite import check_weights
 from .pipeline import Recipe
-from .runtime import DistributedContext, derive_seed, seed_everything
+from .runtime import DistributedContext, derive_seed
 
 __all__ = ["finetune_seeds", "replicate_folder", "replicate_seed", "replicate_stages",
            "replicate_view", "run_replicates"]
@@ -89,23 +86,19 @@ def replicate_stages(recipe: Recipe) -> list[str]:
 
 
 def _extra_pretraining(recipe: Recipe, allow_changed: bool) -> None:
-    """Sec. 6.1.4's baseline of this replicate: the shared ``pretext.pt`` pretrained further
-    under the replicate's seed; writes ``pretext_baseline.pt`` (reused when finished under the
-    same configuration)."""
+    """Sec. 6.1.4's baseline of this replicate: its own run of one longer schedule under the
+    replicate's seed (:meth:`~recipes.common.pipeline.Recipe.pretrain_baseline`); writes
+    ``pretext_baseline.pt`` (reused when finished under the same configuration)."""
     path = recipe.path(None, "pretext_baseline.pt")
     fp = fingerprint.fingerprint(recipe.cfg, "pretext")
     if path.exists() and records.check_done(recipe.out, path, "pretext", fp,
                                             "study replicate") is None:
         return  # finished under this configuration (its record written after the file)
     records.remove_record(path)
-    seed_everything(recipe.cfg.run.seed)
-    model = recipe.load_pretext(recipe.path(None, "pretext.pt"))
-    losses = recipe.pretrain(model, extra=True)
-    check_weights("pretext", model.state_dict(), "pretext (Only-FT baseline) weights")
-    save_checkpoint({"pretext": model.state_dict(), "losses": losses}, path)
+    losses = recipe.pretrain_baseline()
     records.write_record(recipe.out, path, "pretext", None, fp, [path])
     recipe.say(f"replicate {recipe.cfg.run.seed}: Only-FT baseline pretrained {len(losses)} "
-               f"more {recipe.pretrain_unit}")
+               f"{recipe.pretrain_unit} on one schedule")
 
 
 def _shared_only_ft(recipe: Recipe) -> bool:

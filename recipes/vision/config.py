@@ -95,7 +95,9 @@ class PretextConfig:
                               "level")
     epochs: Int = Field(500, ge=0)
     baseline_extra_epochs: Int = Field(
-        0, ge=0, description="Only-FT starts after this many more epochs (Sec. 6.1.4: 100)"
+        0, ge=0, description="Only-FT's backbone is pretrained on one schedule this many "
+        "epochs longer, its own run from the same initial weights (Sec. 6.1.4: 100, i.e. 600 "
+        "epochs against 500)"
     )
     batch_size: Int = Field(1024, ge=2)
     lr: Float = Field(4.8, gt=0.0)
