@@ -60,10 +60,13 @@ class SplitQKV(nn.Module):
 def build_vit(image_size: int, *, size: str = "tiny", patch: int = 4, depth: int = 2,
               width: int = 32, heads: int = 2) -> nn.Module:
     """A randomly initialised timm ViT with no classifier, ``out_dim`` set and the attention
-    computed explicitly (``fused_attn`` off: double-differentiable for Hessian products)."""
+    computed explicitly (``fused_attn`` off: double-differentiable for Hessian products).
+
+    ``size="b16"`` is ViT-B/16 (timm's ``vit_base_patch16_224`` layout at ``image_size``); its
+    patch, depth, width and heads replace the keyword arguments, which set the ``"tiny"`` one."""
     from timm.models.vision_transformer import VisionTransformer
 
-    s = dict(patch=patch, depth=depth, width=width, heads=heads, **SIZES[size])
+    s = {**dict(patch=patch, depth=depth, width=width, heads=heads), **SIZES[size]}  # size wins
     if image_size % s["patch"]:
         raise ValueError(f"model.vit_patch={s['patch']} must divide data.image_size={image_size}")
     net = VisionTransformer(img_size=image_size, patch_size=s["patch"], embed_dim=s["width"],
