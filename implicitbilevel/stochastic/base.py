@@ -47,6 +47,12 @@ class PolynomialDecay:
 
     SOBA's rule (Dagréou et al. 2022, Theorem 1) is ``ρ_t ∝ t^(−2/5)`` for ``y`` and ``v`` and
     ``γ_t ∝ t^(−3/5)`` for ``x``; ``power = 0`` is a constant step.
+
+    Example:
+        >>> import implicitbilevel as ib
+        >>> lr = ib.PolynomialDecay(1.0, power=0.5)         # 1 / sqrt(t + 1)
+        >>> [round(lr(t), 3) for t in range(4)]
+        [1.0, 0.707, 0.577, 0.5]
     """
 
     initial: float
@@ -92,6 +98,22 @@ class StepInfo:
         lr_outer: the outer step size used.
         calls: the oracle calls so far (:meth:`OracleCounts.as_dict`).
         extra: method-specific values (F2SA's and BOME's multipliers).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> info = ib.SOBA(problem, x, y, lr_inner=0.5, lr_outer=0.5).step(None, None)
+        >>> info.t, info.lr_inner, info.outer_grad_norm     # at y = y*(0), x = 0: no outer gradient
+        (0, 0.5, 0.0)
+        >>> info.calls["hvp"], info.calls["total"]
+        (1, 4)
     """
 
     t: int
@@ -147,6 +169,23 @@ class StochasticBilevel(abc.ABC):
         v: the linear-system variable, ``None`` for a method without one.
         t: the number of steps taken.
         oracles: the :class:`~implicitbilevel.stochastic.BilevelOracles` in use.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.SOBA(problem, x, y, lr_inner=0.5, lr_outer=0.5)
+        >>> isinstance(method, ib.stochastic.StochasticBilevel), method.upper["w"] is x["w"]
+        (True, True)
+        >>> info = method.step(None, None)                  # x, y and v move once
+        >>> method.t, x["w"].tolist()                       # y was at y*(0) = 0: no outer gradient
+        (1, [0.0, 0.0])
     """
 
     name: ClassVar[str] = "base"

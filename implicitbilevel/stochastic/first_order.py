@@ -62,6 +62,22 @@ class F2SA(StochasticBilevel):
         lam_increment: ``δ ≥ 0`` added to ``λ`` after every step.
         lam_max: the largest ``λ`` (``None``: no bound).
         inner_steps: ``T``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.F2SA(problem, x, y, lr_inner=0.5, lr_outer=0.5, inner_steps=5)
+        >>> for _ in range(150):
+        ...     info = method.step(None, None)                  # full batches here
+        >>> [round(v, 3) for v in x["w"].tolist() + y["w"].tolist()]
+        [2.0, 2.0, 1.0, 1.0]
     """
 
     name = "F2SA"
@@ -143,6 +159,22 @@ class BOME(StochasticBilevel):
         lr_outer: ``ξ``, the step of ``(x, y)``.
         eta: ``η > 0``.
         inner_steps: ``T``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.BOME(problem, x, y, lr_inner=0.5, lr_outer=0.5)
+        >>> for _ in range(100):
+        ...     info = method.step(None, None)                  # full batches here
+        >>> [round(v, 3) for v in x["w"].tolist() + y["w"].tolist()]
+        [2.0, 2.0, 1.0, 1.0]
     """
 
     name = "BOME"

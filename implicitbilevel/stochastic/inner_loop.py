@@ -85,6 +85,22 @@ class StocBiO(StochasticBilevel):
         neumann_lr: ``η`` (below ``1/L`` for a convergent series; default ``lr_inner``).
         inner_steps: ``T``.
         neumann_steps: ``Q``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.StocBiO(problem, x, y, lr_inner=0.5, lr_outer=0.5)
+        >>> for _ in range(80):
+        ...     info = method.step(None, None)                  # full batches here
+        >>> [round(v, 3) for v in x["w"].tolist() + y["w"].tolist()]
+        [2.0, 2.0, 1.0, 1.0]
     """
 
     name = "stocBiO"
@@ -144,6 +160,22 @@ class AmIGO(StochasticBilevel):
         lr_v: ``β`` (default ``α``).
         inner_steps: ``T``.
         v_steps: ``M``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.AmIGO(problem, x, y, lr_inner=0.5, lr_outer=0.5)
+        >>> for _ in range(80):
+        ...     info = method.step(None, None)                  # full batches here
+        >>> [round(v, 3) for v in x["w"].tolist() + y["w"].tolist()]
+        [2.0, 2.0, 1.0, 1.0]
     """
 
     name = "AmIGO"

@@ -63,6 +63,22 @@ class SOBA(StochasticBilevel):
             ``t -> float``).
         lr_outer: ``γ_t``.
         lr_v: the step of ``v`` when it differs from ``ρ_t``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.SOBA(problem, x, y, lr_inner=0.5, lr_outer=0.5)
+        >>> for _ in range(100):
+        ...     info = method.step(None, None)                  # full batches here
+        >>> [round(v, 3) for v in x["w"].tolist() + y["w"].tolist()]
+        [2.0, 2.0, 1.0, 1.0]
     """
 
     name = "SOBA"
@@ -131,6 +147,26 @@ class SABA(SOBA):
         check_finite_sum: on the first step, compare the mean of the per-row values with the
             batch's own gradients (one extra call each) and refuse losses that are not means
             over their rows.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]],
+        ...                  dtype=torch.float64)
+        >>> def lower_loss(y, batch):                # a finite sum over the rows (mean of a: 0)
+        ...     return 0.5 * ((y["w"] - batch["a"]) ** 2).sum(-1).mean()
+        >>> def upper_loss(x, y, batch):
+        ...     return 0.5 * ((y["w"] - batch["a"] - 1.0) ** 2).sum(-1).mean()
+        >>> problem = ib.BilevelProblem(upper_loss, lower_loss, lam=1.0,
+        ...                             regularizer=ib.ProximalL2())
+        >>> batch = {"index": torch.arange(4), "a": a}      # every sample: "index" names the rows
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> method = ib.SABA(problem, x, y, n_inner=4, n_outer=4, lr_inner=0.5, lr_outer=0.5)
+        >>> for _ in range(50):
+        ...     _ = method.step(batch, batch)
+        >>> [round(v, 3) for v in x["w"].tolist()]          # y*(x) = x/2 = [1, 1] at x* = [2, 2]
+        [2.0, 2.0]
     """
 
     name = "SABA"

@@ -35,7 +35,19 @@ __all__ = ["SampleMemory", "check_indices"]
 
 
 def check_indices(batch: Mapping[str, Any], n: int, what: str) -> Tensor:
-    """The batch's sample indices, checked against the sampler contract (module docstring)."""
+    """The batch's sample indices, checked against the sampler contract (module docstring).
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.stochastic import check_indices
+        >>> check_indices({"index": torch.tensor([2, 0])}, 3, "lower")
+        tensor([2, 0])
+        >>> try:
+        ...     check_indices({"index": torch.tensor([1, 1])}, 3, "lower")
+        ... except ValueError as err:
+        ...     print(str(err).split(";")[0])
+        SABA: the lower batch repeats a sample index
+    """
     if not isinstance(batch, Mapping) or "index" not in batch:
         raise TypeError(f"SABA: the {what} batch must be a dict with an 'index' entry holding "
                         "the sample indices of its rows (see implicitbilevel.stochastic.memory)")
@@ -60,6 +72,17 @@ class SampleMemory:
     Args:
         n: the number of samples of the finite sum.
         like: one value of ``φ_i`` (names and shapes; a table of ``n`` rows each is allocated).
+
+    Example:
+        >>> import torch
+        >>> from implicitbilevel.stochastic import SampleMemory
+        >>> memory = SampleMemory(3, {"w": torch.zeros(1, dtype=torch.float64)})   # n = 3 samples
+        >>> fresh = {"w": torch.tensor([[3.0], [6.0]], dtype=torch.float64)}   # samples 0 and 1
+        >>> memory.direction(torch.tensor([0, 1]), fresh)["w"]   # mean(fresh - 0) + 0
+        tensor([4.5000], dtype=torch.float64)
+        >>> zero = {"w": torch.zeros(1, 1, dtype=torch.float64)}                # sample 2
+        >>> memory.direction(torch.tensor([2]), zero)["w"]        # 0 - 0 + mean of memory (3 + 6)/3
+        tensor([3.], dtype=torch.float64)
     """
 
     def __init__(self, n: int, like: Mapping[str, Tensor]) -> None:

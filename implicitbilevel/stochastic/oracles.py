@@ -55,6 +55,21 @@ class OracleCounts:
         grad_outer: gradients of ``f`` (``∇_x f`` and ``∇_y f`` together).
         hvp: curvature products ``∇²_yy G · v``.
         cross: mixed products ``∇²_xy G · v``.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> gx, gy = oracles.outer_grads(x, y, None)         # one call gives both gradients of f
+        >>> oracles.counts.as_dict()
+        {'grad_inner': 0, 'grad_outer': 1, 'hvp': 0, 'cross': 0, 'total': 1}
     """
 
     grad_inner: int = 0
@@ -102,6 +117,23 @@ class BilevelOracles:
 
     Attributes:
         counts: the :class:`~implicitbilevel.stochastic.OracleCounts` so far.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> x0 = {"w": torch.tensor([2.0, 0.0], dtype=torch.float64)}
+        >>> oracles.inner_grad(x0, y, None)["w"].tolist()   # y + (y - x) at y = 0
+        [-2.0, 0.0]
+        >>> oracles.counts.grad_inner
+        1
     """
 
     def __init__(
@@ -305,7 +337,24 @@ class BilevelOracles:
 
 class Curvature:
     """``v ↦ ∇²_yy G · v`` and ``v ↦ ∇²_xy G · v`` at one point and batch
-    (:meth:`BilevelOracles.curvature`); each product counts one oracle call."""
+    (:meth:`BilevelOracles.curvature`); each product counts one oracle call.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
+        >>> problem = ib.BilevelProblem(
+        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
+        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
+        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
+        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> curv = oracles.curvature(x, y, None)             # products at one point and batch
+        >>> v = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+        >>> curv.hvp(v)["w"].tolist(), curv.cross(v)["w"].tolist()   # (I + I) v and -I v
+        ([2.0, -2.0], [-1.0, 1.0])
+    """
 
     def __init__(self, oracles: BilevelOracles, x: Params, y: Params, batch: Any, t: int) -> None:
         self._oracles = oracles
