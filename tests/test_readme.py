@@ -73,6 +73,18 @@ def test_readme_skip_reasons_are_the_tests_own():
         assert f'"{peer} is not installed" ({count} test{"s" if count > 1 else ""})' in text
 
 
+def test_readme_counts_the_tests_that_need_the_docs_extra():
+    """The tests of the built documentation skip without sphinx: as many as the README says."""
+    source = (ROOT / "tests" / "test_docs_rendered.py").read_text()
+    assert 'pytest.importorskip("sphinx")' in source
+    single = re.findall(r"^def test_\w+\(built\)", source, re.M)
+    per_example = re.findall(r'parametrize\("name", EXAMPLES\)\ndef test_\w+\(built, name\)',
+                             source)
+    count = len(single) + len(per_example) * len(list((ROOT / "examples").glob("*.py")))
+    text = " ".join(_quickstart().split())
+    assert f"the {count} tests of the built documentation (\"could not import 'sphinx'\")" in text
+
+
 def test_readme_metrics_path_is_the_recipes():
     """The metrics path the README names is where the vision recipe's BiSSL stage logs."""
     import yaml
