@@ -168,18 +168,35 @@ def lanczos_eigenpairs(
                       float(theta[-1]), spent)
 
 
+def per_operator(held: tuple[Callable[[], Any], Any] | None, curvature: Any,
+                 build: Callable[[], Any]) -> tuple[tuple[Callable[[], Any], Any], float]:
+    """``held`` when it was built for ``curvature`` (held by weak reference), else ``build()``
+    with a weak reference to ``curvature``; and the seconds spent building (0 when held)."""
+    if held is not None and held[0]() is curvature:
+        return held, 0.0
+    start = time.perf_counter()
+    value = build()
+    try:
+        ref: Callable[[], Any] = weakref.ref(curvature)
+    except TypeError:  # an operator that takes no weak references is held
+        ref = lambda: curvature  # noqa: E731
+    return (ref, value), time.perf_counter() - start
+
+
+@dataclass
 class _Spectral:
-    """The prepare step the Lanczos classes share: the eigenpairs of the system's curvature,
-    built once per curvature operator and kept (with a weak reference to it) until another
-    comes."""
+    """The settings and prepare step the Lanczos classes share: the eigenpairs of the system's
+    curvature, built once per curvature operator and kept (with a weak reference to it) until
+    another comes."""
 
-    rank: int
-    products: int | None
-    block: int | None
-    seed: int
-    _built: tuple[Callable[[], Any], Eigenpairs] | None
+    rank: int = 20
+    products: int | None = None
+    block: int | None = None
+    seed: int = 0
+    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
+                                                                repr=False, compare=False)
 
-    def _validate(self) -> None:
+    def __post_init__(self) -> None:
         check_int(self.rank, "rank", 1)
         check_int(self.seed, "seed")
         if self.products is not None:
@@ -193,18 +210,10 @@ class _Spectral:
         if curvature is None or not hasattr(system, "curvature_batched"):
             raise ValueError(f"{type(self).__name__} needs an IJSystem (a matvec with a curvature "
                              "operator), got a plain matvec")
-        if self._built is not None and self._built[0]() is curvature:
-            return 0.0
-        start = time.perf_counter()
-        pairs = lanczos_eigenpairs(system.curvature_batched,  # type: ignore[attr-defined]
-                                   curvature.params, self.rank, products=self.products,
-                                   block=self.block, seed=self.seed)
-        try:
-            ref: Callable[[], Any] = weakref.ref(curvature)
-        except TypeError:  # an operator that takes no weak references is held
-            ref = lambda: curvature  # noqa: E731
-        self._built = (ref, pairs)
-        return time.perf_counter() - start
+        self._built, seconds = per_operator(self._built, curvature, lambda: lanczos_eigenpairs(
+            system.curvature_batched, curvature.params, self.rank,  # type: ignore[attr-defined]
+            products=self.products, block=self.block, seed=self.seed))
+        return seconds
 
     def eigenpairs(self, system: MatVec) -> Eigenpairs:
         """The eigenpairs of ``system``'s curvature (found if needed)."""
@@ -247,16 +256,6 @@ class LanczosPreconditioner(_Spectral):
             diagonal; when no positive eigenvalue is found (``M = D`` would not precondition:
             the message names the smallest eigenvalue found).
     """
-
-    rank: int = 20
-    products: int | None = None
-    block: int | None = None
-    seed: int = 0
-    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
-                                                                repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def __call__(self, system: MatVec) -> Callable[[Params], Params]:
         """Return ``r ↦ M⁻¹ r`` for ``system``."""
@@ -316,18 +315,12 @@ class LanczosSolver(_Spectral, LinearSolver):
             ``1 + λ_min/μ <= min_pivot`` (the message names ``λ_min``).
     """
 
-    rank: int = 20
-    products: int | None = None
-    block: int | None = None
-    seed: int = 0
     min_pivot: float = 0.01
     measure_residual: bool = False
     tol: float = 1e-6
-    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
-                                                                repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._validate()
+        super().__post_init__()
         check_real(self.min_pivot, "min_pivot")
         check_bool(self.measure_residual, "measure_residual")
         check_real(self.tol, "tol")
@@ -376,14 +369,6 @@ class LanczosDeflation(_Spectral):
     """
 
     rank: int = 8
-    products: int | None = None
-    block: int | None = None
-    seed: int = 0
-    _built: tuple[Callable[[], Any], Eigenpairs] | None = field(default=None, init=False,
-                                                                repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._validate()
 
     def space(self, system: MatVec, positive: bool) -> tuple[Tensor, Tensor, Tensor]:
         """``(W, AW, θ)``: orthonormal rows spanning ``V``, their products with ``A`` and

@@ -30,8 +30,6 @@ References:
 from __future__ import annotations
 
 import math
-import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +46,7 @@ from .base import (
     check_real,
     direct_solve_info,
 )
+from .lanczos import per_operator
 
 __all__ = ["LowRank", "NystromPreconditioner", "NystromSolver", "nystrom_approximation"]
 
@@ -244,17 +243,10 @@ class _Sketched:
         curvature products in one batched call); the seconds spent."""
         _check_system(system, type(self).__name__)
         curvature = system.curvature  # type: ignore[attr-defined]
-        if self._sketch is not None and self._sketch[0]() is curvature:
-            return 0.0
-        start = time.perf_counter()
-        low_rank = nystrom_approximation(system.curvature_batched,  # type: ignore[attr-defined]
-                                         curvature.params, self.rank, seed=self.seed)
-        try:
-            ref: Callable[[], Any] = weakref.ref(curvature)
-        except TypeError:  # an operator that takes no weak references is held
-            ref = lambda: curvature  # noqa: E731
-        self._sketch = (ref, low_rank)
-        return time.perf_counter() - start
+        self._sketch, seconds = per_operator(self._sketch, curvature, lambda: nystrom_approximation(
+            system.curvature_batched, curvature.params, self.rank,  # type: ignore[attr-defined]
+            seed=self.seed))
+        return seconds
 
     def low_rank(self, system: MatVec) -> tuple[LowRank, float]:
         """The approximation for ``system`` (prepared if needed) and its ``μ``."""

@@ -32,7 +32,8 @@ The space is rebuilt when the operator changes (the solvers' ``prepare`` compare
 operator of an :class:`~implicitbilevel.IJSystem`, held by weak reference, and ``μ``,
 ``D``, the ridge; for a plain callable, the callable itself): it is per-operator state and is
 **not** checkpointed (:meth:`~implicitbilevel.LinearSolver.state_dict` stays empty; after a
-resume the first solve rebuilds it). :class:`~implicitbilevel.LanczosDeflation` seeds it from
+resume the first solve rebuilds it). The BiSSL trainer checkpoints between alternations, and
+every alternation brings a new operator, so a resumed run repeats the uninterrupted one. :class:`~implicitbilevel.LanczosDeflation` seeds it from
 eigenpairs of ``H`` so that the first solve is deflated too.
 
 References:
@@ -55,6 +56,7 @@ References:
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -226,12 +228,12 @@ class _Recycled(KrylovSolver):
         self._solves += 1
         return x, solve_info
 
+    @abc.abstractmethod
     def _deflated(self, apply: MatVec, r: Tensor, space: Space | None, budget: int,
                   stop_at: float, precondition: Callable[[Params], Params] | None, like: Params,
                   ) -> tuple[Tensor, SolveInfo, float]:
         """``A s = r`` deflated by ``space`` in at most ``budget`` products of ``apply``: the
         flat step ``s``, the solve's diagnostics and ``‖r'‖/‖r‖`` after the Galerkin part."""
-        raise NotImplementedError
 
     def _extract(self, z: Tensor, az: Tensor, k: int) -> Space | None:
         """The ``k``-dimensional space to keep from the rows of ``z`` and their products."""
@@ -297,7 +299,6 @@ class RecycledCG(_Recycled):
 
         x, info = _cg(apply, tree_of(r0, like), None, budget, 0.0, stop_at, deflate)
         return c @ w + flat_of(x, like, r.dtype), info, ratio(r0, r)
-
 
 
 @dataclass
