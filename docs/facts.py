@@ -102,6 +102,70 @@ BEYOND = {
     "appg_time": f"{_seconds_over_full('appendix G, MINRES over ω'):.1f}",
 }
 
+_ROBUST = json.loads((RESULTS / "robust_ij-cpu.json").read_text())
+
+
+def _num(value: float) -> str:
+    """A measured ratio as the pages print it: ``15.8``, ``0.37``, ``2.5e-3``."""
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 0.01 else _sci(value)
+
+
+def _robust(network: str, mu: float, family: str, value: int) -> dict:
+    """One row of ``robust_ij-cpu.json``: ``family`` at N_c (or rank) ``value`` on a system."""
+    (system,) = [s for s in _ROBUST["systems"]
+                 if s["network"].startswith(network) and s["mu"] == mu]
+    (row,) = [r for r in system["rows"] if r["family"] == family and r["value"] == value]
+    return row
+
+
+def _robust_solves(curvature: str) -> tuple[int, int]:
+    """Breakdowns and solves of every distinct computation with ``curvature``, all systems."""
+    rows = [(s["upper_steps"], r) for s in _ROBUST["systems"] for r in s["rows"]
+            if r["curvature"] == curvature and not r.get("same_computation_as")]
+    return sum(r["breakdowns"] for _, r in rows), sum(n for n, _ in rows)
+
+
+_NYSTROM_COSTS = [r["cost_over_gradient"] for s in _ROBUST["systems"] for r in s["rows"]
+                  if r["family"] in ("nystrom", "gn-nystrom") and r.get("error") is None]
+_MLP = _QUICK["accuracy"]["relative_error"]
+_MLP_AT_5 = _QUICK["accuracy"]["iterations"].index(5)
+_GN_BREAKDOWNS, _GN_SOLVES = _robust_solves("gauss-newton")
+_V10, _V1000, _G10 = ("vision", 10.001), ("vision", 1000.0), ("GPT", 10.001)
+
+#: "Choosing a solver": the accuracy (median relative error of ``u`` against the converged
+#: float64 solution), residual and cost (one upper step over one gradient) of each option on the
+#: small pretrained ResNet and GPT (``robust_ij-cpu.json``), and the MLP's accuracy against
+#: iterations (``quick-cpu.json``).
+ROBUST = {
+    "gpt_cg5_error": _num(_robust(*_G10, "cg", 5)["rel_error_median"]),
+    "gpt_cg10_error": _num(_robust(*_G10, "cg", 10)["rel_error_median"]),
+    "gpt_cg2_error": _num(_robust(*_G10, "cg", 2)["rel_error_median"]),
+    "gpt_cg5_cost": _num(_robust(*_G10, "cg", 5)["cost_over_gradient"]),
+    "gpt_cg5_over_reference": _num(_robust(*_G10, "cg", 5)["cost_over_reference"]),
+    "gpt_reference_error": _num(_robust(*_G10, "reference", 5)["rel_error_median"]),
+    "vision1000_cg5_error": _num(_robust(*_V1000, "cg", 5)["rel_error_median"]),
+    "vision1000_cg5_over_reference": _num(_robust(*_V1000, "cg", 5)["cost_over_reference"]),
+    "vision_cg5_breakdowns": str(_robust(*_V10, "cg", 5)["breakdowns"]),
+    "vision_cg5_products": f"{_robust(*_V10, 'cg', 5)['products_mean']:.1f}",
+    "vision_minres2_residual": _num(_robust(*_V10, "minres", 2)["rel_residual_median"]),
+    "vision_minres20_residual": _num(_robust(*_V10, "minres", 20)["rel_residual_median"]),
+    "gn_breakdowns": f"{_GN_BREAKDOWNS} of {_GN_SOLVES}",
+    "gpt_gn_error": _num(_robust(*_G10, "gn-cg", 20)["rel_error_median"]),
+    "vision1000_gn_error": _num(_robust(*_V1000, "gn-cg", 20)["rel_error_median"]),
+    "gpt_pcg2_error": _num(_robust(*_G10, "pcg", 2)["rel_error_median"]),
+    "gpt_pcg5_error": _num(_robust(*_G10, "pcg", 5)["rel_error_median"]),
+    "nystrom_cost_min": f"{min(_NYSTROM_COSTS):.0f}",
+    "nystrom_cost_max": f"{max(_NYSTROM_COSTS):.0f}",
+    "gpt_nystrom5_error": _num(_robust(*_G10, "nystrom", 5)["rel_error_median"]),
+    "gpt_nystrom40_error": _num(_robust(*_G10, "nystrom", 40)["rel_error_median"]),
+    "gpt1000_nystrom5_error": _num(_robust("GPT", 1000.0, "nystrom", 5)["rel_error_median"]),
+    "mlp_neumann5_error": _num(_MLP["Neumann (alpha = 1/lambda_max = 0.0547)"][_MLP_AT_5]),
+    "mlp_cg5_error": _num(_MLP["CG"][_MLP_AT_5]),
+    "mlp_neumann1_5_error": f"{_MLP['Neumann (alpha = 1)'][_MLP_AT_5]:.1e}".replace("e+0", "e"),
+}
+
 #: The measured relative residual ``‖v − A u‖/‖v‖`` per alternation of the vision recipe's
 #: embedded default run (Gauss–Newton curvature, CG, 40 alternations), as its run logged it in
 #: ``bissl/metrics.jsonl`` (``ij_relative_residual``) and README.md states it.
@@ -145,6 +209,7 @@ def substitutions() -> dict[str, str]:
     subs.update({f"mem_{k}": v for k, v in MEMORY.items()})
     subs.update({f"quick_{k}": v for k, v in QUICK.items()})
     subs.update({f"beyond_{k}": v for k, v in BEYOND.items()})
+    subs.update({f"robust_{k}": v for k, v in ROBUST.items()})
     subs.update({f"vision_residual_{k}": v for k, v in VISION_RESIDUAL.items()})
     subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES,
                 gpt_embedded_minutes=GPT_EMBEDDED_MINUTES, study_minutes=STUDY_MINUTES,

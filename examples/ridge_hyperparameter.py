@@ -119,7 +119,7 @@ def plot(history: list[float]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
-    ax.plot(history, marker=".")
+    ax.semilogy(history, marker=".")
     ax.set_xlabel("hypergradient step")
     ax.set_ylabel("validation loss")
     ax.set_title("Ridge penalties learnt by hypergradient descent")

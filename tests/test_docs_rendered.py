@@ -170,6 +170,14 @@ def test_stated_figures_equal_their_results_files(built):
     assert f"{fr_gpt} against {rr_gpt} on the small GPT" in choosing
     assert not re.search(r"blockwise=True\)\s*\S*\s*[^.]*\b1\.31× faster", choosing)
 
+    robust = json.loads((RESULTS / "robust_ij-cpu.json").read_text())
+    (gpt,) = [s for s in robust["systems"] if s["network"].startswith("GPT") and s["mu"] == 10.001]
+    cg = {r["value"]: r for r in gpt["rows"] if r["family"] == "cg"}
+    error = f"{cg[5]['rel_error_median']:.1e}".replace("e-0", "e-")
+    assert f"error {error} at N_c = 5" in choosing
+    cost = f"cost {cg[5]['cost_over_gradient']:.1f} ({cg[5]['cost_over_reference']:.2f}×"
+    assert cost in choosing
+
     howtos = _text(built, "howtos.html")
     assert f"costing {fr} gradients on a ResNet-18 against {rr}" in howtos
     assert (f"peaked at {kept}× a fine-tuning step with the kept graph and at {recomputed}×"
@@ -195,16 +203,20 @@ def test_stated_figures_equal_their_results_files(built):
     assert f"{full:.3f}" in beyond  # the exact-Hessian table, included from its results file
 
 
+_SMART = str.maketrans({"…": "...", "“": '"', "”": '"', "‘": "'", "’": "'", "–": "--",
+                        "—": "---"})
+
+
 def test_every_results_table_is_in_the_appendix(built):
     for table in sorted(RESULTS.glob("*.md")):
         page = built / "benchmark_tables" / f"{table.stem}.html"
         assert page.is_file(), f"{table.name} has no appendix page"
-        text = _text(built, f"benchmark_tables/{table.stem}.html")
+        text = _text(built, f"benchmark_tables/{table.stem}.html").translate(_SMART)
         rows = [ln for ln in table.read_text().splitlines()
                 if ln.startswith("|") and not set(ln) <= set("|-: ")]
         for row in rows[:3] + rows[-2:]:  # the first and last rows, cell by cell
             for cell in row.strip("|").split("|"):
-                words = cell.replace("`", "").replace("**", "").split()
+                words = cell.replace("`", "").replace("**", "").translate(_SMART).split()
                 assert " ".join(words) in text, f"{table.name}: {cell.strip()!r} not rendered"
 
 
