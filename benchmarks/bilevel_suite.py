@@ -9,8 +9,10 @@ Usage::
 
 Problems: :mod:`benchmarks.bilevel_problems` (the quadratic, the two logistic regressions, the
 multinomial one and data hyper-cleaning at 50/70/90 % corruption); methods:
-:mod:`benchmarks.bilevel_methods`. JAXopt, whose solvers benchopt runs as implicit baselines,
-is not installed here: the library's own implicit methods stand in for them.
+:mod:`benchmarks.bilevel_methods`, and the external ``jaxopt-implicit`` (JAXopt's implicit
+hypergradient, the baseline benchopt runs; :mod:`benchmarks.bilevel_jaxopt`), run only where
+``jax`` and ``jaxopt`` are installed and on the problems ported to JAX (the quadratic and the two
+binary logistic regressions), left out with the reason otherwise.
 
 Protocol. Each method is tuned on sampler seed 0 over a small grid of its step size ``s`` and outer
 ratio ``r`` (inner step ``s``, outer step ``s / r``; per problem, :data:`GRIDS`: 6 to 8
@@ -47,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from benchmarks.bilevel_jaxopt import EXTERNAL, PORTED, unavailable
 from benchmarks.bilevel_methods import METHODS, MethodSpec, make_runner
 from benchmarks.bilevel_problems import PROBLEMS, BenchProblem, build
 from benchmarks.harness import (
@@ -288,6 +291,12 @@ def render(results: dict[str, Any]) -> str:
                              _cell(f["test_error"]), _cell(m["time_to_target"]),
                              _cell(m["calls_to_target"]), _cell(err_times.get(m["method"])),
                              _cell(m["steps"]), f"{m['diverged']}/5"))
+        absent = [s.name for s in EXTERNAL if s.name not in {m["method"] for m in
+                                                           problem["methods"]}]
+        for method in absent:
+            reason = problem.get("skipped", {}).get(method) or (
+                f"ported for {', '.join(PORTED)} only" if name not in PORTED else "not run")
+            lines += ["", f"Not in this table: {method} ({reason})."]
         lines += ["", f"![{name}]({os.path.basename(problem['plot'])})", ""]
     return "\n".join(lines) + "\n"
 
@@ -299,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode.add_argument("--full", action="store_true", help="benchopt's grid, longer budgets")
     mode.add_argument("--merge", action="store_true", help="merge the full per-problem runs")
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
-    p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])
-    p.add_argument("--family", choices=("stochastic", "implicit"), default=None,
+    p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS + EXTERNAL])
+    p.add_argument("--family", choices=("stochastic", "implicit", "external"), default=None,
                    help="only the methods of one family")
     p.add_argument("--budget", type=float, default=None, help="seconds per measured run")
     add_out(p)
@@ -317,15 +326,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = new_results(command_line("bilevel_suite.py", argv), "cpu", settings,
                           mode=settings.mode)
     results["problems"] = {}
-    specs = [m for m in METHODS if m.name in args.methods
+    specs = [m for m in METHODS + EXTERNAL if m.name in args.methods
              and (args.family is None or m.family == args.family)]
     suffix = "" if set(args.problems) == set(PROBLEMS) else "-" + "-".join(args.problems)
     suffix += f"-{args.family}" if args.family else ""
     stem = f"bilevel_suite-{settings.mode}{suffix}"
     for name in args.problems:
         problem = build(name)
-        out = {"title": problem.title, "info": problem.info,
-               "methods": [run_method(s, problem, settings) for s in specs]}
+        skipped = {s.name: unavailable(name) for s in specs if s.family == "external"}
+        skipped = {k: v for k, v in skipped.items() if v}
+        for method, reason in skipped.items():
+            print(f"{name}: {method} left out: {reason}", flush=True)
+        run = [s for s in specs if s.name not in skipped]
+        if not run:
+            continue
+        out = {"title": problem.title, "info": problem.info, "skipped": skipped,
+               "methods": [run_method(s, problem, settings) for s in run]}
         out["target"] = out["methods"][0]["target"]
         out["plot"] = os.path.join(args.out, f"{stem}-{name}.png")
         os.makedirs(args.out, exist_ok=True)
@@ -345,9 +361,16 @@ def _write(out: str, stem: str, results: dict[str, Any]) -> None:
 
 
 def merge(out: str) -> dict[str, Any]:
-    """One table of the per-problem full runs (``bilevel_suite-full-<problem>-cpu.json``)."""
+    """One table of the per-problem full runs (``bilevel_suite-full-<problem>-cpu.json``),
+    added to the earlier merged table (``bilevel_suite-full-cpu.json``) when there is one: a
+    part's methods replace those of the same name, a part already merged adds no time."""
     merged: dict[str, Any] | None = None
-    for path in sorted(glob.glob(os.path.join(out, "bilevel_suite-full-*-cpu.json"))):
+    paths = sorted(glob.glob(os.path.join(out, "bilevel_suite-full-*-cpu.json")))
+    base = os.path.join(out, "bilevel_suite-full-cpu.json")
+    if paths and os.path.exists(base):
+        with open(base) as f:
+            merged = json.load(f)
+    for path in paths:
         with open(path) as f:
             part = json.load(f)
         if merged is None:
@@ -357,13 +380,17 @@ def merge(out: str) -> dict[str, Any]:
             names = {m["method"] for m in problem["methods"]}
             known["methods"] = [m for m in known["methods"] if m["method"] not in names]
             known["methods"] += problem["methods"]
-        merged["wall_seconds"] += part["wall_seconds"]
-        merged["parts"].append(part["command"])
+            known["skipped"] = {**known.get("skipped", {}), **problem.get("skipped", {})}
+            for method in names:
+                known["skipped"].pop(method, None)
+        if part["command"] not in merged["parts"]:
+            merged["wall_seconds"] += part["wall_seconds"]
+            merged["parts"].append(part["command"])
     if merged is None:
         raise FileNotFoundError(f"no full per-problem results in {out}")
     merged["command"] = "; ".join(merged["parts"])
     merged["problems"] = {k: merged["problems"][k] for k in PROBLEMS if k in merged["problems"]}
-    order = [m.name for m in METHODS]
+    order = [m.name for m in METHODS + EXTERNAL]
     for name, problem in merged["problems"].items():
         problem["methods"].sort(key=lambda m: order.index(m["method"]))
         problem["plot"] = os.path.join(out, f"bilevel_suite-full-{name}.png")
