@@ -59,14 +59,10 @@ class OracleCounts:
     Example:
         >>> import torch
         >>> import implicitbilevel as ib
-        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
-        >>> problem = ib.BilevelProblem(
-        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
-        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
-        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
-        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> oracles = ib.BilevelOracles(lambda x, y, b: 0.5 * (y["w"] ** 2).sum(),  # f
+        ...                             lambda y, b: 0.5 * (y["w"] ** 2).sum(),     # G = l + r
+        ...                             regularizer=ib.ProximalL2())                # r = |x-y|^2/2
+        >>> x, y = ({"w": torch.zeros(2, dtype=torch.float64)} for _ in range(2))
         >>> gx, gy = oracles.outer_grads(x, y, None)         # one call gives both gradients of f
         >>> oracles.counts.as_dict()
         {'grad_inner': 0, 'grad_outer': 1, 'hvp': 0, 'cross': 0, 'total': 1}
@@ -121,14 +117,10 @@ class BilevelOracles:
     Example:
         >>> import torch
         >>> import implicitbilevel as ib
-        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
-        >>> problem = ib.BilevelProblem(
-        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
-        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
-        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
-        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> oracles = ib.BilevelOracles(lambda x, y, b: 0.5 * (y["w"] ** 2).sum(),  # f
+        ...                             lambda y, b: 0.5 * (y["w"] ** 2).sum(),     # G = l + r
+        ...                             regularizer=ib.ProximalL2())                # r = |x-y|^2/2
+        >>> x, y = ({"w": torch.zeros(2, dtype=torch.float64)} for _ in range(2))
         >>> x0 = {"w": torch.tensor([2.0, 0.0], dtype=torch.float64)}
         >>> oracles.inner_grad(x0, y, None)["w"].tolist()   # y + (y - x) at y = 0
         [-2.0, 0.0]
@@ -342,14 +334,10 @@ class Curvature:
     Example:
         >>> import torch
         >>> import implicitbilevel as ib
-        >>> c = torch.tensor([1.0, 1.0], dtype=torch.float64)
-        >>> problem = ib.BilevelProblem(
-        ...     lambda x, y, batch: 0.5 * ((y["w"] - c) ** 2).sum(),   # f(x, y)
-        ...     lambda y, batch: 0.5 * (y["w"] ** 2).sum(),            # G = |y|^2/2 + |x - y|^2/2
-        ...     lam=1.0, regularizer=ib.ProximalL2())                  # y*(x) = x/2, x* = 2c
-        >>> x = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> y = {"w": torch.zeros(2, dtype=torch.float64)}
-        >>> oracles = ib.BilevelOracles.from_problem(problem)
+        >>> oracles = ib.BilevelOracles(lambda x, y, b: 0.5 * (y["w"] ** 2).sum(),  # f
+        ...                             lambda y, b: 0.5 * (y["w"] ** 2).sum(),     # G = l + r
+        ...                             regularizer=ib.ProximalL2())                # r = |x-y|^2/2
+        >>> x, y = ({"w": torch.zeros(2, dtype=torch.float64)} for _ in range(2))
         >>> curv = oracles.curvature(x, y, None)             # products at one point and batch
         >>> v = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
         >>> curv.hvp(v)["w"].tolist(), curv.cross(v)["w"].tolist()   # (I + I) v and -I v
