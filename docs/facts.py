@@ -96,7 +96,25 @@ def _seconds_over_full(method: str, mu: float = 10.001) -> float:
 
 #: Seconds per upper step of each option over the full IJ's (MINRES, exact Hessian) at the
 #: thesis's mu = 10.001, on the pretrained small ResNet (``beyond_ij-cpu.md``).
+def _beyond_row(method: str, mu: float) -> dict:
+    (row,) = [r for r in _BEYOND["rows"] if r["method"] == method and r["mu"] == mu]
+    return row
+
+
+_BN_V, _BN_0 = "BN-only IJ (u = v outside), MINRES", "BN-only IJ (u = 0 outside), MINRES"
+_MFAC = "M-FAC (m = 20), no Hessian product"
+
+_G_ERRORS_10 = [r["g_error"] for r in _BEYOND["rows"]
+                if r["mu"] == 10.001 and r.get("g_error") is not None]
+
 BEYOND = {
+    "g_error_min": f"{min(_G_ERRORS_10):.2f}",
+    "g_error_max": f"{max(_G_ERRORS_10):.2f}",
+    "bn_g_error_1000": f"{100 * _beyond_row(_BN_V, 1000.0)['g_error']:.1f}",
+    "mfac_g_error_1000": f"{100 * _beyond_row(_MFAC, 1000.0)['g_error']:.1f}",
+    "bn0_g_error_1000": f"{_beyond_row(_BN_0, 1000.0)['g_error']:.2f}",
+    "bn_u_error_1000": f"{_beyond_row(_BN_V, 1000.0)['u_error']:.2f}",
+    "mfac_u_error_1000": f"{_beyond_row(_MFAC, 1000.0)['u_error']:.2f}",
     "bn_time": f"{_seconds_over_full('BN-only IJ (u = v outside), MINRES'):.1f}",
     "mfac_time": f"{_seconds_over_full('M-FAC (m = 20), no Hessian product'):.2f}",
     "appg_time": f"{_seconds_over_full('appendix G, MINRES over ω'):.1f}",
@@ -127,6 +145,8 @@ def _robust_solves(curvature: str) -> tuple[int, int]:
     return sum(r["breakdowns"] for _, r in rows), sum(n for n, _ in rows)
 
 
+(_V1000_REFERENCE,) = [s["reference"] for s in _ROBUST["systems"]
+                       if s["network"].startswith("vision") and s["mu"] == 1000.0]
 _NYSTROM_COSTS = [r["cost_over_gradient"] for s in _ROBUST["systems"] for r in s["rows"]
                   if r["family"] in ("nystrom", "gn-nystrom") and r.get("error") is None]
 _MLP = _QUICK["accuracy"]["relative_error"]
@@ -161,6 +181,7 @@ ROBUST = {
     "gpt_nystrom5_error": _num(_robust(*_G10, "nystrom", 5)["rel_error_median"]),
     "gpt_nystrom40_error": _num(_robust(*_G10, "nystrom", 40)["rel_error_median"]),
     "gpt1000_nystrom5_error": _num(_robust("GPT", 1000.0, "nystrom", 5)["rel_error_median"]),
+    "vision1000_u_minus_v": _num(_V1000_REFERENCE["u_star_minus_v_over_v"]),
     "mlp_neumann5_error": _num(_MLP["Neumann (alpha = 1/lambda_max = 0.0547)"][_MLP_AT_5]),
     "mlp_cg5_error": _num(_MLP["CG"][_MLP_AT_5]),
     "mlp_neumann1_5_error": f"{_MLP['Neumann (alpha = 1)'][_MLP_AT_5]:.1e}".replace("e+0", "e"),
