@@ -8,10 +8,14 @@ reaches ``‖∇h‖² < 1e-6`` from ``x = 0, y = 0`` within the steps named in 
 rules of its paper. SOBA's decreasing steps (Theorem 1) on full batches (on minibatches its
 noise floor falls as ``t^(−2/5)``, far too slowly for a unit test); SABA on minibatches of 8 with
 constant steps (Theorems 2-3); stocBiO, AmIGO, F2SA and BOME on full batches, as their
-deterministic analyses. BOME is the exception: its iterates hover ``O(ξ)`` away from the
-optimum (measured here, ``‖∇h‖² ≈ 0.02 ξ²`` once settled), so with its Theorem 1's
-``ξ ∝ K^(−1/2)`` the ``1e-6`` level takes ``ξ ≈ 0.0065`` and about 4,000 steps (9 s); the test
-checks ``‖∇h‖² < 1e-5`` after ``K = 1000`` steps of ``ξ = 0.5/√K``.
+deterministic analyses. BOME's constant step ``ξ`` leaves a floor: its iterates settle into a
+two-cycle ``O(ξ)`` away from the optimum (the multiplier ``λ_k`` switches on and off), measured
+here at ``‖∇h‖² ≈ 0.008 ξ²`` and ``0.018 ξ²`` on its two points with ``η = 20`` and ``T = 12``
+inner steps (fewer inner steps add a floor of their own: ``2.7e-6`` with ``T = 8``). So its test
+takes Theorem 1's ``ξ = c/√K`` with ``K = 2500`` steps, ``c = 0.35`` (``ξ = 0.007``, both points
+near ``4e-7`` and ``9e-7``) and checks the last two iterates: 37,500 oracle calls, about 9 s of
+CPU on this 2-core machine (a single ``1e-6`` crossing of one point takes fewer, but the other
+point of the cycle stays above it).
 """
 
 from __future__ import annotations
@@ -130,13 +134,17 @@ def test_f2sa_converges_as_its_multiplier_grows(quad):
 
 
 def test_bome_converges_with_steps_of_order_one_over_root_k(quad):
-    steps = 1000
+    steps = 2500
     x, y = _start(quad)
     method = BOME.from_functions(quad.f, quad.g, x, y, lr_inner=1.0,
-                                 lr_outer=0.5 / steps ** 0.5, eta=0.5, inner_steps=8)
-    for _ in range(steps):
+                                 lr_outer=0.35 / steps ** 0.5, eta=20.0, inner_steps=12)
+    for _ in range(steps - 1):
         method.step(quad.outer, quad.inner)
-    _converged(quad, x, y, tol=1e-5)  # the O(ξ²) floor: see the module docstring
+    before_last = quad.metrics(x, y)["grad_norm2"]
+    method.step(quad.outer, quad.inner)
+    # both points of the two-cycle it settles into: see the module docstring
+    assert before_last < 1e-6
+    _converged(quad, x, y)
     assert method.counts.hvp == 0 and method.counts.cross == 0
 
 
