@@ -13,7 +13,7 @@ two-cycle ``O(ξ)`` away from the optimum (the multiplier ``λ_k`` switches on a
 here at ``‖∇h‖² ≈ 0.008 ξ²`` and ``0.018 ξ²`` on its two points with ``η = 20`` and ``T = 12``
 inner steps (fewer inner steps add a floor of their own: ``2.7e-6`` with ``T = 8``). So its test
 takes Theorem 1's ``ξ = c/√K`` with ``K = 2500`` steps, ``c = 0.35`` (``ξ = 0.007``, both points
-near ``4e-7`` and ``9e-7``) and checks the last two iterates: 37,500 oracle calls, about 9 s of
+near ``4e-7`` and ``9e-7``) and checks the last two iterates: 40,000 oracle calls, about 9 s of
 CPU on this 2-core machine (a single ``1e-6`` crossing of one point takes fewer, but the other
 point of the cycle stays above it).
 """
