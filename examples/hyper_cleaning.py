@@ -187,7 +187,7 @@ def parse_args():
 # %%
 # Run it
 # ------
-# The corrupted examples' weights fall towards 0, the clean ones' stay near 1.
+# The corrupted examples' weights fall towards 0, the clean ones' stay high.
 
 if __name__ == "__main__":
     import matplotlib.pyplot as plt
