@@ -225,7 +225,7 @@ def plot(problem: dict[str, Any], path: str) -> None:
             for j, metric in enumerate(metrics):
                 med, lo, hi = _bands(res["runs"], axis, metric, grid)
                 ax = axes[i][j]
-                style = "-" if res["family"] == "stochastic" else "--"
+                style = {"stochastic": "-", "implicit": "--"}.get(res["family"], ":")
                 line, = ax.plot(grid.tolist(), med, style, label=res["method"])
                 ax.fill_between(grid.tolist(), lo, hi, alpha=0.15, color=line.get_color())
                 ax.set_xscale("log")
