@@ -223,6 +223,41 @@ RETIRED = ["2.2-2.35", "/data/pets", "data.corpus=/data/books ", "8-10 minutes",
            "5 to 8 minutes", "~5 min", "~30 min", "about 30 minutes"]
 
 
+_PAPER = json.loads((RESULTS / "paper_scale_ij-cpu.json").read_text())
+
+
+def _paper_rows(method: str) -> list[dict]:
+    """``method``'s measured rows on every proxy system of ``paper_scale_ij-cpu.json``."""
+    return [r for s in _PAPER["systems"] for r in s.get("rows", [])
+            if r["method"] == method and "breakdowns" in r and not r.get("from_log")]
+
+
+def _paper_range(method: str, key: str = "exact_residual_median") -> str:
+    values = [r[key] for r in _paper_rows(method)]
+    return f"{min(values):.2g} to {max(values):.2g}"
+
+
+def _paper_breakdowns(method: str) -> str:
+    rows = _paper_rows(method)
+    return f"{sum(r['breakdowns'] for r in rows)} of {sum(len(r['solves']) for r in rows)}"
+
+
+#: The IJ options on CPU proxies of the three paper networks (``paper_scale_ij-cpu.json``,
+#: written by ``python benchmarks/paper_scale_ij.py``): over every proxy system, the breakdowns in
+#: the N_U solves and the range of the median exact-Hessian residual ``‖v − A u‖/‖v‖``.
+PAPER_SCALE = {
+    "systems": str(len(_paper_rows("minres"))),
+    "minres_breakdowns": _paper_breakdowns("minres"),
+    "cg_breakdowns": _paper_breakdowns("cg"),
+    "reference_breakdowns": _paper_breakdowns("reference"),
+    "minres_residual": _paper_range("minres"),
+    "cg_residual": _paper_range("cg"),
+    "reference_residual": _paper_range("reference"),
+    "minres_cost": _paper_range("minres", "cost_over_gradient"),
+    "reference_cost": _paper_range("reference", "cost_over_gradient"),
+}
+
+
 def substitutions() -> dict[str, str]:
     """The reST substitutions the pages use, name to text."""
     subs = {f"hvp_{k}": v for k, v in HVP.items()}
@@ -232,6 +267,7 @@ def substitutions() -> dict[str, str]:
     subs.update({f"beyond_{k}": v for k, v in BEYOND.items()})
     subs.update({f"robust_{k}": v for k, v in ROBUST.items()})
     subs.update({f"vision_residual_{k}": v for k, v in VISION_RESIDUAL.items()})
+    subs.update({f"paper_{k}": v for k, v in PAPER_SCALE.items()})
     subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES,
                 gpt_embedded_minutes=GPT_EMBEDDED_MINUTES, study_minutes=STUDY_MINUTES,
                 gpt_study_minutes=GPT_STUDY_MINUTES,
