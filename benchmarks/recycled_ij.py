@@ -111,6 +111,7 @@ class Settings:
     lanczos_rank: int = 8
     lanczos_products: int = 32
     sweep: tuple[int, ...] = ()  # recycle_dim values for RecycledMINRES at the largest budget
+    methods: tuple[str, ...] = tuple(METHODS)
     reference_tol: float = 1e-8
     reference_max_products: int = 2400
     reference_cache: str | None = str(DEFAULT_CACHE / "references")
@@ -209,7 +210,7 @@ def measure_mu(net: Any, net64: Any, mu: float, s: Settings, device: str,
 
     rows = []
     log(f"  [{net.name}, mu = {mu:g}] {len(rhs)} right-hand sides, {len(names)} tensors")
-    for key in METHODS:
+    for key in s.methods:
         budgets = (0,) if key == "lanczos-woodbury" else s.budgets
         for n_c in budgets:
             rows.append(configuration(key, n_c, 0.0))
@@ -338,12 +339,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="only this λ_damp (repeatable; μ = 0.001 + λ_damp; default: 999.999 "
                    "and 10), to keep one run short")
     p.add_argument("--name", default=None, help="results file stem (default recycled_ij-<device>)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="relative residual of the tolerance runs (default 1e-5), run at every "
+                   "--damping given")
+    p.add_argument("--tolerance-cap", type=int, default=None,
+                   help="products per solve of the tolerance runs")
+    p.add_argument("--budgets", default=None, help="N_c values, comma-separated")
+    p.add_argument("--methods", default=None,
+                   help=f"a comma-separated subset of {', '.join(METHODS)}")
     args = p.parse_args(argv)
     mode, device = mode_and_device(args)
     set_threads(args.threads, device, mode)
     settings = Settings.for_mode(mode)
     if args.damping:
         settings.dampings = tuple(args.damping)
+    if args.tolerance is not None:
+        settings.tolerance = args.tolerance
+        settings.tolerance_dampings = settings.dampings
+    if args.tolerance_cap is not None:
+        settings.tolerance_cap = args.tolerance_cap
+    if args.budgets:
+        settings.budgets = tuple(int(x) for x in args.budgets.split(","))
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(METHODS)
+        if unknown:
+            p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        settings.methods = tuple(args.methods.split(","))
     results = run(mode, device, args.out, command_line("recycled_ij.py", argv),
                   log=lambda msg: print(msg, flush=True), settings=settings, name=args.name)
     print(render_markdown(results))
