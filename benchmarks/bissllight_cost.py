@@ -29,8 +29,10 @@ Measured, side by side in one process:
 - **seconds of one upper step over one gradient of the downstream loss** ``L^D(θ_D, φ_D)``:
   ``(t_first + (N_U − 1)·t_later)/N_U`` over ``t_grad``, with ``t_first`` the first upper step of
   an alternation (it builds the curvature operator) and ``t_later`` a later one (it reuses it),
-  the three methods and the gradient timed round-robin (:func:`benchmarks.harness.paired_times`),
-  the median over repeats of the per-repeat ratio;
+  the three methods and the gradient timed round-robin, the order rotated every repeat, in CPU
+  seconds of this process (one torch thread: on a shared, loaded machine the CPU time stands in
+  for the wall time of an idle core; the wall times are in the JSON), the median over repeats of
+  the per-repeat ratio;
 - **peak memory of one upper step**: the resident-set high-water mark over the resident set
   before the first upper step of an alternation (operator build and solve included), freed heap
   handed back first (:func:`benchmarks.harness.peak_memory`: ``VmHWM − VmRSS``, reset through
@@ -70,7 +72,6 @@ from benchmarks.harness import (
     header,
     median,
     new_results,
-    paired_times,
     parser,
     peak_memory,
     ratio,
@@ -232,6 +233,22 @@ def accuracy(s: Settings, net: Net, w: dict, sols: dict[str, Any]) -> list[dict[
     return rows
 
 
+def _paired_cpu(fns: dict[str, Any], repeats: int) -> tuple[dict, dict]:
+    """CPU and wall seconds of every callable, round-robin, after one unrecorded round."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            c0, w0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return cpu, wall
+
+
 def cost(s: Settings, net: Net, w: dict, sols: dict[str, Any]) -> dict[str, Any]:
     """Seconds of one upper step over one downstream gradient, and peak memory (docstring)."""
     problems = {name: problem_for(w["losses"], sol) for name, sol in sols.items()}
@@ -256,9 +273,9 @@ def cost(s: Settings, net: Net, w: dict, sols: dict[str, Any]) -> dict[str, Any]
     fns: dict[str, Any] = {"grad": grad}
     for name in METHODS:  # a later step right after its own first step (the kept graph held)
         fns[f"{name}/first"], fns[f"{name}/later"] = first(name), later(name)
-    times = paired_times(fns, repeats=s.repeats, warmup=1)
+    times, wall = _paired_cpu(fns, s.repeats)
     held.clear()
-    out: dict[str, Any] = {"times": times, "methods": {}}
+    out: dict[str, Any] = {"times": times, "wall_times": wall, "methods": {}}
     nu = s.upper_steps
     for name in METHODS:
         def amortised(i: int, name: str = name) -> float:
@@ -293,8 +310,8 @@ def measure(s: Settings) -> dict[str, Any]:
         acc = accuracy(s, net, w, solvers(s, w["grads"]))
         blocks = len(solvers(s, w["grads"])["block-wise M-FAC"].partition())
         nets.append({"net": net.label, "unknowns": n, "blocks": blocks, "setup_seconds": setup,
-                     "cost": {k: v for k, v in c.items() if k != "times"},
-                     "times": c["times"], "accuracy": acc})
+                     "cost": {k: v for k, v in c.items() if k not in ("times", "wall_times")},
+                     "times": c["times"], "wall_times": c["wall_times"], "accuracy": acc})
         print(f"{net.label}: {n} adapter unknowns, done in {time.perf_counter() - started:.0f} s",
               flush=True)
     return {"nets": nets}
@@ -315,8 +332,8 @@ def report(results: dict[str, Any]) -> str:
                   f"{net['unknowns']} adapter unknowns (rank {net_spec['rank']}, q and v), "
                   f"{net['blocks']} M-FAC blocks; {net_spec['image']} px, downstream batch "
                   f"{net_spec['batch']}, MAE batch {net_spec['lower_batch']}; one downstream "
-                  f"gradient {c['grad_seconds']:.3f} s.", ""]
-        lines += table_head("method", "upper step / gradient", "step seconds", "cost vs CG",
+                  f"gradient {c['grad_seconds']:.3f} CPU s.", ""]
+        lines += table_head("method", "upper step / gradient", "step CPU s", "cost vs CG",
                             "peak of a step (MiB)", "memory vs CG", "M-FAC window (MiB)",
                             "step + window vs CG")
         for name in METHODS:
@@ -341,10 +358,11 @@ def report(results: dict[str, Any]) -> str:
                          f"{fmt(r0['u_star_residual'])}; ‖u* − v‖/‖v‖ = {fmt(r0['u_star_vs_v'])}.")
         lines.append("")
     lines += ["Cost: the amortised upper step `(t_first + (N_U − 1) t_later)/N_U` over one "
-              "gradient of the downstream loss, median over repeats timed round-robin. Memory: "
-              "resident-set high-water mark over the resident set before the first upper step "
-              "of an alternation (VmHWM − VmRSS), freed heap released first; the M-FAC window "
-              "lives across steps and is listed apart. Ratios are M-FAC over BiSSL-CG.", ""]
+              "gradient of the downstream loss, in CPU time (one thread), median over repeats "
+              "timed round-robin. Memory: resident-set high-water mark over the resident set "
+              "before the first upper step of an alternation (VmHWM − VmRSS), freed heap "
+              "released first; the M-FAC window lives across steps and is listed apart. Ratios "
+              "are M-FAC over BiSSL-CG.", ""]
     return "\n".join(lines)
 
 
