@@ -63,6 +63,22 @@ class Eigenpairs:
         smallest: the smallest Ritz value found (kept or not): ``λ_min(H) <= smallest``.
         largest: the largest Ritz value found: ``λ_max(H) >= largest``.
         products: the curvature products spent.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, -3.0, 0, 0, 0], dtype=torch.float64))  # indefinite
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=4.0, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> exact = torch.linalg.solve(torch.eye(5).double() + M / 4.0, b["w"])
+        >>> pairs = ib.lanczos_eigenpairs(H.batched, H.params, rank=2)
+        >>> u = {"w": pairs.basis["w"][0]}                   # H u = lambda u, either sign
+        >>> torch.allclose(H(u)["w"], pairs.eigenvalues[0] * u["w"])
+        True
+        >>> pairs.smallest < 0 < pairs.largest
+        True
     """
 
     basis: Params
@@ -112,6 +128,19 @@ def lanczos_eigenpairs(
 
     Raises:
         ValueError: for bad settings or non-finite products.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, -3.0, 0, 0, 0], dtype=torch.float64))  # indefinite
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=4.0, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> exact = torch.linalg.solve(torch.eye(5).double() + M / 4.0, b["w"])
+        >>> pairs = ib.lanczos_eigenpairs(H.batched, H.params, rank=2)   # largest magnitude
+        >>> [round(v, 9) for v in pairs.eigenvalues.sort().values.tolist()]
+        [-3.0, 9.0]
     """
     check_int(rank, "rank", 1)
     check_int(seed, "seed")
@@ -255,6 +284,20 @@ class LanczosPreconditioner(_Spectral):
         ValueError: for bad settings; with a system whose ``D`` is not a positive per-name
             diagonal; when no positive eigenvalue is found (``M = D`` would not precondition:
             the message names the smallest eigenvalue found).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, -3.0, 0, 0, 0], dtype=torch.float64))  # indefinite
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=4.0, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> exact = torch.linalg.solve(torch.eye(5).double() + M / 4.0, b["w"])
+        >>> x, info = ib.MINRES(max_iter=6, tol=1e-10,
+        ...                     preconditioner=ib.LanczosPreconditioner(rank=2))(A, b)
+        >>> torch.allclose(x["w"], exact), info.iterations
+        (True, 2)
     """
 
     def __call__(self, system: MatVec) -> Callable[[Params], Params]:
@@ -313,6 +356,19 @@ class LanczosSolver(_Spectral, LinearSolver):
     Raises:
         ValueError: for bad settings, a system that is not ``I + H/μ``, or a pivot
             ``1 + λ_min/μ <= min_pivot`` (the message names ``λ_min``).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, -3.0, 0, 0, 0], dtype=torch.float64))  # indefinite
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=4.0, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> exact = torch.linalg.solve(torch.eye(5).double() + M / 4.0, b["w"])
+        >>> x, info = ib.LanczosSolver(rank=2)(A, b)        # exact: M has rank 2
+        >>> torch.allclose(x["w"], exact)
+        True
     """
 
     min_pivot: float = 0.01
@@ -366,6 +422,20 @@ class LanczosDeflation(_Spectral):
         ValueError: for bad settings; for :class:`~implicitbilevel.RecycledCG` when ``A`` is
             found indefinite on ``V`` (some ``vᵢᵀAvᵢ <= 0``; the message names the smallest
             eigenvalue found: use :class:`~implicitbilevel.RecycledMINRES`).
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, 3.0, 0, 0, 0], dtype=torch.float64))  # PSD, rank 2
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=0.5, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> exact = torch.linalg.solve(torch.eye(5).double() + M / 0.5, b["w"])
+        >>> solver = ib.RecycledCG(max_iter=1, deflation=ib.LanczosDeflation(rank=2))
+        >>> x, info = solver(A, b)                          # deflated from the first solve on
+        >>> torch.allclose(x["w"], exact), info.iterations
+        (True, 1)
     """
 
     rank: int = 8

@@ -104,6 +104,20 @@ class RecycleStats:
             (``None`` for the first solve): an estimate of the products deflation saved, exact in
             meaning when both solves run to the same tolerance on similar right-hand sides.
         recycled_dim: the dimension of the space kept for the next solve.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, 3.0, 0, 0, 0], dtype=torch.float64))  # PSD, rank 2
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=0.5, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> solver = ib.RecycledCG(max_iter=3, recycle_dim=2)
+        >>> _ = solver(A, b)
+        >>> _ = solver(A, {"w": torch.arange(1.0, 6.0).double()})
+        >>> solver.last_stats.solve_index, solver.last_stats.products_saved   # the second solve
+        (1, 1)
     """
 
     products: int
@@ -276,6 +290,21 @@ class RecycledCG(_Recycled):
     (equal to ``‖b − A x‖`` in exact arithmetic), breakdowns as CG's (non-positive curvature of
     the deflated operator, non-finite values, a growing residual). ``last_stats``
     (:class:`RecycleStats`) and ``last_products_saved`` describe the last solve.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, 3.0, 0, 0, 0], dtype=torch.float64))  # PSD, rank 2
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=0.5, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> solver = ib.RecycledCG(max_iter=3, recycle_dim=2)
+        >>> _ = solver(A, b)                                 # 3 distinct eigenvalues: exact in 3
+        >>> c = {"w": torch.arange(1.0, 6.0).double()}
+        >>> x, info = solver(A, c)                          # the next right-hand side is deflated
+        >>> torch.allclose(A(x)["w"], c["w"]), solver.last_stats.deflated, info.iterations
+        (True, 2, 2)
     """
 
     _positive = True
@@ -329,6 +358,21 @@ class RecycledMINRES(_Recycled):
     ``‖b − A x‖`` in exact arithmetic (with a preconditioner: ``‖Π(r0 − A x̃)‖``, measured by
     the last product); breakdowns as MINRES's. Harmonic Ritz values below ``eps^(2/3)·‖A‖``
     (a numerically singular ``A``) are not deflated.
+
+    Example:
+        >>> import torch
+        >>> import implicitbilevel as ib
+        >>> M = torch.diag(torch.tensor([9.0, -3.0, 0, 0, 0], dtype=torch.float64))  # indefinite
+        >>> H = ib.HessianOperator(lambda p: 0.5 * p["w"] @ M @ p["w"],
+        ...                        {"w": torch.zeros(5).double()})
+        >>> A = ib.IJSystem(H, mu=4.0, identity=["w"])                     # A = I + M / mu
+        >>> b = {"w": torch.ones(5).double()}
+        >>> solver = ib.RecycledMINRES(max_iter=3, recycle_dim=2)
+        >>> _ = solver(A, b)
+        >>> c = {"w": torch.arange(1.0, 6.0).double()}
+        >>> x, info = solver(A, c)                          # the recycled space saves a product
+        >>> torch.allclose(A(x)["w"], c["w"]), info.iterations
+        (True, 2)
     """
 
     def _deflated(self, apply: MatVec, r: Tensor, space: Space | None, budget: int,
