@@ -5,6 +5,9 @@ Usage::
     python benchmarks/recycled_ij.py --quick   # 2-core CPU: ~2,400 products, ~2 min idle
     python benchmarks/recycled_ij.py --full --damping 999.999   # more budgets, tolerance runs,
     python benchmarks/recycled_ij.py --full --damping 10        # a recycle_dim sweep; one μ a run
+    python benchmarks/recycled_ij.py --damping 10 --tolerance 0.1 --tolerance-cap 120 \\
+        --budgets 20 --methods minres,recycled-minres,minres-lanczos,recycled-minres-lanczos \\
+        --name recycled_ij-mu10-tol-cpu   # products to a residual of 0.1 at μ = 10.001
 
 One BiSSL alternation of the pretrained small ResNet of :mod:`benchmarks.robust_ij`
 (:func:`benchmarks.pretrained.vision_network`: the vision recipe's network after its SimCLR and
