@@ -26,29 +26,25 @@ batch (the gradients the lower steps compute anyway).
 
 Measured, side by side in one process:
 
-- **seconds of one upper step over one gradient of the downstream loss** ``L^D(θ_D, φ_D)``:
-  ``(t_first + (N_U − 1)·t_later)/N_U`` over ``t_grad``, with ``t_first`` the first upper step of
-  an alternation (it builds the curvature operator) and ``t_later`` a later one (it reuses it),
-  the three methods and the gradient timed round-robin, the order rotated every repeat, in CPU
-  seconds of this process (one torch thread: on a shared, loaded machine the CPU time stands in
-  for the wall time of an idle core; the wall times are in the JSON), the median over repeats of
-  the per-repeat ratio;
-- **peak memory of one upper step**: the resident-set high-water mark over the resident set
-  before the first upper step of an alternation (operator build and solve included), freed heap
-  handed back first (:func:`benchmarks.harness.peak_memory`: ``VmHWM − VmRSS``, reset through
-  ``/proc/self/clear_refs``), and, apart, the M-FAC window that lives across steps (``m·n``
-  numbers);
-- **accuracy**: the relative residual ``‖v − (I + H/μ) u‖/‖v‖`` of each method's ``u`` on the
-  exact adapter system (the exact Hessian at the upper stage's lower batch) and ``‖u − u*‖/‖u*‖``,
-  for μ = 10.001 (λ = 0.001 plus the recipe's λ_damp = 10: the paper config's μ, which is also the
-  thesis's) and a smaller μ (``--mu-small``, ``--b16-mu-small``) where ``H/μ`` weighs more. The
-  tiny ViT's system is evaluated on a float64 copy of the model (the MAE loss casts its prediction
-  to float32, so it is exact to about 1e-8) and ``u*`` is MINRES to a relative residual of 1e-10;
-  ViT-B/16's in float32, ``u*`` from ``--b16-exact-products`` MINRES products (its own residual is
-  stated: with random weights the MAE Hessian is indefinite, so a small μ may leave it far off).
+- **cost**: one upper step over one gradient of the downstream loss ``L^D(θ_D, φ_D)``,
+  ``(t_first + (N_U − 1)·t_later)/N_U`` over ``t_grad`` (``t_first`` builds the curvature
+  operator, ``t_later`` reuses it), timed round-robin in CPU seconds of this process (one torch
+  thread; on a loaded machine the CPU time stands in for an idle core's wall time, which the JSON
+  keeps), the median over repeats of the per-repeat ratio;
+- **peak memory** of the first upper step of an alternation (operator build and solve): the
+  resident-set high-water mark over the resident set before it, freed heap handed back first
+  (:func:`benchmarks.harness.peak_memory`), and apart the M-FAC window (``m·n`` numbers);
+- **accuracy**: ``‖v − (I + H/μ) u‖/‖v‖`` for each method's ``u`` on the exact adapter system
+  (exact Hessian, the upper stage's lower batch) and ``‖u − u*‖/‖u*‖``, at μ = 10.001 (λ = 0.001
+  plus the recipe's λ_damp = 10: the paper config's μ and the thesis's) and a smaller μ
+  (``--mu-small``, ``--b16-mu-small``). The tiny ViT's system on a float64 copy of the model
+  (exact to about 1e-8: the MAE loss casts its prediction to float32), ``u*`` by MINRES to 1e-10;
+  ViT-B/16's in float32, ``u*`` from ``--b16-exact-products`` MINRES products, its residual
+  stated (with random weights the MAE Hessian is indefinite; a small μ may leave ``u*`` off).
 
 Run: ``python benchmarks/bissllight_cost.py [--quick] [--threads 1]``; results in
-``benchmarks/results/bissllight-cpu.{md,json}``.
+``benchmarks/results/bissllight-cpu.{md,json}``; with ``--b16-batch 4 --b16-lower-batch 16
+--name bissllight-batch4-cpu`` ViT-B/16 at twice the batches.
 """
 
 from __future__ import annotations
@@ -66,20 +62,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from benchmarks.harness import (
-    finish,
-    fmt,
-    header,
-    median,
-    new_results,
-    parser,
-    peak_memory,
-    ratio,
-    row,
-    set_threads,
-    table_head,
-    write_results,
-)
+from benchmarks import harness as hb
 from implicitbilevel import CG, MFAC, MINRES, BilevelProblem, ImplicitJacobian, ProximalL2
 from implicitbilevel.bissl import bissl_upper_loss
 from implicitbilevel.tree import tree_norm, tree_sub
@@ -280,16 +263,16 @@ def cost(s: Settings, net: Net, w: dict, sols: dict[str, Any]) -> dict[str, Any]
     for name in METHODS:
         def amortised(i: int, name: str = name) -> float:
             return (times[f"{name}/first"][i] + (nu - 1) * times[f"{name}/later"][i]) / nu
-        seconds = median(amortised(i) for i in range(s.repeats))
-        before, peak = peak_memory(first(name), "cpu", release=True)
+        seconds = hb.median(amortised(i) for i in range(s.repeats))
+        before, peak = hb.peak_memory(first(name), "cpu", release=True)
         held.clear()
         window = sols[name].window if isinstance(sols[name], MFAC) else None
         window_bytes = 0 if window is None else sum(
             t.numel() * t.element_size() for d in (window.buffer, window.gram) for t in d.values())
-        out["methods"][name] = {"step_over_grad": ratio(times, amortised, "grad"),
+        out["methods"][name] = {"step_over_grad": hb.ratio(times, amortised, "grad"),
                                 "step_seconds": seconds, "peak_bytes": peak - before,
                                 "window_bytes": window_bytes}
-    out["grad_seconds"] = median(times["grad"])
+    out["grad_seconds"] = hb.median(times["grad"])
     cg = out["methods"]["BiSSL-CG"]
     for name in METHODS:
         m = out["methods"][name]
@@ -320,7 +303,7 @@ def measure(s: Settings) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> str:
     """The Markdown page."""
     s = results["settings"]
-    lines = header(f"## BiSSL upper step on LoRA ViTs: CG vs M-FAC (`{results['mode']}`)",
+    lines = hb.header(f"## BiSSL upper step on LoRA ViTs: CG vs M-FAC (`{results['mode']}`)",
                    results)
     lines += [f"- settings: λ = {LAM}, λ_damp = {DAMPING} (μ = {LAM + DAMPING:g}), N_U = "
               f"{s['upper_steps']}, BiSSL-CG N_c = {s['cg_iters']} (exact Hessian over the "
@@ -333,29 +316,30 @@ def report(results: dict[str, Any]) -> str:
                   f"{net['blocks']} M-FAC blocks; {net_spec['image']} px, downstream batch "
                   f"{net_spec['batch']}, MAE batch {net_spec['lower_batch']}; one downstream "
                   f"gradient {c['grad_seconds']:.3f} CPU s.", ""]
-        lines += table_head("method", "upper step / gradient", "step CPU s", "cost vs CG",
+        lines += hb.table_head("method", "upper step / gradient", "step CPU s", "cost vs CG",
                             "peak of a step (MiB)", "memory vs CG", "M-FAC window (MiB)",
                             "step + window vs CG")
         for name in METHODS:
             m = c["methods"][name]
             total = (m["peak_bytes"] + m["window_bytes"]) / cg["peak_bytes"] \
                 if cg["peak_bytes"] else math.nan
-            lines.append(row(name, fmt(m["step_over_grad"]), fmt(m["step_seconds"], 3),
-                             fmt(m["cost_vs_cg"]), fmt(m["peak_bytes"] / 2**20, 1),
-                             fmt(m["memory_vs_cg"]), fmt(m["window_bytes"] / 2**20, 1),
-                             fmt(total)))
+            lines.append(hb.row(name, hb.fmt(m["step_over_grad"]), hb.fmt(m["step_seconds"], 3),
+                             hb.fmt(m["cost_vs_cg"]), hb.fmt(m["peak_bytes"] / 2**20, 1),
+                             hb.fmt(m["memory_vs_cg"]), hb.fmt(m["window_bytes"] / 2**20, 1),
+                             hb.fmt(total)))
         acc = net["accuracy"]
         lines += ["", "| μ | method | rel. residual, exact system | ‖u − u*‖/‖u*‖ |",
                   "|---|---|---|---|"]
         for r in acc:
-            lines.append(row(f"{r['mu']:g}", r["method"], fmt(r["rel_residual"]),
-                             fmt(r["rel_error"])))
+            lines.append(hb.row(f"{r['mu']:g}", r["method"], hb.fmt(r["rel_residual"]),
+                             hb.fmt(r["rel_error"])))
         exact = "float64" if not net_spec["exact_products"] else "float32"
         for mu in sorted({r["mu"] for r in acc}, reverse=True):
             r0 = next(r for r in acc if r["mu"] == mu)
             lines.append(f"\nμ = {mu:g}: the exact system in {exact}, u* from "
                          f"{r0['u_star_products']} MINRES products, residual "
-                         f"{fmt(r0['u_star_residual'])}; ‖u* − v‖/‖v‖ = {fmt(r0['u_star_vs_v'])}.")
+                         f"{hb.fmt(r0['u_star_residual'])}; ‖u* − v‖/‖v‖ = "
+                         f"{hb.fmt(r0['u_star_vs_v'])}.")
         lines.append("")
     lines += ["Cost: the amortised upper step `(t_first + (N_U − 1) t_later)/N_U` over one "
               "gradient of the downstream loss, in CPU time (one thread), median over repeats "
@@ -383,7 +367,7 @@ def b16_net(image: int, batch: int, lower_batch: int, products: int, mu_small: f
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = parser(__doc__.splitlines()[0])
+    ap = hb.parser(__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny ViT only, 2 repeats")
     ap.add_argument("--tiny-epochs", type=int, default=10)
     ap.add_argument("--b16-image", type=int, default=64)
@@ -399,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="bissllight-cpu")
     args = ap.parse_args(argv)
-    set_threads(args.threads)
+    hb.set_threads(args.threads)
     nets = [tiny_net(args.tiny_epochs, args.mu_small)]
     if not args.quick:
         nets.append(b16_net(args.b16_image, args.b16_batch, args.b16_lower_batch,
@@ -408,11 +392,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     command = "python benchmarks/bissllight_cost.py " + " ".join(argv if argv is not None
                                                                   else sys.argv[1:])
-    results = new_results(command.strip(), "cpu", s, mode="quick" if args.quick else "full")
+    results = hb.new_results(command.strip(), "cpu", s, mode="quick" if args.quick else "full")
     results.update(measure(s))
-    finish(results, started)
+    hb.finish(results, started)
     md = report(results)
-    write_results(args.out, args.name, results, md)
+    hb.write_results(args.out, args.name, results, md)
     print(md)
     return results
 

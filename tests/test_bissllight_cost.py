@@ -118,10 +118,10 @@ def test_cost_rows_and_report(micro, tmp_path):
         if name != "BiSSL-CG":  # m gradients (float32) plus the m × m inner products per tensor
             tensors = len(w["losses"].backbone)
             assert m["window_bytes"] == s.m * n * 4 + tensors * s.m * s.m * 8
-    results = bc.new_results("test", "cpu", s, mode="quick")
+    results = bc.hb.new_results("test", "cpu", s, mode="quick")
     results["nets"] = [{"net": MICRO.label, "unknowns": n, "blocks": 2, "setup_seconds": 0.0,
                         "cost": c, "accuracy": []}]
-    bc.finish(results, 0.0)
+    bc.hb.finish(results, 0.0)
     md = bc.report(results)
     assert "| block-wise M-FAC |" in md and "micro ViT" in md
 
