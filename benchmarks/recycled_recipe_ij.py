@@ -71,7 +71,7 @@ def render_markdown(results: dict[str, Any]) -> str:
              "- residual: `ij_relative_residual`, ‖v − A u‖/‖v‖ of the last upper step's solve "
              "in each alternation; products per upper step: the solves' products plus any "
              "per-alternation build, amortised over N_U (the logged residual's product not "
-             "counted)", ""]
+             "counted)", *[f"- {note}" for note in results.get("notes", [])], ""]
     lines += table_head("data", "IJ", "alternations <= 0.1", "residual median", "residual max",
                         "exact-Hessian residual median", "products per upper step",
                         "breakdowns", "seconds per alternation (median)")
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--run", action="append", required=True, metavar="DATA|LABEL|METRICS",
                    help="a run: data name, IJ label and its metrics.jsonl, separated by '|'")
     p.add_argument("--upper-steps", type=int, default=2, help="N_U of the runs")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's head")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--name", default="recycled_recipe_ij-cpu")
     a = p.parse_args(argv)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append(summarise(data, label, path, a.upper_steps))
     results = {"command": "python benchmarks/recycled_recipe_ij.py " + " ".join(
         f"--run '{s}'" for s in a.run), "machine": machine_info("cpu"), "target": TARGET,
-        "upper_steps": a.upper_steps, "runs": runs}
+        "upper_steps": a.upper_steps, "notes": a.note, "runs": runs}
     markdown = render_markdown(results)
     write_results(a.out, a.name, results, markdown)
     print(markdown)

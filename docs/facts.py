@@ -273,9 +273,71 @@ def substitutions() -> dict[str, str]:
                 gpt_study_minutes=GPT_STUDY_MINUTES,
                 pets_root=PETS_ROOT,
                 corpus_root=CORPUS_ROOT)
+    subs.update({f"recycled_{k}": v for k, v in RECYCLED.items()})
     return subs
 
 
 def rst_prolog() -> str:
     """``.. |name| replace:: text`` for every substitution."""
     return "\n".join(f".. |{k}| replace:: {v}" for k, v in substitutions().items()) + "\n"
+
+
+#: The IJ labels of the recipe runs in ``recycled_recipe_ij-cpu.json``.
+RECIPE_LABELS = {
+    "cg": "GN + CG, N_c = 5 (today's default)",
+    "recycled_cg": "GN + RecycledCG, N_c = 5",
+    "nystrom_pcg": "GN + Nyström-PCG, rank 4, N_c = 3",
+}
+
+# -- Reusing the matrix across an alternation (docs/choosing_recycled.inc) ----------------------
+# Read from benchmarks/results/: recycled_upper_step-vision-cpu.json (python
+# benchmarks/recycled_upper_step.py --arch vision ...), recycled_ij-mu10-tol-cpu.json and
+# recycled_ij-full-mu1000-cpu.json (python benchmarks/recycled_ij.py ...) and
+# recycled_recipe_ij-cpu.json (python benchmarks/recycled_recipe_ij.py over recipe runs).
+
+_REC_STEP = {r["method"]: r for r in json.loads(
+    (RESULTS / "recycled_upper_step-vision-cpu.json").read_text())["rows"]}
+_REC_MU10 = json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())["systems"][0]
+_REC_MU1000 = json.loads(
+    (RESULTS / "recycled_ij-full-mu1000-cpu.json").read_text())["systems"][0]
+_REC_RECIPE = {(r["data"], r["label"]): r for r in json.loads(
+    (RESULTS / "recycled_recipe_ij-cpu.json").read_text())["runs"]}
+
+
+def _rec_row(system: dict, method: str, tol: bool, n_c: int | None = None) -> dict:
+    return next(r for r in system["rows"] if r["method"] == method and (r["tol"] > 0) == tol
+                and (n_c is None or r["n_c"] == n_c))
+
+
+def _rec_mu10(method: str) -> dict[str, str]:
+    row = _rec_row(_REC_MU10, method, True)
+    met = sum(x["residual"] <= 0.1 for x in row["solves"])
+    return {"products": f"{row['products_mean']:.1f}", "met": f"{met} of {len(row['solves'])}",
+            "residual": f"{row['residual_median']:.2g}"}
+
+
+def _rec_recipe(data: str, label: str) -> dict[str, str]:
+    run = _REC_RECIPE[(data, label)]
+    return {"met": f"{run['met']} of {run['alternations']}",
+            "median": f"{run['residual_median']:.2g}", "max": f"{run['residual_max']:.2g}",
+            "products": f"{run['products_per_upper_step']:.0f}"}
+
+
+RECYCLED = {
+    "step_tol": _sci(json.loads((RESULTS / "recycled_upper_step-vision-cpu.json").read_text())[
+        "tol"]),
+    **{f"step_{k.replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
+       for k, r in _REC_STEP.items() if "vs_original" in r},
+    **{f"step_{k.replace('-', '_')}_products": f"{r['products_per_step']:.0f}"
+       for k, r in _REC_STEP.items() if "products_per_step" in r},
+    "mu1000_cg": _sci(_rec_row(_REC_MU1000, "cg", False, 5)["residual_median"]),
+    "mu1000_recycled_cg": _sci(_rec_row(_REC_MU1000, "recycled-cg", False, 5)["residual_median"]),
+    "mu1000_lanczos": _sci(_rec_row(_REC_MU1000, "minres-lanczos", False, 5)["residual_median"]),
+    **{f"mu10_{m.replace('-', '_')}_{k}": v for m in ("minres", "recycled-minres",
+                                                       "minres-lanczos")
+       for k, v in _rec_mu10(m).items()},
+    **{f"photos_{key}_{k}": v for key, label in RECIPE_LABELS.items()
+       for k, v in _rec_recipe("photos", label).items()},
+    **{f"digits_recycled_cg_{k}": v
+       for k, v in _rec_recipe("digits", RECIPE_LABELS["recycled_cg"]).items()},
+}
