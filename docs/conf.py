@@ -74,6 +74,9 @@ intersphinx_timeout = 1
 # Type-hint fragments that are not objects anywhere (typing aliases spelt out by autodoc).
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch\._|typing_extensions\.).*"),
+    # The recipes are scripts with their own pages (recipes/vision, recipes/nlp), not API: a
+    # :mod:`recipes.common.ij` names the module and renders as code without a link.
+    (r"py:mod", r"recipes\..*"),
 ]
 
 # -- MyST (benchmarks/README.md is rendered from its one source) -------------------------------
