@@ -33,8 +33,9 @@ operator of an :class:`~implicitbilevel.IJSystem`, held by weak reference, and `
 ``D``, the ridge; for a plain callable, the callable itself): it is per-operator state and is
 **not** checkpointed (:meth:`~implicitbilevel.LinearSolver.state_dict` stays empty; after a
 resume the first solve rebuilds it). The BiSSL trainer checkpoints between alternations, and
-every alternation brings a new operator, so a resumed run repeats the uninterrupted one. :class:`~implicitbilevel.LanczosDeflation` seeds it from
-eigenpairs of ``H`` so that the first solve is deflated too.
+every alternation brings a new operator, so a resumed run repeats the uninterrupted one.
+:class:`~implicitbilevel.LanczosDeflation` seeds it from eigenpairs of ``H`` so that the first
+solve is deflated too.
 
 References:
     Y. Saad, M. Yeung, J. Erhel, F. Guyomarc'h. A deflated version of the conjugate gradient
