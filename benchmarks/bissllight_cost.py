@@ -43,8 +43,9 @@ Measured, side by side in one process:
   stated (with random weights the MAE Hessian is indefinite; a small μ may leave ``u*`` off).
 
 Run: ``python benchmarks/bissllight_cost.py [--quick] [--threads 1]``; results in
-``benchmarks/results/bissllight-cpu.{md,json}``; with ``--b16-batch 4 --b16-lower-batch 16
---name bissllight-batch4-cpu`` ViT-B/16 at twice the batches.
+``benchmarks/results/bissllight-cpu.{md,json}``; ViT-B/16 at twice the batches with
+``--b16-batch 4 --b16-lower-batch 16 --name bissllight-batch4-cpu``, at 112 px with
+``--b16-image 112 --name bissllight-112px-cpu``.
 """
 
 from __future__ import annotations
