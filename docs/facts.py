@@ -234,7 +234,7 @@ def _paper_rows(method: str) -> list[dict]:
 
 def _paper_range(method: str, key: str = "exact_residual_median") -> str:
     values = [r[key] for r in _paper_rows(method)]
-    return f"{min(values):.2g} to {max(values):.2g}"
+    return " to ".join(f"{v:.0f}" if v >= 100 else f"{v:.2g}" for v in (min(values), max(values)))
 
 
 def _paper_breakdowns(method: str) -> str:
