@@ -35,7 +35,7 @@ mean the same in every script (``--out``, ``--threads``, ``--quick``/``--full``,
 - :mod:`benchmarks.paper_scale_ij` (``python benchmarks/paper_scale_ij.py``): every
   implicit-Jacobian option on CPU proxies of the three paper networks (ResNet-18, ResNet-50, the
   12-layer GPT, built from the paper configs by :mod:`benchmarks.paper_scale_nets`) at
-  initialisation and after a short and a longer pretraining: the Lanczos extremes of the lower
+  initialisation and after a short pretraining: the Lanczos extremes of the lower
   Hessian, breakdowns, residuals, cost and memory; targets and tables in
   :mod:`benchmarks.paper_scale_report`.
 - ``benchmarks/gpu_check.sh``: every check that needs a GPU, in one run.

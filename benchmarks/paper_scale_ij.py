@@ -10,8 +10,8 @@ The paper configurations (``recipes/configs/vision_small.yaml``, ``vision_defaul
 Hessian of the pretext loss at the lower point, ``μ = λ + λ_damp``. Whether that system is
 positive definite (what plain CG assumes) depends on the network and on how long it was trained.
 For each proxy (:mod:`benchmarks.paper_scale_nets`: ResNet-18, ResNet-50, the 12-layer GPT, built
-from the configs, shrunk to fit a 2-core CPU) at each training length (initialisation, a short and
-a longer pretraining) this script measures:
+from the configs, shrunk to fit a 2-core CPU) at each training length (initialisation and a short
+pretraining) this script measures:
 
 1. the extreme eigenvalues of ``H`` by Lanczos (:func:`lanczos_extremes`: the three-term
    recurrence over exact Hessian products, ``O(n)`` memory; the Ritz values are inner bounds, the
@@ -28,7 +28,10 @@ a longer pretraining) this script measures:
    one gradient of the downstream loss, and the peak memory of the step (RSS high-water mark over
    RSS before, on top of the operator's build).
 
-Writes ``<out>/paper_scale_ij-<device>.json`` and ``.md``.
+Methods whose memory or time does not fit a proxy on a shared 2-core CPU are skipped there
+(:attr:`Settings.skip`; the table names each with its reason). Writes
+``<out>/paper_scale_ij-<device>.json`` and ``.md``; ``--only``/``--steps`` runs one proxy or one
+training length per process, ``--merge`` joins the parts.
 """
 
 from __future__ import annotations
