@@ -15,7 +15,8 @@ minibatch, with optimiser-like classes (:mod:`implicitbilevel.stochastic.base`):
 
 All of them call the same :class:`BilevelOracles` (:mod:`~implicitbilevel.stochastic.oracles`),
 built from a problem or from two callables ``f(x, y, batch)`` and ``g(x, y, batch)``, whose
-products are the library's Hessian-vector and mixed products.
+products (:class:`Curvature`, :mod:`~implicitbilevel.stochastic.products`) are the library's
+Hessian-vector and mixed products.
 """
 
 from .base import PolynomialDecay, StepInfo, StepSize, StochasticBilevel
@@ -23,7 +24,8 @@ from .first_order import BOME, F2SA
 from .inner_loop import AmIGO, StocBiO
 from .joint import SABA, SOBA
 from .memory import SampleMemory, check_indices
-from .oracles import BilevelOracles, Curvature, OracleCounts
+from .oracles import BilevelOracles, OracleCounts
+from .products import Curvature
 
 __all__ = [
     "BOME",

@@ -19,7 +19,8 @@ from .._checks import check_int
 from ..problem import BilevelProblem
 from ..tree import Params, tree_axpy, tree_scale, tree_sub
 from .base import StepInfo, StepSize, StochasticBilevel, _as_step, axpy_, draw, is_sampler, norm
-from .oracles import BilevelOracles, Curvature
+from .oracles import BilevelOracles
+from .products import Curvature
 
 __all__ = ["AmIGO", "StocBiO"]
 

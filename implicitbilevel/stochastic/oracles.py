@@ -24,7 +24,6 @@ and ``r`` by :class:`~implicitbilevel.Regularizer` ``(g, uses_batch=True)`` for 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,12 +37,12 @@ from ..lam import LambdaSchedule, LearnableLambda, as_lambda
 from ..problem import BilevelProblem
 from ..regularizers import BaseRegularizer, ProximalL2, Regularizer, SumRegularizer
 from ..tree import Params, tree_axpy
+from .products import Curvature, detached, zeros_over
+from .rows import INDEX as INDEX  # re-exported: the per-row helpers lived here before
+from .rows import map_rows
+from .rows import rows_of as rows_of
 
 __all__ = ["BilevelOracles", "OracleCounts", "as_oracles", "reads_batch"]
-
-INDEX = "index"
-_LOOP_WARNED: set[int] = set()
-
 
 @dataclass
 class OracleCounts:
@@ -93,11 +92,6 @@ def reads_batch(reg: BaseRegularizer | None) -> bool:
     if isinstance(reg, Regularizer):
         return reg.uses_batch
     return type(reg).bind is not BaseRegularizer.bind  # a regulariser of its own that binds data
-
-
-def _zeros_over(names: Mapping[str, Tensor], part: Mapping[str, Tensor]) -> Params:
-    """``part`` completed with zeros to the names of ``names``."""
-    return {n: part[n] if n in part else torch.zeros_like(t) for n, t in names.items()}
 
 
 class BilevelOracles:
@@ -212,7 +206,7 @@ class BilevelOracles:
             with torch.enable_grad():
                 grad = grads_of(coupling.value(x_leaves, yd), x_leaves)
         lam = self.lam_at(t)
-        return {n: lam * g for n, g in _zeros_over(x, grad).items()}
+        return {n: lam * g for n, g in zeros_over(x, grad).items()}
 
     def outer_grads(self, x: Params, y: Params, batch: Any) -> tuple[Params, Params]:
         """``(∇_x f, ∇_y f)`` on ``batch``, from one backward pass."""
@@ -253,15 +247,15 @@ class BilevelOracles:
         if self._reg is None or reads_batch(self._reg):
             grad, prod = zeros, dict(zeros)
         else:
-            xd, yd = _detached(x), _detached(y)
-            grad = _zeros_over(y, {n: lam * g for n, g in self._reg.lower_grad(xd, yd).items()})
-            prod = _zeros_over(y, {n: lam * g for n, g in
+            xd, yd = detached(x), detached(y)
+            grad = zeros_over(y, {n: lam * g for n, g in self._reg.lower_grad(xd, yd).items()})
+            prod = zeros_over(y, {n: lam * g for n, g in
                                    self._reg.lower_hvp(xd, yd, v).items()})
         cross = None
         if not self.stochastic_coupling:
             self.counts.cross += 1
-            mixed = self._coupling.mixed_vjp(_detached(x), _detached(y), v)
-            cross = {n: lam * g for n, g in _zeros_over(x, mixed).items()}
+            mixed = self._coupling.mixed_vjp(detached(x), detached(y), v)
+            cross = {n: lam * g for n, g in zeros_over(x, mixed).items()}
         return grad, prod, cross
 
     def per_sample(self, x: Params, y: Params, v: Params, lower_batch: Mapping[str, Any],
@@ -282,7 +276,7 @@ class BilevelOracles:
         self.counts.grad_outer += 1
         if self.stochastic_coupling:
             self.counts.cross += 1
-        xd, yd, vd = _detached(x), _detached(y), _detached(v)
+        xd, yd, vd = detached(x), detached(y), detached(v)
         lam = self.lam_at(t)
         reg = self._reg if reads_batch(self._reg) else None
         stochastic_cross = self.stochastic_coupling
@@ -310,7 +304,7 @@ class BilevelOracles:
             out = {"grad": grad, "hvp": prod}
             if stochastic_cross:
                 mixed = self._coupling.bind(row).mixed_vjp(xd, yd, vd)
-                out["cross"] = {n: lam * m for n, m in _zeros_over(xd, mixed).items()}
+                out["cross"] = {n: lam * m for n, m in zeros_over(xd, mixed).items()}
             return out
 
         def outer_row(row: Any) -> dict[str, Params]:
@@ -323,104 +317,8 @@ class BilevelOracles:
             return {"fx": fx, "fy": fy}
 
         with torch.no_grad():
-            return {**_map_rows(inner_row, inner_row_loop, lower_batch),
-                    **_map_rows(outer_row, outer_row_loop, upper_batch)}
-
-
-class Curvature:
-    """``v ↦ ∇²_yy G · v`` and ``v ↦ ∇²_xy G · v`` at one point and batch
-    (:meth:`BilevelOracles.curvature`); each product counts one oracle call.
-
-    Example:
-        >>> import torch
-        >>> import implicitbilevel as ib
-        >>> oracles = ib.BilevelOracles(lambda x, y, b: 0.5 * (y["w"] ** 2).sum(),  # f
-        ...                             lambda y, b: 0.5 * (y["w"] ** 2).sum(),     # G = l + r
-        ...                             regularizer=ib.ProximalL2())                # r = |x-y|^2/2
-        >>> x, y = ({"w": torch.zeros(2, dtype=torch.float64)} for _ in range(2))
-        >>> curv = oracles.curvature(x, y, None)             # products at one point and batch
-        >>> v = {"w": torch.tensor([1.0, -1.0], dtype=torch.float64)}
-        >>> curv.hvp(v)["w"].tolist(), curv.cross(v)["w"].tolist()   # (I + I) v and -I v
-        ([2.0, -2.0], [-1.0, 1.0])
-    """
-
-    def __init__(self, oracles: BilevelOracles, x: Params, y: Params, batch: Any, t: int) -> None:
-        self._oracles = oracles
-        self.x, self.y = _detached(x), _detached(y)
-        self.lam = oracles.lam_at(t)
-        self._reg = None if oracles._reg is None else oracles._reg.bind(batch)
-        self._coupling = oracles._coupling.bind(batch)
-        loss = oracles._loss
-        self._operator = HessianOperator(lambda yy, xx, bb: loss(yy, xx, bb), self.y, self.x,
-                                         batch)
-
-    def hvp(self, v: Params) -> Params:
-        """``∇²_yy G · v``."""
-        self._oracles.counts.hvp += 1
-        out = self._operator(v)
-        if self._reg is not None:
-            out = _add_scaled(out, self._reg.lower_hvp(self.x, self.y, v), self.lam)
-        return out
-
-    def cross(self, v: Params) -> Params:
-        """``∇²_xy G · v = ∇_x ⟨∇_y G, v⟩`` (zero for upper names ``G`` does not read)."""
-        self._oracles.counts.cross += 1
-        mixed = self._coupling.mixed_vjp(self.x, self.y, v)
-        return {n: self.lam * g for n, g in _zeros_over(self.x, mixed).items()}
-
-
-def _detached(p: Mapping[str, Tensor]) -> Params:
-    return {n: t.detach() for n, t in p.items()}
-
-
-def _add_scaled(base: Params, part: Mapping[str, Tensor], scale: float) -> Params:
-    out = dict(base)
-    for n, t in part.items():
-        out[n] = out[n] + scale * t
-    return out
-
-
-def rows_of(batch: Any) -> tuple[dict[str, Any], int]:
-    """The ``in_dims`` of a batch's rows for ``torch.func.vmap`` and the number of rows.
-
-    A batch is a dict whose ``"index"`` entry is a 1-D integer tensor (the rows' sample indices);
-    its tensor entries with as many leading entries are split into rows, every other entry is
-    shared by the rows.
-    """
-    if not isinstance(batch, Mapping) or INDEX not in batch:
-        raise TypeError("a per-sample batch must be a dict with an 'index' entry (the sample "
-                        f"indices of its rows), got {type(batch).__name__}")
-    index = batch[INDEX]
-    if not isinstance(index, Tensor) or index.ndim != 1 or index.is_floating_point():
-        raise TypeError("batch['index'] must be a 1-D integer tensor of sample indices")
-    b = index.shape[0]
-    dims = {k: 0 if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == b else None
-            for k, t in batch.items()}
-    return dims, b
-
-
-def _map_rows(fn: Callable[[Any], dict[str, Params]], loop: Callable[[Any], dict[str, Params]],
-              batch: Mapping[str, Any]) -> dict[str, Params]:
-    """``fn`` on every row of ``batch`` (each a batch of one row) under ``torch.func.vmap``,
-    stacked along dim 0; ``loop`` row by row when an operation has no batching rule."""
-    dims, b = rows_of(batch)
-
-    def one_row(row: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: (t.unsqueeze(0) if dims[k] == 0 else t) for k, t in row.items()}
-
-    try:
-        return torch.func.vmap(lambda row: fn(one_row(row)), in_dims=(dims,))(dict(batch))
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
-        key = id(fn.__code__)
-        if key not in _LOOP_WARNED:
-            _LOOP_WARNED.add(key)
-            warnings.warn(f"per-row oracles could not be vectorised ({type(err).__name__}: "
-                          f"{err}); evaluating the {b} rows one at a time", RuntimeWarning,
-                          stacklevel=4)
-        rows = [loop(one_row({k: (t[i] if dims[k] == 0 else t) for k, t in batch.items()}))
-                for i in range(b)]
-        return {key_: {n: torch.stack([r[key_][n] for r in rows]) for n in rows[0][key_]}
-                for key_ in rows[0]}
+            return {**map_rows(inner_row, inner_row_loop, lower_batch),
+                    **map_rows(outer_row, outer_row_loop, upper_batch)}
 
 
 def as_oracles(problem: BilevelProblem | BilevelOracles) -> BilevelOracles:
