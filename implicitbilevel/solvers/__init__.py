@@ -31,15 +31,10 @@ solver                     system                                            pro
 """
 
 from .base import LinearSolver, MatVec, Preconditioner, SolveInfo, SolverBreakdownError
+from .block_lanczos import Eigenpairs, lanczos_eigenpairs
 from .cg import CG
 from .dense import Dense
-from .lanczos import (
-    Eigenpairs,
-    LanczosDeflation,
-    LanczosPreconditioner,
-    LanczosSolver,
-    lanczos_eigenpairs,
-)
+from .lanczos import LanczosDeflation, LanczosPreconditioner, LanczosSolver
 from .mfac import MFAC, GradientWindow
 from .minres import MINRES
 from .neumann import Neumann

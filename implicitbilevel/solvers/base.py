@@ -22,6 +22,8 @@ from __future__ import annotations
 import abc
 import math
 import numbers
+import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -263,3 +265,18 @@ def check_real(value: float, name: str, *, positive: bool = False) -> None:
             or not math.isfinite(value) or value < 0 or (positive and value == 0)):
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
                          f"got {value!r}")
+
+
+def per_operator(held: tuple[Callable[[], Any], Any] | None, curvature: Any,
+                 build: Callable[[], Any]) -> tuple[tuple[Callable[[], Any], Any], float]:
+    """``held`` when it was built for ``curvature`` (held by weak reference), else ``build()``
+    with a weak reference to ``curvature``; and the seconds spent building (0 when held)."""
+    if held is not None and held[0]() is curvature:
+        return held, 0.0
+    start = time.perf_counter()
+    value = build()
+    try:
+        ref: Callable[[], Any] = weakref.ref(curvature)
+    except TypeError:  # an operator that takes no weak references is held
+        ref = lambda: curvature  # noqa: E731
+    return (ref, value), time.perf_counter() - start
