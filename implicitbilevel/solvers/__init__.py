@@ -38,8 +38,9 @@ from .lanczos import LanczosDeflation, LanczosPreconditioner, LanczosSolver
 from .mfac import MFAC, GradientWindow
 from .minres import MINRES
 from .neumann import Neumann
-from .nystrom import LowRank, NystromPreconditioner, NystromSolver, nystrom_approximation
+from .nystrom import NystromPreconditioner, NystromSolver
 from .original import OriginalBiSSLCG
+from .randomized_nystrom import LowRank, nystrom_approximation
 from .recycled import RecycledCG, RecycledMINRES, RecycleStats
 
 __all__ = [
