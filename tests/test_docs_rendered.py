@@ -203,6 +203,36 @@ def test_stated_figures_equal_their_results_files(built):
     assert f"{full:.3f}" in beyond  # the exact-Hessian table, included from its results file
 
 
+def test_bilevel_suite_figures_equal_their_results_file(built):
+    """Every cell of the "Implicit or stochastic?" table, recomputed here from
+    ``bilevel_suite-full-cpu.json``: each method's time to target (and its full passes) where it
+    got there, else its final ``‖∇h‖²``; the figures the page once typed by hand must not come
+    back."""
+    suite = json.loads((RESULTS / "bilevel_suite-full-cpu.json").read_text())
+    names = {"implicit-cg": "CG", "implicit-minres": "MINRES", "argmin-lbfgs": "argmin + L-BFGS",
+             "implicit-nystrom-pcg": "Nyström-PCG", "jaxopt-implicit": "JAXopt"}
+    page = _text(built, "implicit_or_stochastic.html")
+    budget = suite["settings"]["budget"]
+    for problem, p in suite["problems"].items():
+        if all(m["time_to_target"] is None for m in p["methods"]):
+            mantissa, exponent = f"{p['target']:.1e}".split("e")
+            assert f"none within {budget:g} s (target {mantissa}e{int(exponent)})" in page
+        for m in p["methods"]:
+            name = names.get(m["method"], m["method"])
+            if m["time_to_target"] is not None:
+                calls = m["calls_to_target"]
+                passes = f"{calls:.1f}" if calls < 10 else f"{calls:,.0f}"
+                assert f"{name} {m['time_to_target']:#.2g} ({passes})" in page, (problem, name)
+            elif 2 * m["diverged"] > len(m["runs"]) and m["final"]["inner_distance"] > 1e4 * min(
+                    r["curve"][0]["inner_distance"] for r in m["runs"]):  # still diverged
+                assert f"{name} ran away on {m['diverged']}/{len(m['runs'])} seeds" in page
+            else:
+                mantissa, exponent = f"{m['final']['grad_norm2']:.1e}".split("e")
+                assert f"{name} {mantissa}e{int(exponent)}" in page, (problem, name)
+    for stale in ("AmIGO 2.1e-6", "550-1,090", "(3.4 and 2.7 passes)", "0.02 ξ²"):
+        assert stale not in page
+
+
 _SMART = str.maketrans({"…": "...", "“": '"', "”": '"', "‘": "'", "’": "'", "–": "--",
                         "—": "---"})
 
