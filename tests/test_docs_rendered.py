@@ -233,6 +233,16 @@ def test_bilevel_suite_figures_equal_their_results_file(built):
         assert stale not in page
 
 
+def test_every_benchmark_script_is_listed(built):
+    """"How the benchmarks are run" names every script of ``benchmarks/`` and states its targets
+    in words, not as letters."""
+    page = _text(built, "benchmarks_methods.html")
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+    missing = [name for name in scripts + ["gpu_check.sh"] if name not in page]
+    assert not missing, f"not on the page: {missing}"
+    assert not re.search(r"Target \([ab]\)", page)
+
+
 _SMART = str.maketrans({"…": "...", "“": '"', "”": '"', "‘": "'", "’": "'", "–": "--",
                         "—": "---"})
 
