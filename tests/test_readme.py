@@ -95,3 +95,24 @@ def test_readme_metrics_path_is_the_recipes():
     assert '"metrics.jsonl"' in (ROOT / "implicitbilevel" / "bissl" / "trainer.py").read_text()
     assert 'out_dir=self.path(target, "bissl")' in \
         (ROOT / "recipes" / "common" / "pipeline.py").read_text()
+
+
+def test_readme_states_the_stored_embedded_vision_run():
+    """The vision row of "What the embedded defaults show" is the stored run's
+    (benchmarks/results/embedded-cpu.json, written by benchmarks/embedded_runs.py)."""
+    run = json.loads((ROOT / "benchmarks" / "results" / "embedded-cpu.json").read_text())["vision"]
+    digits, top1 = run["targets"]["digits"], run["comparisons"]["digits top1"]
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines()
+               if line.startswith("| vision, digits |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{run['wall_minutes']} min"
+    assert cells[3] == (f"median {digits['median']:.2g}, max {digits['max']:.2g}; ≤ 0.1 in "
+                        f"{digits['at_most_0_1']} of {digits['alternations']}")
+    assert cells[4] == f"{digits['breakdowns']} of {digits['solves']}"
+    verdict = "significant" if top1["significant"] else "not significant"
+    assert cells[5] == (f"top-1 {100 * top1['mean_b']:.2f} ± {100 * top1['std_b']:.2f} vs "
+                        f"{100 * top1['mean_a']:.2f} ± {100 * top1['std_a']:.2f} "
+                        f"(p = {top1['p_value']:.2f}, {verdict})")
+    ij = {"recycled-cg": "recycled CG", "cg": "CG", "minres": "MINRES"}[run["ij"]]
+    assert cells[2].endswith(ij) and ("Gauss–Newton" in cells[2]) == (
+        run["curvature"] == "gauss-newton")

@@ -1,0 +1,111 @@
+"""The embedded defaults' runs as the README states them: wall time, the IJ residuals, the result.
+
+    python benchmarks/embedded_runs.py vision [--out DIR] [--set KEY=VALUE ...]
+    python benchmarks/embedded_runs.py gpt    [--out DIR] [--set KEY=VALUE ...]
+
+Runs ``python recipes/vision_bissl.py`` (or ``recipes/gpt_glue_bissl.py``) on its embedded default
+from an empty run folder, as the README's first command does after the install, and records in
+``benchmarks/results/embedded-cpu.json``: the wall and CPU minutes of the whole pipeline and the
+machine's load average at start and end (a wall time measured beside other jobs is an upper
+bound; the file says so); the implicit-Jacobian setting; every alternation's relative residual
+``‖v − A u‖/‖v‖`` of the last upper step's solve, read from each target's
+``bissl/metrics.jsonl`` (median, maximum, the count at or below 0.1) and the solver breakdowns over
+all solves; and the BiSSL+FT vs Only-FT comparison per target and metric from ``results.json``
+(means and standard deviations over the seeds, the paired p-value). ``docs/facts.py`` reads this
+file, and ``tests/test_readme.py`` checks that README.md states what it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "embedded-cpu.json"
+SCRIPTS = {"vision": "recipes/vision_bissl.py", "gpt": "recipes/gpt_glue_bissl.py"}
+
+
+def residual_summary(metrics: list[dict[str, Any]], upper_steps: int) -> dict[str, Any]:
+    """Median, maximum and the count ≤ 0.1 of the logged ``ij_relative_residual``, and the
+    breakdowns over all ``len(metrics) · upper_steps`` solves."""
+    residuals = [float(m["ij_relative_residual"]) for m in metrics]
+    return {
+        "alternations": len(residuals),
+        "median": statistics.median(residuals),
+        "max": max(residuals),
+        "at_most_0_1": sum(r <= 0.1 for r in residuals),
+        "breakdowns": sum(int(m["solver_breakdowns"]) for m in metrics),
+        "solves": len(metrics) * upper_steps,
+    }
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """What a finished run folder says: its IJ setting, residuals and the method comparison."""
+    results = json.loads((run_dir / "results.json").read_text())
+    bissl = results["config"]["bissl"]
+    targets = {}
+    for name in results["targets"]:
+        lines = (run_dir / name / "bissl" / "metrics.jsonl").read_text().splitlines()
+        metrics = [json.loads(line) for line in lines if line.strip()]
+        targets[name] = residual_summary(metrics, int(bissl["upper_steps"]))
+    comparisons = {
+        key: {k: c[k] for k in ("n", "mean_a", "std_a", "mean_b", "std_b", "diff", "p_value",
+                                "significant")}
+        for key, c in results["comparisons"].items()
+    }
+    return {"ij": bissl["ij"], "curvature": bissl["curvature"], "cg_iters": bissl["cg_iters"],
+            "targets": targets, "comparisons": comparisons,
+            "pipeline_wall_seconds": results.get("wall_seconds")}
+
+
+def _machine() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+
+
+def run(recipe: str, out: Path, sets: list[str]) -> dict[str, Any]:
+    """Run one embedded default into ``out`` (which must not hold a run) and measure it."""
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: the measurement starts from an empty run folder")
+    argv = [sys.executable, SCRIPTS[recipe], "--set", f"run.out_dir={out}"]
+    argv += [a for s in sets for a in ("--set", s)]
+    start_machine, start = _machine(), time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(argv, cwd=ROOT, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter() - start
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"command": f"python {SCRIPTS[recipe]}" + "".join(f" --set {s}" for s in sets),
+            "wall_minutes": round(wall / 60, 1), "cpu_minutes": round(cpu / 60, 1),
+            "machine_start": start_machine, "machine_end": _machine(),
+            "note": "wall time on the machine as it was (load averages at start and end): on a "
+                    "busier machine it is an upper bound", **summarize(out)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", choices=sorted(SCRIPTS))
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = run(args.recipe, args.out or Path(tmp) / "run", args.sets)
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    stored[args.recipe] = measured
+    RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+    print(json.dumps(measured, indent=1))
+    return measured
+
+
+if __name__ == "__main__":
+    main()
