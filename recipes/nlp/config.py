@@ -39,9 +39,10 @@ def _task_list(names: list[str], info: ValidationInfo) -> list[str]:
 class ModelConfig:
     """The GPT: pretrained (hub id or directory) or built from these sizes."""
 
-    pretrained: Str | None = Field(None,
-                                   description="hub id or save_pretrained directory; None: build")
-    tokenizer: Str | None = Field(None, description="tokenizer reference; None: same as pretrained")
+    pretrained: Str | None = Field(None, min_length=1,
+                                   description="hub id or save_pretrained directory; null: build")
+    tokenizer: Str | None = Field(None, min_length=1,
+                                  description="tokenizer reference; null: same as pretrained")
     context: Int = Field(512, ge=8, description="k, the context window")
     width: Int = Field(768, ge=8)
     layers: Int = Field(12, ge=1)

@@ -88,3 +88,6 @@ def test_bad_values_are_rejected_with_the_key():
         load_config(None, RecipeConfig, ["bissl.lam=-1"])
     with pytest.raises(ConfigError, match="finetune.epoch"):
         load_config(None, RecipeConfig, ["finetune.epoch=3"])
+    # An empty model reference is refused (null builds the GPT from its sizes), not read as '.'.
+    with pytest.raises(ConfigError, match="model.pretrained: .*at least 1 character"):
+        load_config(None, RecipeConfig, ["model.pretrained=''"])
