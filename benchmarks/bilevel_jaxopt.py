@@ -43,6 +43,8 @@ _ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 
 def unavailable(problem: str | None = None) -> str | None:
     """Why ``jaxopt-implicit`` cannot run (on ``problem``), or ``None`` when it can."""
+    if problem is not None and problem not in PORTED:  # whether or not jax is installed
+        return f"JAXopt's losses are ported for {', '.join(PORTED)} only, not {problem}"
     os.environ.setdefault("XLA_FLAGS", _ONE_THREAD)
     try:
         import jax  # noqa: F401
@@ -51,8 +53,6 @@ def unavailable(problem: str | None = None) -> str | None:
             import jaxopt  # noqa: F401
     except ImportError as err:
         return f"jax and jaxopt are not installed ({err}); pip install jax jaxopt"
-    if problem is not None and problem not in PORTED:
-        return f"JAXopt's losses are ported for {', '.join(PORTED)} only, not {problem}"
     return None
 
 
