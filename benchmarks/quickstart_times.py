@@ -2,6 +2,7 @@
 
     python benchmarks/quickstart_times.py sizes [--venv DIR]    # the size of an installed venv
     python benchmarks/quickstart_times.py run [--python python3] # a clean clone, timed end to end
+    python benchmarks/quickstart_times.py ci-log LOG [--reasons OUT ...]  # a timed .ci/run log
 
 ``sizes`` measures a virtual environment that holds the pinned torch (default: the one running
 this script): its total size on disk, torch itself, the CUDA libraries the pinned wheel brings
@@ -109,6 +110,29 @@ def run(python: str) -> dict[str, Any]:
     return out
 
 
+def parse_ci_log(log: str, reasons: list[str] = ()) -> dict[str, Any]:
+    """The test counts and times of a clean clone's ``time CI=true bash .ci/run`` output.
+
+    ``log`` holds pytest's summary line (``N passed, M skipped … in S s``) and ``time``'s
+    ``real XmYs``; ``reasons`` are ``pytest -rs`` outputs that name the skip reasons (the log's own
+    ``SKIPPED`` lines count too).
+    """
+    summary = [line for line in log.splitlines()
+               if re.search(r"\d+ (passed|failed)", line) and re.search(r" in [\d.]+s", line)]
+    if not summary:
+        raise SystemExit("no pytest summary line in the log")
+    tests = parse_summary(summary[-1])
+    tests["skip_reasons"] = sorted(set(parse_summary(log)["skip_reasons"]).union(
+        *(parse_summary(r)["skip_reasons"] for r in reasons)))
+    seconds = float(re.search(r" in ([\d.]+)s", summary[-1]).group(1))
+    real = re.search(r"^real\s+(\d+)m([\d.]+)s", log, re.M)
+    if real is None:
+        raise SystemExit("no `time` output (real XmYs) in the log")
+    minutes = int(real.group(1)) + float(real.group(2)) / 60
+    return {"tests": tests, "minutes": {"tests": round(seconds / 60, 1),
+                                        "ci_script": round(minutes, 1)}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Measure, merge into the results file and print what was measured."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,9 +142,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s.add_argument("--note", default="", help="what the venv holds (e.g. its extras)")
     r = sub.add_parser("run", help="a clean clone and fresh venv, the two commands timed")
     r.add_argument("--python", default=sys.executable, help="the interpreter of the new venv")
+    c = sub.add_parser("ci-log", help="a clean clone's `time CI=true bash .ci/run` output")
+    c.add_argument("log", type=Path)
+    c.add_argument("--reasons", type=Path, nargs="*", default=[],
+                   help="pytest -rs outputs naming the skip reasons")
+    c.add_argument("--note", default="", help="the machine's state while it ran")
     args = p.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if args.what == "sizes":
+    if args.what == "ci-log":
+        parsed = parse_ci_log(args.log.read_text(), [r.read_text() for r in args.reasons])
+        results["clean_clone"] = {
+            **parsed, "machine": _machine(),
+            "source": "a fresh clone running `CI=true bash .ci/run` (a fresh install, the README's "
+                      "test command, ruff, the docs build, sdist and wheel) under `time`, its "
+                      f"output read by benchmarks/quickstart_times.py ci-log. {args.note}".strip()}
+    elif args.what == "sizes":
         results["install"] = {**sizes(Path(args.venv)), "note": args.note,
                               "machine": _machine()}
     else:
