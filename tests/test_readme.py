@@ -54,19 +54,27 @@ def test_readme_quick_start_states_the_measured_costs():
     assert f"every extra measured {install['total_gb']} GB" in text
     for reason in tests["skip_reasons"]:
         assert f'"{reason.split(" (")[0]}"' in text, reason
-    skipped = re.findall(r'"(\w+) is not installed" \((\d+) tests?\)', text)
+    skipped = re.findall(r'"([^"]+ not installed)" \((\d+) tests?\)', text)
     assert sum(int(n) for _, n in skipped) == tests["skipped"]
     assert f"{facts.VISION_EMBEDDED_MINUTES} minutes on 2 idle CPU cores" in text
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
 
 
 def test_readme_skip_reasons_are_the_tests_own():
-    """The quoted reasons are what the peer-agreement tests say when they skip."""
+    """The quoted reasons are what the peer-agreement tests and the JAXopt comparisons say when
+    they skip."""
     source = (ROOT / "tests" / "test_benchmarks_smoke.py").read_text()
     template = re.search(r'pytest\.skip\(f"\{peer\} (is not installed[^"]*)"\)', source).group(1)
     calls = re.findall(r'_require_peer\(saved, "(\w+)"\)', source)
     results = json.loads(QUICKSTART.read_text())["clean_clone"]["tests"]
-    assert sorted(results["skip_reasons"]) == sorted({f"{p} {template}" for p in calls})
+    jax_test = (ROOT / "tests" / "test_bilevel_jaxopt.py").read_text()
+    jax_source = (ROOT / "benchmarks" / "bilevel_jaxopt.py").read_text()
+    assert 'reason=f"JAXopt comparison skipped: {unavailable()}"' in jax_test
+    assert 'return f"jax and jaxopt are not installed (' in jax_source
+    jax = "JAXopt comparison skipped: jax and jaxopt are not installed"
+    peers = sorted(r for r in results["skip_reasons"] if not r.startswith(jax))
+    assert peers == sorted({f"{p} {template}" for p in calls})
+    assert len(results["skip_reasons"]) - len(peers) == 1
     text = " ".join(_quickstart().split())
     for peer in set(calls):
         count = calls.count(peer)
