@@ -158,7 +158,8 @@ class KrylovSolver(LinearSolver):
         atol: absolute residual tolerance.
         warm_start: start from the previous call's solution when ``x0`` is not given and the names
             match (useful when consecutive systems are close, as over the upper-level steps of an
-            alternation).
+            alternation). A warm-started solve spends one of its ``max_iter`` products on the
+            starting residual ``b − A x0``, so it needs ``max_iter ≥ 2`` to improve on ``x0``.
         preconditioner: ``None``, or a :data:`Preconditioner`: called with the system's
             ``matvec``, it returns ``r ↦ M⁻¹r`` for a symmetric positive definite ``M ≈ A``.
 
