@@ -7,14 +7,18 @@ under other settings is refused, naming every change, unless the caller allows i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..lam import LearnableLambda
 from .run_state import config_changes
 
-__all__ = ["BiSSLConfig", "resume_changes", "run_settings"]
+__all__ = ["BiSSLConfig", "check_trainer_inputs", "resume_changes", "run_settings"]
 
 #: The loop settings that change what a run computes (progress bars and logging do not).
 RESULT_SETTINGS = ("alternations", "lower_steps", "upper_steps", "grad_clip", "autocast")
@@ -70,6 +74,28 @@ class BiSSLConfig:
             raise ValueError(f"BiSSLConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         if self.autocast not in (None, "bf16"):
             raise ValueError(f"BiSSLConfig.autocast must be None or 'bf16', got {self.autocast!r}")
+
+
+def check_trainer_inputs(problem: Any, upper_params: Mapping[str, Tensor],
+                         lower_params: Mapping[str, Tensor],
+                         upper_optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a trainer whose parameters do not fit its problem: uncoupled names, the problem's
+    own parameters (``problem.params``) passed as upper parameters, or missing from the upper
+    optimiser."""
+    problem.regularizer.coupled_names(upper_params, lower_params)
+    own = problem.params
+    clash = sorted(set(own) & set(upper_params))
+    if clash:
+        raise ValueError(f"upper_params must not contain the problem's own parameters {clash}"
+                         " (problem.params); the trainer adds them")
+    optimised = {id(p) for g in upper_optimizer.param_groups for p in g["params"]}
+    for name, p in own.items():
+        if id(p) not in optimised:
+            raise ValueError(
+                f"the problem parameter {name!r} (problem.params) is not in the upper "
+                "optimiser; add it, e.g. upper_optimizer.add_param_group("
+                "{'params': list(problem.params.values())})"
+            )
 
 
 def run_settings(config: BiSSLConfig, problem: Any) -> dict[str, Any]:

@@ -49,10 +49,10 @@ from ..errors import CheckpointError, NonFiniteError
 from ..parallel.distributed import is_main_process
 from ..problem import BilevelProblem
 from ..results import assign_grads
-from ..tree import Params
+from ..tree import Params, tree_norm
 from .batch_stack import BatchStack, to_device
 from .checkpoint import load_checkpoint
-from .config import BiSSLConfig, resume_changes, run_settings
+from .config import BiSSLConfig, check_trainer_inputs, resume_changes, run_settings
 from .diagnostics import solve_diagnostics
 from .run_log import json_line, progress_bar, rewrite_log
 from .run_state import RunState, save_on_main, upgrade_v1
@@ -61,13 +61,6 @@ __all__ = ["BiSSLConfig", "BiSSLTrainer"]
 
 _FORMAT = "implicitbilevel.bissl/2"
 _FORMAT_V1 = "implicitbilevel.bissl/1"  # a learnable λ's ρ under "lam_rho", apart from upper_params
-
-
-def _grad_norm(params: Mapping[str, Tensor]) -> Tensor:
-    grads = [p.grad for p in params.values() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)))
 
 
 class BiSSLTrainer:
@@ -173,7 +166,7 @@ class BiSSLTrainer:
         self.history: list[dict[str, Any]] = []
         self.alternation = 0
         self._changes: dict[str, list] = {}
-        self._validate()
+        check_trainer_inputs(problem, self.upper_params, self.lower_params, upper_optimizer)
         # Everything the upper optimiser updates: the upper variables and the problem's own.
         self.optimised_upper: Params = {**self.upper_params, **problem.params}
         self.run_state = RunState(
@@ -185,22 +178,6 @@ class BiSSLTrainer:
         )
 
     # -- set-up ------------------------------------------------------------------------------
-
-    def _validate(self) -> None:
-        self.problem.regularizer.coupled_names(self.upper_params, self.lower_params)
-        own = self.problem.params
-        clash = sorted(set(own) & set(self.upper_params))
-        if clash:
-            raise ValueError(f"upper_params must not contain the problem's own parameters {clash}"
-                             " (problem.params); the trainer adds them")
-        optimised = {id(p) for g in self.upper_optimizer.param_groups for p in g["params"]}
-        for name, p in own.items():
-            if id(p) not in optimised:
-                raise ValueError(
-                    f"the problem parameter {name!r} (problem.params) is not in the upper "
-                    "optimiser; add it, e.g. upper_optimizer.add_param_group("
-                    "{'params': list(problem.params.values())})"
-                )
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -219,7 +196,8 @@ class BiSSLTrainer:
         if self.config.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip)
         else:
-            norm = _grad_norm(params)
+            grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+            norm = tree_norm(grads) if grads else torch.zeros(())
         value = float(norm)
         if not math.isfinite(value):
             raise NonFiniteError(f"non-finite {level}-level gradient norm at {step}")
