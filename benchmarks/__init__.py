@@ -49,7 +49,8 @@ mean the same in every script (``--out``, ``--threads``, ``--quick``/``--full``,
   implicit-Jacobian option on CPU proxies of the three paper networks (ResNet-18, ResNet-50, the
   12-layer GPT, built from the paper configs by :mod:`benchmarks.paper_scale_nets`) at
   initialisation and after a short pretraining: the Lanczos extremes of the lower
-  Hessian, breakdowns, residuals, cost and memory; targets and tables in
+  Hessian, breakdowns, residuals, cost and memory (measured by
+  :mod:`benchmarks.paper_scale_measure`); targets and tables in
   :mod:`benchmarks.paper_scale_report`.
 - :mod:`benchmarks.quickstart_times` (``python benchmarks/quickstart_times.py sizes`` / ``run``):
   the size of the install and the time of the README's quick-start commands from a clean clone.
