@@ -101,6 +101,8 @@ def _text(built: Path, name: str) -> str:
 
 
 def _facts():
+    if str(DOCS) not in sys.path:  # facts.py imports its sibling modules (facts_format, ...)
+        sys.path.insert(0, str(DOCS))
     spec = importlib.util.spec_from_file_location("docs_facts_rendered", DOCS / "facts.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

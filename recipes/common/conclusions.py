@@ -23,7 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STUDIES", "check_page", "conclusions", "render_block", "replace_block", "slim",
+from .stats import adjust_study, replicate_comparison
+
+__all__ = ["STUDIES", "check_page", "conclusions", "reanalyse", "render_block", "replace_block",
+           "slim",
            "study_markdown", "study_table", "verdict"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,6 +222,25 @@ def slim(study: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def reanalyse(study: dict[str, Any]) -> dict[str, Any]:
+    """``study`` with its statistics recomputed from its stored scores by the current
+    :func:`~recipes.common.stats.replicate_comparison` and
+    :func:`~recipes.common.stats.adjust_study` (the scores, cells and times unchanged), so a stored
+    study states what the current analysis says of its runs."""
+    settings = study["config"]["study"]
+    targets = {}
+    for name, entry in study["targets"].items():
+        rows = [{**row, "comparison": replicate_comparison(
+                    row["Only-FT"], row["BiSSL+FT"], alpha=study["alpha"],
+                    wilcoxon=settings["wilcoxon"], bootstrap=settings["bootstrap"])}
+                for row in entry["rows"]]
+        targets[name] = {**entry, "rows": rows}
+    adjust_study(targets, study["correction"], study["alpha"])
+    for entry in targets.values():
+        entry["table"] = study_table(entry["rows"], study["correction"], study["alpha"])
+    return {**study, "targets": targets}
+
+
 def update_pages() -> None:
     """Rewrite every page's generated blocks from the stored studies."""
     for name, path in STUDIES.items():
@@ -236,5 +258,5 @@ if __name__ == "__main__":  # python -m recipes.common.conclusions [NAME STUDY_J
     if len(sys.argv) == 3:
         STUDIES[sys.argv[1]].parent.mkdir(parents=True, exist_ok=True)
         STUDIES[sys.argv[1]].write_text(json.dumps(
-            slim(json.loads(Path(sys.argv[2]).read_text())), indent=1) + "\n")
+            slim(reanalyse(json.loads(Path(sys.argv[2]).read_text()))), indent=1) + "\n")
     update_pages()

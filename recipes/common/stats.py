@@ -238,10 +238,22 @@ def cohens_dz(d: Sequence[float], alpha: float = 0.05) -> tuple[float, tuple[flo
     t, df = dz * math.sqrt(n), n - 1
     from scipy.optimize import brentq
 
+    def excess(nc: float, prob: float) -> float:
+        value = float(sps.nct.cdf(t, df, nc)) - prob
+        if not math.isfinite(value):  # scipy's noncentral t is nan far in the tails
+            raise ValueError(f"noncentral t cdf is not finite at nc = {nc}")
+        return value
+
     def nc_at(prob: float) -> float:  # the noncentrality where P(T <= t) = prob
-        span = 10.0 + 2.0 * abs(t)
-        return float(brentq(lambda nc: sps.nct.cdf(t, df, nc) - prob, t - span, t + span,
-                            xtol=1e-10))
+        # P(T <= t) falls as nc grows: widen a bracket around t step by doubling step, so that
+        # it stays where scipy's cdf is finite.
+        lo, hi, step = t, t, 1.0
+        while excess(lo, prob) <= 0:
+            lo, step = lo - step, 2.0 * step
+        step = 1.0
+        while excess(hi, prob) >= 0:
+            hi, step = hi + step, 2.0 * step
+        return float(brentq(lambda nc: excess(nc, prob), lo, hi, xtol=1e-10))
 
     try:
         lo, hi = nc_at(1.0 - alpha / 2.0), nc_at(alpha / 2.0)

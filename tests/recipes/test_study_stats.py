@@ -42,8 +42,14 @@ def test_tests_run_over_replicate_means_and_match_scipy():
     assert not c["degenerate"] and c["note"] == ""
 
 
-def test_cohens_dz_interval_inverts_the_noncentral_t():
-    d = np.array([0.3, 0.1, 0.5, 0.2, 0.4, -0.1])
+@pytest.mark.parametrize("d", [
+    [0.3, 0.1, 0.5, 0.2, 0.4, -0.1],
+    # five replicates of a study where scipy's noncentral t is nan at the upper end of a fixed
+    # bracket t ± (10 + 2|t|): the interval must still be found
+    [-0.0245, -0.0648, -0.0497, 0.0396, -0.1088],
+])
+def test_cohens_dz_interval_inverts_the_noncentral_t(d):
+    d = np.array(d)
     dz, (lo, hi), gz = cohens_dz(d)
     n, t = len(d), dz * math.sqrt(len(d))
     assert sps.nct.cdf(t, n - 1, lo * math.sqrt(n)) == pytest.approx(0.975, abs=1e-8)
