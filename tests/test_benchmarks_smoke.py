@@ -13,15 +13,6 @@ from benchmarks.measure import memory_worker
 from benchmarks.run import Settings, render_markdown, run
 
 
-@pytest.fixture
-def one_thread():
-    """Timing on a shared machine is steadier with one intra-op thread (as in ``--quick``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """``benchmarks/run.py`` at its smoke size, run once for the tests below."""

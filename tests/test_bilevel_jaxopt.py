@@ -20,12 +20,7 @@ needs_jax = pytest.mark.skipif(unavailable() is not None,
                                reason=f"JAXopt comparison skipped: {unavailable()}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _library(pb, x, y):

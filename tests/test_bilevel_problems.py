@@ -12,12 +12,7 @@ from benchmarks.bilevel_problems import build, quadratic_problem, rows
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _h(pb, x, y_warm):

@@ -13,12 +13,7 @@ from benchmarks import bissllight_cost as bc
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MICRO = bc.Net("micro ViT", 8, 4, 6, 2, dict(patch=4, depth=2, width=8, heads=2),
