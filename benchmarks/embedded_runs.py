@@ -9,9 +9,10 @@ from an empty run folder, as the README's first command does after the install, 
 machine's load average at start and end (a wall time measured beside other jobs is an upper
 bound; the file says so); the implicit-Jacobian setting; every alternation's relative residual
 ``‖v − A u‖/‖v‖`` of the last upper step's solve, read from each target's
-``bissl/metrics.jsonl`` (median, maximum, the count at or below 0.1) and the solver breakdowns over
-all solves; and the BiSSL+FT vs Only-FT comparison per target and metric from ``results.json``
-(means and standard deviations over the seeds, the paired p-value). ``docs/facts.py`` reads this
+``bissl/metrics.jsonl`` (median, maximum, the count at or below 0.1, by
+``benchmarks.recycled_recipe_ij.summarise``) and the solver breakdowns over all solves; and
+the BiSSL+FT vs Only-FT comparison per target and metric from ``results.json`` (means and
+standard deviations over the seeds, the paired p-value). ``docs/facts.py`` reads this
 file, and ``tests/test_readme.py`` checks that README.md states what it holds.
 """
 
@@ -22,7 +23,6 @@ import datetime
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,22 +31,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the repository root importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.recycled_recipe_ij import summarise  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "embedded-cpu.json"
 SCRIPTS = {"vision": "recipes/vision_bissl.py", "gpt": "recipes/gpt_glue_bissl.py"}
-
-
-def residual_summary(metrics: list[dict[str, Any]], upper_steps: int) -> dict[str, Any]:
-    """Median, maximum and the count ≤ 0.1 of the logged ``ij_relative_residual``, and the
-    breakdowns over all ``len(metrics) · upper_steps`` solves."""
-    residuals = [float(m["ij_relative_residual"]) for m in metrics]
-    return {
-        "alternations": len(residuals),
-        "median": statistics.median(residuals),
-        "max": max(residuals),
-        "at_most_0_1": sum(r <= 0.1 for r in residuals),
-        "breakdowns": sum(int(m["solver_breakdowns"]) for m in metrics),
-        "solves": len(metrics) * upper_steps,
-    }
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -54,10 +45,14 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results.json").read_text())
     bissl = results["config"]["bissl"]
     targets = {}
+    upper_steps = int(bissl["upper_steps"])
     for name in results["targets"]:
-        lines = (run_dir / name / "bissl" / "metrics.jsonl").read_text().splitlines()
-        metrics = [json.loads(line) for line in lines if line.strip()]
-        targets[name] = residual_summary(metrics, int(bissl["upper_steps"]))
+        run = summarise(name, bissl["ij"], str(run_dir / name / "bissl" / "metrics.jsonl"),
+                        upper_steps)
+        targets[name] = {"alternations": run["alternations"], "median": run["residual_median"],
+                         "max": run["residual_max"], "at_most_0_1": run["met"],
+                         "breakdowns": run["breakdowns"],
+                         "solves": run["alternations"] * upper_steps}
     comparisons = {
         key: {k: c[k] for k in ("n", "mean_a", "std_a", "mean_b", "std_b", "diff", "p_value",
                                 "significant")}

@@ -16,7 +16,9 @@ import embedded_runs  # noqa: E402
 def _run_folder(tmp_path, residuals, breakdowns):
     run = tmp_path / "run"
     (run / "digits" / "bissl").mkdir(parents=True)
-    lines = [json.dumps({"alternation": t, "ij_relative_residual": r, "solver_breakdowns": b})
+    lines = [json.dumps({"alternation": t, "ij_relative_residual": r, "solver_breakdowns": b,
+                         "ij_exact_relative_residual": 1.0, "hessian_products": 11,
+                         "solver_iterations": 5.0, "seconds": 1.5})
              for t, (r, b) in enumerate(zip(residuals, breakdowns))]
     (run / "digits" / "bissl" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     comparison = {"n": 3, "mean_a": 0.8, "std_a": 0.02, "mean_b": 0.85, "std_b": 0.01,
