@@ -25,9 +25,8 @@ from typing import Any
 
 from .stats import adjust_study, replicate_comparison
 
-__all__ = ["STUDIES", "check_page", "conclusions", "reanalyse", "render_block", "replace_block",
-           "slim",
-           "study_markdown", "study_table", "verdict"]
+__all__ = ["STUDIES", "analyse", "check_page", "conclusions", "reanalyse", "render_block",
+           "replace_block", "slim", "study_markdown", "study_table", "verdict"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The stored studies the pages quote (name -> slimmed study.json) and the pages quoting them.
@@ -222,22 +221,30 @@ def slim(study: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def reanalyse(study: dict[str, Any]) -> dict[str, Any]:
-    """``study`` with its statistics recomputed from its stored scores by the current
-    :func:`~recipes.common.stats.replicate_comparison` and
-    :func:`~recipes.common.stats.adjust_study` (the scores, cells and times unchanged), so a stored
-    study states what the current analysis says of its runs."""
-    settings = study["config"]["study"]
-    targets = {}
-    for name, entry in study["targets"].items():
-        rows = [{**row, "comparison": replicate_comparison(
-                    row["Only-FT"], row["BiSSL+FT"], alpha=study["alpha"],
-                    wilcoxon=settings["wilcoxon"], bootstrap=settings["bootstrap"])}
-                for row in entry["rows"]]
-        targets[name] = {**entry, "rows": rows}
-    adjust_study(targets, study["correction"], study["alpha"])
+def analyse(targets: dict[str, Any], *, alpha: float, correction: str, wilcoxon: bool,
+            bootstrap: int) -> None:
+    """Fill in a study's statistics from its scores, in place: each row's replicate-level
+    :func:`~recipes.common.stats.replicate_comparison` of ``row["Only-FT"]`` and
+    ``row["BiSSL+FT"]`` (replicates × seeds), the adjustment over every cell
+    (:func:`~recipes.common.stats.adjust_study`) and each target's ``table``."""
     for entry in targets.values():
-        entry["table"] = study_table(entry["rows"], study["correction"], study["alpha"])
+        for row in entry["rows"]:
+            row["comparison"] = replicate_comparison(row["Only-FT"], row["BiSSL+FT"], alpha=alpha,
+                                                     wilcoxon=wilcoxon, bootstrap=bootstrap)
+    adjust_study(targets, correction, alpha)
+    for entry in targets.values():
+        entry["table"] = study_table(entry["rows"], correction, alpha)
+
+
+def reanalyse(study: dict[str, Any]) -> dict[str, Any]:
+    """``study`` with its statistics recomputed from its stored scores by :func:`analyse` (the
+    scores, cells and times unchanged), so a stored study states what the current analysis says
+    of its runs."""
+    settings = study["config"]["study"]
+    targets = {name: {**entry, "rows": [dict(row) for row in entry["rows"]]}
+               for name, entry in study["targets"].items()}
+    analyse(targets, alpha=study["alpha"], correction=study["correction"],
+            wilcoxon=settings["wilcoxon"], bootstrap=settings["bootstrap"])
     return {**study, "targets": targets}
 
 

@@ -38,13 +38,12 @@ from typing import Any
 import implicitbilevel
 
 from . import fingerprint, records
-from .conclusions import study_markdown, study_table
+from .conclusions import analyse, study_markdown, study_table
 from .config import config_to_dict
 from .pipeline import Recipe
 from .replicates import finetune_seeds, replicate_stages, replicate_view, run_replicates
 from .report import write_json
 from .runtime import derive_seed
-from .stats import adjust_study, replicate_comparison
 from .sweep import plot_sweep
 
 __all__ = ["METHODS", "cell_config", "code_version", "prerequisites", "run_study",
@@ -223,17 +222,14 @@ def run_study(recipe: Recipe, overwrite: bool = False,
         rows = []
         for epochs in study.epochs:
             reps = [cells[(target, float(epochs), r)] for r in range(study.replicates)]
-            a = [_scores(c["Only-FT"], key) for c in reps]
-            b = [_scores(c["BiSSL+FT"], key) for c in reps]
-            comparison = replicate_comparison(a, b, alpha=study.alpha, wilcoxon=study.wilcoxon,
-                                              bootstrap=study.bootstrap)
-            rows.append({"epochs": float(epochs), "Only-FT": a, "BiSSL+FT": b,
-                         "comparison": comparison,
-                         "cells": reps})
+            rows.append({"epochs": float(epochs),
+                         "Only-FT": [_scores(c["Only-FT"], key) for c in reps],
+                         "BiSSL+FT": [_scores(c["BiSSL+FT"], key) for c in reps],
+                         "comparison": None, "cells": reps})
         targets[target] = {"metric": key, "rows": rows}
-    adjust_study(targets, study.correction, study.alpha)
+    analyse(targets, alpha=study.alpha, correction=study.correction, wilcoxon=study.wilcoxon,
+            bootstrap=study.bootstrap)
     for target, entry in targets.items():
-        entry["table"] = study_table(entry["rows"], study.correction, study.alpha)
         for row in entry["rows"]:
             c = row["comparison"]
             recipe.say(f"study {target} {row['epochs']:g} epochs: BiSSL+FT - Only-FT "
