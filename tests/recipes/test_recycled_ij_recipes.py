@@ -130,8 +130,10 @@ def test_lanczos_refuses_an_indefinite_system_in_the_recipe_naming_lambda_min():
                                  lanczos_products=6)
 
 
-def test_a_killed_and_resumed_recycled_minres_stage_equals_the_uninterrupted_run(
-        tmp_path, monkeypatch, kill_bissl_at):
+@pytest.mark.parametrize("ij, curvature", [("recycled-minres", "hessian"),
+                                           ("recycled-cg", "gauss-newton")])  # embedded default
+def test_a_killed_and_resumed_recycled_stage_equals_the_uninterrupted_run(
+        ij, curvature, tmp_path, monkeypatch, kill_bissl_at):
     original = tiny_stages.run_bissl
     place = {}
 
@@ -139,18 +141,20 @@ def test_a_killed_and_resumed_recycled_minres_stage_equals_the_uninterrupted_run
         return original(*args, out_dir=place["dir"], resume=place.get("resume", False), **kwargs)
 
     monkeypatch.setattr(tiny_stages, "run_bissl", with_checkpoints)
-    settings = dict(ij="recycled-minres", alternations=3, upper_steps=2, cg_iters=4,
-                    recycle_dim=3, recycle_window=4, checkpoint_every=1)
+    # 6 lower batches at 3 per alternation and 4 upper batches at 2: both data passes wrap at
+    # alternation 2, and the kill comes after that, at alternation 3.
+    settings = dict(ij=ij, curvature=curvature, alternations=4, lower_steps=2, upper_steps=2,
+                    cg_iters=4, recycle_dim=3, recycle_window=4, checkpoint_every=1)
     place["dir"] = tmp_path / "whole"
     whole = tiny_stages.vision_stage(**settings)
     place["dir"] = tmp_path / "killed"
-    revive = kill_bissl_at("_lower_stage", 2)
+    revive = kill_bissl_at("_lower_stage", 3)
     with pytest.raises(KeyboardInterrupt):
         tiny_stages.vision_stage(**settings)
     revive()
     place["resume"] = True
     resumed = tiny_stages.vision_stage(**settings)
-    assert len(resumed) == len(whole) == 3
+    assert len(resumed) == len(whole) == 4
     for a, b in zip(whole, resumed):
         for key in ("upper_loss", "lower_loss", "ij_relative_residual", "solver_iterations",
                     "hessian_products", "upper_grad_norm"):
