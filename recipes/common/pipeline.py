@@ -130,10 +130,10 @@ class Recipe(abc.ABC):
     def bissl_losses(self, pretext: nn.Module, downstream: nn.Module, target: str) -> BiSSLLosses:
         """The recipe's losses as functions of parameter dicts."""
 
+    @abc.abstractmethod
     def monitor_data(self, target: str, pretext: nn.Module) -> MonitorData:
         """The transfer monitor's inputs (``bissl.monitor_every``): unlabelled view pairs of the
         target's inputs, ``pretext``'s backbone as the embedding, the labelled validation probe."""
-        raise NotImplementedError(f"{self.name}: bissl.monitor_every needs monitor_data")
 
     def warmup_epochs(self, target: str) -> float:
         """Head warm-up epochs (the config's, else the recipe's default for the target)."""
