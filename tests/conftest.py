@@ -22,3 +22,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def facts():
+    """``docs/facts.py``: the measured facts the README, the pages and the configs state."""
+    docs = os.path.join(ROOT, "docs")
+    if docs not in sys.path:  # facts.py and its sibling modules (facts_format, facts_suite)
+        sys.path.insert(0, docs)
+    import facts as module
+
+    return module

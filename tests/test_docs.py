@@ -10,7 +10,6 @@ import importlib
 import importlib.util
 import io
 import re
-import sys
 import textwrap
 from pathlib import Path
 
@@ -151,15 +150,6 @@ def test_api_reference_covers_every_public_name():
 # -- one source for every stated fact ------------------------------------------------------------
 
 
-def _facts():
-    if str(DOCS) not in sys.path:  # facts.py imports its sibling modules (facts_format, ...)
-        sys.path.insert(0, str(DOCS))
-    spec = importlib.util.spec_from_file_location("docs_facts", DOCS / "facts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _fact_sources() -> dict[str, str]:
     """Every text that states a fact: README files, docs pages, config comments, docstrings."""
     paths = [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
@@ -168,8 +158,7 @@ def _fact_sources() -> dict[str, str]:
     return {str(p.relative_to(ROOT)): p.read_text() for p in paths}
 
 
-def test_facts_are_read_from_the_measured_benchmark():
-    facts = _facts()
+def test_facts_are_read_from_the_measured_benchmark(facts):
     table = (ROOT / "benchmarks" / "results" / "quick-cpu.md").read_text()
     row = next(ln for ln in table.splitlines() if ln.startswith("| resnet18"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -178,8 +167,7 @@ def test_facts_are_read_from_the_measured_benchmark():
     assert facts.HVP["kept_resnet"] == "1.67"
 
 
-def test_readme_docs_and_configs_agree_with_the_facts():
-    facts = _facts()
+def test_readme_docs_and_configs_agree_with_the_facts(facts):
     sources = _fact_sources()
     for name, text in sources.items():
         for retired in facts.RETIRED:
@@ -206,8 +194,8 @@ def test_readme_docs_and_configs_agree_with_the_facts():
     assert facts.PETS_LAYOUT in Path(vision_data.__file__).read_text()
 
 
-def test_docs_use_the_substitutions_they_define():
-    prolog = _facts().rst_prolog()
+def test_docs_use_the_substitutions_they_define(facts):
+    prolog = facts.rst_prolog()
     used = set(re.findall(r"\|(\w+)\|", "\n".join(p.read_text() for p in _pages())))
     defined = set(re.findall(r"^\.\. \|(\w+)\|", prolog, re.M))
     # An undefined substitution fails the Sphinx build; here: the facts are used, not restated.

@@ -11,7 +11,6 @@ instead, e.g. the one CI just made.
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 import os
 import re
@@ -100,20 +99,11 @@ def _text(built: Path, name: str) -> str:
     return " ".join("".join(_parse(built / name).text).split())
 
 
-def _facts():
-    if str(DOCS) not in sys.path:  # facts.py imports its sibling modules (facts_format, ...)
-        sys.path.insert(0, str(DOCS))
-    spec = importlib.util.spec_from_file_location("docs_facts_rendered", DOCS / "facts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_no_substitution_is_left(built):
+def test_no_substitution_is_left(built, facts):
     """No ``|name|`` (reST) or ``{{ name }}`` (MyST) outside math: neither a defined fact nor any
     name in the facts' spelling (``word_word``). Norms like ``|v|`` and ``dtd|flowers|voc07``
     (alternatives in a literal) are not names of that form."""
-    defined = set(_facts().substitutions())
+    defined = set(facts.substitutions())
     leftover = re.compile(r"\|([a-z][a-z0-9_]*)\||\{\{ ?([a-z][a-z0-9_]*) ?\}\}")
     found = {}
     for path, page in _pages(built).items():
@@ -147,7 +137,7 @@ def test_every_internal_link_and_anchor_resolves(built):
     assert not broken, f"{len(broken)} broken internal links:\n" + "\n".join(broken[:40])
 
 
-def test_stated_figures_equal_their_results_files(built):
+def test_stated_figures_equal_their_results_files(built, facts):
     """Each figure is computed here from its results file, independently of ``docs/facts.py``,
     and must appear on the pages that state it; the stale figures must not."""
     quick = json.loads((RESULTS / "quick-cpu.json").read_text())
@@ -184,7 +174,6 @@ def test_stated_figures_equal_their_results_files(built):
     assert f"costing {fr} gradients on a ResNet-18 against {rr}" in howtos
     assert (f"peaked at {kept}× a fine-tuning step with the kept graph and at {recomputed}×"
             in howtos)
-    facts = _facts()
     residual = facts.VISION_RESIDUAL
     assert f"median {residual['median']}, at most {residual['max']}" in howtos
     assert "0.024, at most 0.055" not in howtos
