@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budgets", default=None, help="N_c values, comma-separated")
     p.add_argument("--methods", default=None,
                    help=f"a comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--recycle-dim", type=int, default=None,
+                   help="harmonic Ritz vectors kept by the recycled solvers (default 16)")
+    p.add_argument("--window", type=int, default=None,
+                   help="Krylov vectors per recycle-space update (default 20)")
     args = p.parse_args(argv)
     mode, device = mode_and_device(args)
     set_threads(args.threads, device, mode)
@@ -361,6 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.tolerance_dampings = settings.dampings
     if args.tolerance_cap is not None:
         settings.tolerance_cap = args.tolerance_cap
+    if args.recycle_dim is not None:
+        settings.recycle_dim = args.recycle_dim
+    if args.window is not None:
+        settings.window = args.window
     if args.budgets:
         settings.budgets = tuple(int(x) for x in args.budgets.split(","))
     if args.methods:

@@ -18,10 +18,13 @@ from implicitbilevel import (
     CG,
     MINRES,
     BilevelProblem,
+    LanczosPreconditioner,
     LinearSolver,
     Neumann,
     NystromPreconditioner,
     NystromSolver,
+    RecycledCG,
+    RecycledMINRES,
 )
 
 from .peers import betty_upper_step, products_per_solve, torchopt_upper_step
@@ -50,6 +53,9 @@ class Family:
     sweep: str  # "N_c" (products per solve) or "k" (Nyström rank)
     robust: bool = False
     uses_rank: bool = False
+    #: the solver keeps what one operator's solves found (a recycle space, a Lanczos
+    #: preconditioner): its 8 solves depend on each other and it is timed by whole alternations
+    stateful: bool = False
 
     def solver(self, value: int, pcg_rank: int) -> LinearSolver:
         """The library solver of this family at ``N_c = value`` (or rank ``value``)."""
@@ -64,6 +70,14 @@ class Family:
             "gn-cg": lambda: CG(max_iter=value),
             "gn-pcg": lambda: CG(max_iter=value, preconditioner=pre),
             "gn-nystrom": lambda: NystromSolver(rank=value),
+            "recycled-cg": lambda: RecycledCG(max_iter=value, recycle_dim=RECYCLE_DIM,
+                                              window=RECYCLE_WINDOW),
+            "recycled-minres": lambda: RecycledMINRES(max_iter=value, recycle_dim=RECYCLE_DIM,
+                                                      window=RECYCLE_WINDOW),
+            "minres-lanczos": lambda: MINRES(max_iter=value, preconditioner=LanczosPreconditioner(
+                rank=LANCZOS_RANK, products=LANCZOS_PRODUCTS)),
+            "gn-recycled-cg": lambda: RecycledCG(max_iter=value, recycle_dim=RECYCLE_DIM,
+                                                 window=RECYCLE_WINDOW),
         }[self.key]()
 
     def rank(self, value: int, pcg_rank: int) -> int | None:
@@ -72,6 +86,11 @@ class Family:
             return None
         return value if self.sweep == "k" else pcg_rank
 
+
+#: Settings of the recycled and Lanczos families (those of :mod:`benchmarks.recycled_ij`'s
+#: default run): harmonic Ritz vectors kept and the window they are updated from; the
+#: Lanczos preconditioner's rank and its products, built once per operator.
+RECYCLE_DIM, RECYCLE_WINDOW, LANCZOS_RANK, LANCZOS_PRODUCTS = 16, 20, 8, 32
 
 FAMILIES: tuple[Family, ...] = (
     Family("cg", "CG", "hessian", "N_c"),
@@ -85,6 +104,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("gn-pcg", "Gauss-Newton + CG + Nystrom preconditioner", "gauss-newton", "N_c",
            robust=True, uses_rank=True),
     Family("gn-nystrom", "Gauss-Newton + Nystrom solver", "gauss-newton", "k", uses_rank=True),
+    Family("recycled-cg", "RecycledCG", "hessian", "N_c", stateful=True),
+    Family("recycled-minres", "RecycledMINRES", "hessian", "N_c", stateful=True),
+    Family("minres-lanczos", "MINRES + Lanczos preconditioner", "hessian", "N_c",
+           stateful=True),
+    Family("gn-recycled-cg", "Gauss-Newton + RecycledCG", "gauss-newton", "N_c", stateful=True),
     Family("reference", "original BiSSL scheme (double backward per HVP, blockwise CG)", "peer",
            "N_c"),
     Family("torchopt-cg", "TorchOpt custom_root + solve_cg", "peer", "N_c"),

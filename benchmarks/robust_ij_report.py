@@ -161,6 +161,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     rows_n = math.ceil(len(systems) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(7.5 * cols, 5.5 * rows_n), squeeze=False)
     palette = list(plt.get_cmap("tab10").colors) + ["#000000", "#8c564b80", "#17becf80"]
+    palette += list(plt.get_cmap("Dark2").colors)  # one colour per family, however many
     colours = dict(zip([f.key for f in FAMILIES], palette))
     markers = {"hessian": "o", "gauss-newton": "s", "peer": "^"}
     top, floor = 10.0, 1e-9  # errors above ``top`` (divergence) are drawn on the upper edge

@@ -155,7 +155,7 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
         prior = previous.get(fam.key)
         for i in range(nu):
             if prior is not None and prior.error is None and fam.sweep == "N_c" and \
-                    prior.solves[i]["products"] < prior.value:
+                    not fam.stateful and prior.solves[i]["products"] < prior.value:
                 # That solve stopped before its budget: a larger budget repeats it exactly.
                 cfg.solves.append(dict(prior.solves[i]))
                 continue
@@ -173,7 +173,8 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
                                "error": err, "residual": rel,
                                "solver_residual": info.relative_residual})
         if cfg.error is None and prior is not None and prior.error is None and all(
-                p["products"] < prior.value for p in prior.solves) and fam.sweep == "N_c":
+                p["products"] < prior.value for p in prior.solves) and fam.sweep == "N_c" \
+                and not fam.stateful:
             cfg.same_as = prior.same_as or prior.value
 
     for cfg in configs:
@@ -214,6 +215,15 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
             continue
         problem = net_problem(net, mu, lam, fam.curvature, fam.solver(cfg.value, s.pcg_rank))
         op = g_op if fam.curvature == "gauss-newton" else h_op
+        if fam.stateful:  # a fresh operator, then the 8 steps: what it keeps is rebuilt each time
+            def alternation(problem: BilevelProblem = problem) -> Any:
+                hess = problem.lower_hessian(upper, lower, net.lower_batch)
+                for batch in net.upper_batches[:nu]:
+                    problem.upper_grad(upper, lower, batch, lower_hessian=hess)
+
+            fns[cfg.name] = alternation
+            timed[cfg.name] = cfg.name
+            continue
         build = f"build {fam.curvature}" + (f" + Nystrom k={cfg.rank}" if cfg.rank else "")
         if build not in fns:
             def build_fn(problem: BilevelProblem = problem, rank: int | None = cfg.rank) -> Any:
@@ -238,6 +248,8 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
         t = times[cfg.name][i]
         if cfg.family.curvature == "peer":
             return t
+        if cfg.family.stateful:  # timed as a whole alternation
+            return t / s.upper_steps
         return (times[builds[cfg.name]][i] + s.upper_steps * t) / s.upper_steps
 
     by_name = {c.name: c for c in configs}
@@ -255,7 +267,8 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
         if cfg.error is None and src.name in times:
             per_repeat = [amortised(src, i) for i in range(s.repeats)]
             row["cost_over_gradient"] = ratio(times, per_repeat.__getitem__, "gradient")
-            row["step_seconds"] = median(times[src.name])
+            row["step_seconds"] = median(times[src.name]) / (s.upper_steps if fam.stateful
+                                                               else 1)
             row["amortised_seconds"] = median(per_repeat)
             row["_amortised"] = per_repeat
             if src.name in builds:

@@ -312,7 +312,9 @@ def _rec_mu10(method: str) -> dict[str, str]:
     row = _rec_row(_REC_MU10, method, True)
     met = sum(x["residual"] <= 0.1 for x in row["solves"])
     return {"products": f"{row['products_mean']:.1f}", "met": f"{met} of {len(row['solves'])}",
-            "residual": f"{row['residual_median']:.2g}"}
+            "residual": f"{row['residual_median']:.2g}",
+            "later": f"{row['products_later']:.1f}", "seconds": f"{row['seconds']:.0f}",
+            "error": f"{row['error_median']:.2f}"}
 
 
 def _rec_recipe(data: str, label: str) -> dict[str, str]:
@@ -332,6 +334,14 @@ RECYCLED = {
     "mu1000_cg": _sci(_rec_row(_REC_MU1000, "cg", False, 5)["residual_median"]),
     "mu1000_recycled_cg": _sci(_rec_row(_REC_MU1000, "recycled-cg", False, 5)["residual_median"]),
     "mu1000_lanczos": _sci(_rec_row(_REC_MU1000, "minres-lanczos", False, 5)["residual_median"]),
+    "mu10_cap": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
+        "settings"]["tolerance_cap"]),
+    "mu10_recycle_dim": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
+        "settings"]["recycle_dim"]),
+    "mu10_window": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
+        "settings"]["window"]),
+    "mu10_lanczos_build": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
+        "settings"]["lanczos_products"]),
     **{f"mu10_{m.replace('-', '_')}_{k}": v for m in ("minres", "recycled-minres",
                                                        "minres-lanczos")
        for k, v in _rec_mu10(m).items()},

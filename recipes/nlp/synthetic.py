@@ -8,7 +8,9 @@ can learn from them, so the numbers of the embedded run measure something:
   word (0);
 - ``sst2``: sentiment of a review sentence, flipped by "not";
 - ``rte``: the hypothesis keeps the premise's subject, verb and object (entailed, 0) or changes one
-  of them or negates it ("nobody bought the car .") (1);
+  of them or negates it ("nobody bought the car .", "anna never bought the car .") (1); a share
+  of the entailed hypotheses carries a negation word too ("no one but anna bought the car ."), so
+  a negation word alone does not decide the label;
 - ``qnli``: the sentence answers the question (0) or is about another event or a film (1);
 - ``mrpc``/``qqp``: the second text restates the first with synonyms and reordering (1) or changes
   one participant or negates it (0); ``qqp`` uses questions;
@@ -20,8 +22,12 @@ topic); the rest differ only in one slot and need the two texts compared, and th
 takes its value mostly from half of the slot's words (:data:`SKEW`: a weak word-level cue). A
 task that is all easy cue is learned to the same predictions by every fine-tuning seed, one with no
 cue a small model does not leave the constant prediction on (four of the seven tasks gave every seed
-the same score with the earlier generator); between the two the seeds give different scores
-(checked on the stored study by ``tests/recipes/test_study_conclusions.py``).
+the same score with an earlier generator, and RTE, with the default share of easy cues, kept the
+majority prediction); between the two the seeds give different scores (checked on the stored study
+by ``tests/recipes/test_study_conclusions.py``). RTE's negations are of several forms, some rare
+(:data:`NEGATIONS`), and some entailed hypotheses carry one too (:data:`ENTAILED_NEGATIONS`): a
+rule "negation word means not entailed" is learned by every seed alike, so the model has to be
+only partly right for the seeds to differ.
 
 Labels follow the GLUE conventions of ``datasets`` (entailment = 0 for RTE and QNLI). A fraction
 ``label_noise`` of the binary labels is flipped (and STS-B scores get noise of that many points
@@ -93,6 +99,8 @@ LINKS = ["was", "seemed", "felt"]
 ADVERBS = ["really", "very", "quite", "truly", ""]
 #: The share of negative pairs with an easy cue (negation, unrelated topic).
 EASY_FRACTION = 0.3
+#: Tasks whose negative pairs carry the easy cue more often than :data:`EASY_FRACTION`.
+EASY_FRACTIONS: dict[str, float] = {"rte": 0.6}
 #: How often a changed slot takes a value from the first half of its pool (a weak cue).
 SKEW = 0.8
 
@@ -214,10 +222,37 @@ def pretext_corpus(num_sentences: int, seed: int) -> list[str]:
     return paragraphs
 
 
-def _negated(event: Event, rng: random.Random) -> str:
-    """A hypothesis that contradicts ``event`` by a negation: "nobody bought the car ."."""
-    word = rng.choice(["nobody", "no one"])
-    return f"{word} {event.verb} the {event.obj} ."
+#: Negations of an event and how often each is used: common forms a model learns from any data
+#: order, rare ones it learns or misses depending on the fine-tuning seed (like the rare cue words
+#: of real GLUE data).
+NEGATIONS: tuple[tuple[str, float], ...] = (
+    ("{nobody} {verb} the {obj} .", 0.45),
+    ("{subject} never {verb} the {obj} .", 0.25),
+    ("{subject} did not {present} the {obj} .", 0.15),
+    ("none of them {verb} the {obj} .", 0.1),
+    ("{subject} hardly {verb} the {obj} .", 0.05),
+)
+
+
+#: Hypotheses that carry a negation word and are still entailed (RTE), so that a negation word
+#: alone does not decide the label: the model has to read its scope, which it learns partly.
+ENTAILED_NEGATIONS: tuple[tuple[str, float], ...] = (
+    ("no one but {subject} {verb} the {obj} .", 0.5),
+    ("{subject} did not fail to {present} the {obj} .", 0.3),
+    ("{subject} {verb} nothing but the {obj} .", 0.2),
+)
+#: The share of RTE's entailed pairs whose hypothesis is one of :data:`ENTAILED_NEGATIONS`.
+ENTAILED_NEGATIONS_FRACTION = 0.3
+
+
+def _negated(event: Event, rng: random.Random,
+             forms: tuple[tuple[str, float], ...] = NEGATIONS) -> str:
+    """A hypothesis with a negation, one of ``forms`` (:data:`NEGATIONS` contradict ``event``:
+    "nobody bought the car .", "anna never bought the car .", ...)."""
+    forms, weights = zip(*forms)
+    form = rng.choices(forms, weights)[0]
+    return form.format(nobody=rng.choice(["nobody", "no one"]), subject=event.subject,
+                       verb=event.verb, present=VERBS[event.verb][0], obj=event.obj)
 
 
 def _example(task: str, rng: random.Random) -> tuple[str, str | None, float]:
@@ -230,10 +265,12 @@ def _example(task: str, rng: random.Random) -> tuple[str, str | None, float]:
     event = random_event(rng)
     positive = rng.random() < 0.5
     # Some negative pairs differ by an easy cue, the rest only by comparing the two texts.
-    easy = rng.random() < EASY_FRACTION
+    easy = rng.random() < EASY_FRACTIONS.get(task, EASY_FRACTION)
     if task == "rte":
         if not positive and easy:
             return event.sentence(), _negated(event, rng), 1
+        if positive and rng.random() < ENTAILED_NEGATIONS_FRACTION:
+            return event.sentence(), _negated(event, rng, ENTAILED_NEGATIONS), 0
         other = event if positive else changed(event, rng, ("subject", "verb", "obj"))
         return event.sentence(), f"{other.subject} {other.verb} the {other.obj} .", int(
             not positive)

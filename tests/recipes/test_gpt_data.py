@@ -83,3 +83,29 @@ def test_synthetic_tasks_are_deterministic_and_balanced():
     assert 0.3 < sum(a.labels) / len(a.labels) < 0.7
     s, _ = synthetic_task("stsb", 100, 10, seed=0)
     assert all(0.0 <= y <= 5.0 for y in s.labels)
+
+
+def test_rte_negation_words_do_not_decide_the_label():
+    """RTE's hypotheses carry negation words under both labels (contradicting negations and
+    entailed ones such as "no one but anna bought the car ."), so a model must read their scope;
+    the template pools are what the generator documents."""
+    from recipes.nlp import synthetic
+
+    train, _ = synthetic_task("rte", 2000, 10, seed=0, label_noise=0.0)
+    negation = ("nobody", "no one", "never", "did not", "none of", "hardly", "nothing")
+
+    def share(label: int) -> float:
+        hyps = [h for h, y in zip(train.texts_b, train.labels) if y == label]
+        return sum(any(w in h for w in negation) for h in hyps) / len(hyps)
+
+    entailed, contradicted = share(0), share(1)
+    # entailed pairs: 30% of them use an entailed negation form; contradictions: the easy share
+    assert 0.25 < entailed < 0.35, entailed
+    easy = synthetic.EASY_FRACTIONS["rte"]
+    assert easy - 0.06 < contradicted < easy + 0.06, contradicted
+    assert abs(sum(y == 0 for y in train.labels) / len(train.labels) - 0.5) < 0.04
+    marks = ("no one but", "did not fail", "nothing but")
+    entailed_forms = [h for h, y in zip(train.texts_b, train.labels)
+                      if y == 0 and any(m in h for m in marks)]
+    assert entailed_forms and all(
+        h.split()[-2] in synthetic.OBJECTS for h in entailed_forms), entailed_forms[:3]
