@@ -134,8 +134,10 @@ class Settings:
 
 
 def run(mode: str, device: str, out: str | None, command: str,
-        log: Callable[[str], None] = print, settings: Settings | None = None) -> dict[str, Any]:
-    """Every measurement of ``mode`` on ``device``; JSON, Markdown and the plot go to ``out``."""
+        log: Callable[[str], None] = print, settings: Settings | None = None,
+        name: str | None = None) -> dict[str, Any]:
+    """Every measurement of ``mode`` on ``device``; JSON, Markdown and the plot go to ``out``
+    as ``<name>.json``/``.md`` (default ``robust_ij-<device>``)."""
     s = settings or Settings.for_mode(mode, device)
     started = time.perf_counter()
     results = new_results(command, device, s, mode)
@@ -173,8 +175,10 @@ def run(mode: str, device: str, out: str | None, command: str,
         torch.set_flush_denormal(flush)
     finish(results, started)
     if out is not None:
-        write_results(out, f"robust_ij-{device_type(device)}", results, render_markdown(results))
-        plot(results, os.path.join(out, "robust_ij_accuracy_vs_cost.png"))
+        stem = name or f"robust_ij-{device_type(device)}"
+        write_results(out, stem, results, render_markdown(results))
+        plot(results, os.path.join(out, "robust_ij_accuracy_vs_cost.png" if name is None
+                                   else f"{name}_accuracy_vs_cost.png"))
     return results
 
 
@@ -188,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-reference-cache", action="store_true",
                    help="recompute the converged reference solutions (cached by default in "
                    "runs/robust_ij/references, keyed by a digest of the systems)")
+    p.add_argument("--name", default=None,
+                   help="results file stem (default robust_ij-<device>; the plot is then "
+                   "<name>_accuracy_vs_cost.png)")
     args = p.parse_args(argv)
     mode, device = mode_and_device(args)
     set_threads(args.threads, device, mode)
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_reference_cache:
         settings.reference_cache = None
     results = run(mode, device, args.out, command_line("robust_ij.py", argv),
-                  log=lambda msg: print(msg, flush=True), settings=settings)
+                  log=lambda msg: print(msg, flush=True), settings=settings, name=args.name)
     print(render_markdown(results))
     return results
 

@@ -195,8 +195,8 @@ VISION_RESIDUAL_PLAIN_CG = {"median": "0.026", "max": "0.053"}
 
 #: Wall time of ``python recipes/vision_bissl.py study`` and ``python recipes/gpt_glue_bissl.py
 #: study`` (the embedded configurations) from an empty run folder, as the stored study.json
-#: records it (each made in one invocation; the two ran side by side on 2 CPU cores, one thread
-#: each).
+#: records it (each made in one invocation on 2 CPU cores, one thread, while another job used the
+#: other core).
 def _study_minutes(name: str) -> str:
     study = json.loads((ROOT / "docs" / "recipes" / "study" / f"{name}.json").read_text())
     return f"{study['wall_seconds'] / 60:.0f}"

@@ -91,12 +91,9 @@ def test_the_pages_agree_with_the_stored_studies(name):
         assert cc.check_page(text, studies, fmt) == [], page
 
 
-#: Tasks of the embedded generator on which, at every budget, one of the two methods still gives
-#: every seed of every replicate the same score (it predicts the majority label); the pages say so.
-SEED_INVARIANT = {"rte"}
-
-
 def test_the_gpt_study_covers_all_seven_tasks_and_their_seeds_differ():
+    """Every task of the embedded generator, at every budget, gives different scores over the
+    fine-tuning seeds within the replicates, for both methods, so no cell is degenerate."""
     path = cc.STUDIES["gpt"]
     if not path.exists():
         pytest.skip(f"{path} not stored")
@@ -105,13 +102,8 @@ def test_the_gpt_study_covers_all_seven_tasks_and_their_seeds_differ():
     for task, entry in study["targets"].items():
         for row in entry["rows"]:
             c = row["comparison"]
-            if task in SEED_INVARIANT:
-                assert min(c["within_std_only_ft"], c["within_std_bissl_ft"]) == 0
-                assert not c["significant"]
-                continue
-            # the seeds of at least one method vary, within the replicates
-            assert max(c["within_std_only_ft"], c["within_std_bissl_ft"]) > 0, (
-                f"{task} at {row['epochs']:g} epochs: every seed alike")
+            assert min(c["within_std_only_ft"], c["within_std_bissl_ft"]) > 0, (
+                f"{task} at {row['epochs']:g} epochs: every seed of one method alike")
             assert not c["degenerate"]
 
 
