@@ -121,3 +121,39 @@ def test_readme_states_the_stored_embedded_vision_run():
     ij = {"recycled-cg": "recycled CG", "cg": "CG", "minres": "MINRES"}[run["ij"]]
     assert cells[2].endswith(ij) and ("Gauss–Newton" in cells[2]) == (
         run["curvature"] == "gauss-newton")
+
+
+def test_readme_states_the_stored_embedded_gpt_run():
+    """The GPT row of "What the embedded defaults show" is the stored run's: its wall time, the
+    residuals of every task's alternations together, and the comparison per task with Holm's
+    adjustment over the seven tasks (scipy's paired t-tests are in the file; the adjustment is
+    recomputed here by hand)."""
+    run = json.loads((ROOT / "benchmarks" / "results" / "embedded-cpu.json").read_text())["gpt"]
+    pooled = run["all_targets"]
+    row = next(line for line in README.read_text().splitlines()
+               if line.startswith("| GPT, 7 synthetic tasks |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{run['wall_minutes']} min"
+    assert cells[2] == {"cg": "exact Hessian, CG", "minres": "exact Hessian, MINRES"}[run["ij"]]
+    assert cells[3] == (f"median {pooled['median']:.2g}, max {pooled['max']:.2g}; ≤ 0.1 in "
+                        f"{pooled['at_most_0_1']} of {pooled['alternations']}")
+    assert cells[4] == f"{pooled['breakdowns']} of {pooled['solves']}"
+    comps = {k: c for k, c in run["comparisons"].items() if c is not None}
+    tested = {k: c for k, c in comps.items() if c["p_value"] is not None}
+    order = sorted(tested, key=lambda k: tested[k]["p_value"])
+    adjusted, running = {}, 0.0
+    for i, k in enumerate(order):  # Holm's step-down
+        running = max(running, min(1.0, (len(order) - i) * tested[k]["p_value"]))
+        adjusted[k] = running
+    ahead = sorted(k for k in adjusted if adjusted[k] < 0.05 and tested[k]["diff"] > 0)
+    behind = sorted(k for k in adjusted if adjusted[k] < 0.05 and tested[k]["diff"] < 0)
+    largest = max(tested, key=lambda k: abs(tested[k]["diff"]))
+    alike = sorted(k for k, c in comps.items() if c["std_a"] == 0 and c["std_b"] == 0)
+    verdict = (f"ahead on {', '.join(ahead) or 'none'}, behind on {', '.join(behind) or 'none'}"
+               if ahead or behind else "no significant difference on any")
+    verdict += (f" of the {len(comps)} tasks after Holm; largest: {largest} "
+                f"{100 * tested[largest]['diff']:+.1f} points (adjusted p = "
+                f"{adjusted[largest]:.2g})")
+    if alike:
+        verdict += f"; every seed alike on {', '.join(alike)}"
+    assert cells[5] == verdict
