@@ -62,58 +62,90 @@ def diagonal_of(system: Any, like: Mapping[str, Tensor], who: str) -> Tensor:
                       for n, t in like.items()])
 
 
-def orthonormal_rows(z: Tensor, az: Tensor) -> tuple[Tensor, Tensor]:
-    """An orthonormal basis ``Q = T Z`` of the rows of ``Z`` and ``AQ = T (AZ)``: the rows are
-    normalised, then whitened by the eigendecomposition of their Gram matrix, directions whose
-    Gram eigenvalue is below ``sqrt(eps)`` of the largest dropped (so ``‖T‖`` stays moderate and
-    ``AQ`` is the product of ``Q`` to rounding)."""
-    norms = z.norm(dim=1)
-    ok = norms > 0
-    z, az = z[ok] / norms[ok, None], az[ok] / norms[ok, None]
-    gram = (z @ z.mT).double()
-    g, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
-    keep = g > math.sqrt(torch.finfo(z.dtype).eps) * float(g.max().clamp_min(0))
-    t = (u[:, keep] / g[keep].sqrt()).mT.to(z.dtype)
-    return t @ z, t @ az
+def _sym(m: Tensor) -> Tensor:
+    return 0.5 * (m + m.mT)
+
+
+def _whitening(gram: Tensor, eps: float) -> Tensor:
+    """``T`` (``r × m``, float64) with ``T Z`` orthonormal rows, from ``gram = Z Zᵀ`` alone: the
+    rows are normalised, then whitened by the eigendecomposition of their Gram matrix; directions
+    whose normalised Gram eigenvalue is below ``sqrt(eps)`` of the largest are dropped (so ``‖T‖``
+    stays moderate and ``T (AZ)`` is the product of ``T Z`` to rounding). Zero rows get a zero
+    column."""
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
+    g, u = torch.linalg.eigh(_sym(inv[:, None] * gram * inv[None, :]))
+    keep = g > math.sqrt(eps) * float(g.max().clamp_min(0))
+    return (u[:, keep] / g[keep].sqrt()).mT * inv[None, :]
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    return (a @ b.mT).double()
+
+
+def _ritz_in(c: Tensor, f: Tensor, eps: float, positive: bool) -> tuple[Tensor, Tensor]:
+    """Rayleigh–Ritz on the span of the rows of ``cᵀ Q`` (``Q`` orthonormal rows, ``f = Q AQᵀ``),
+    all in the small space: ``(M, θ)`` with ``W = M Q`` orthonormal rows and
+    ``W AWᵀ = diag(θ)``. Ritz values below ``eps^(2/3)·max|θ|`` in magnitude (numerically
+    singular, not worth deflating) are dropped, and with ``positive`` every ``θ <= 0`` too."""
+    t = _whitening(c.mT @ c, eps) @ c.mT  # rows of t Q are orthonormal
+    theta, y = torch.linalg.eigh(_sym(t @ f @ t.mT))
+    floor = eps ** (2 / 3) * float(theta.abs().max().clamp_min(0)) if theta.numel() else 0.0
+    keep = theta > floor if positive else theta.abs() > floor
+    return y[:, keep].mT @ t, theta[keep]
+
+
+def _space(m: Tensor, z: Tensor, az: Tensor, theta: Tensor) -> Space | None:
+    """``(M Z, M AZ, θ)``: the two products with the long rows, the only ones an extraction
+    makes after its Gram matrices (``None`` if ``M`` has no rows)."""
+    if m.shape[0] == 0:
+        return None
+    m = m.to(z.dtype)
+    return m @ z, m @ az, theta.to(z.dtype)
 
 
 def rayleigh_ritz(w: Tensor, aw: Tensor, positive: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(W, AW, θ)`` for the span of ``w``: orthonormal rows with ``W AWᵀ = diag(θ)`` (the Ritz
     pairs of ``A`` on that span). Ritz values below ``eps^(2/3)·max|θ|`` in magnitude (numerically
     singular, not worth deflating) are dropped, and with ``positive`` every ``θ <= 0`` too."""
-    q, aq = orthonormal_rows(w, aw)
-    e = (q @ aq.mT).double()
-    theta, y = torch.linalg.eigh(0.5 * (e + e.mT))
-    floor = torch.finfo(w.dtype).eps ** (2 / 3) * float(theta.abs().max().clamp_min(0))
-    keep = theta > floor if positive else theta.abs() > floor
-    coef = y[:, keep].mT.to(w.dtype)
-    return coef @ q, coef @ aq, theta[keep].to(w.dtype)
+    eps = torch.finfo(w.dtype).eps
+    t = _whitening(_gram(w, w), eps)
+    m, theta = _ritz_in(torch.eye(t.shape[0], dtype=t.dtype), t @ _gram(w, aw) @ t.mT, eps,
+                        positive)
+    space = _space(m @ t, w, aw, theta)
+    if space is None:
+        return w[:0], aw[:0], theta.to(w.dtype)
+    return space
 
 
 def ritz_smallest(z: Tensor, az: Tensor, k: int) -> Space | None:
     """The ``k`` Ritz pairs with the smallest positive Ritz values on the rows of ``z``."""
-    q, aq = orthonormal_rows(z, az)
-    f = (q @ aq.mT).double()
-    theta, y = torch.linalg.eigh(0.5 * (f + f.mT))
-    floor = torch.finfo(z.dtype).eps ** (2 / 3) * float(theta.abs().max().clamp_min(0))
+    eps = torch.finfo(z.dtype).eps
+    t = _whitening(_gram(z, z), eps)
+    f = t @ _gram(z, az) @ t.mT  # Q AQᵀ for Q = T Z
+    theta, y = torch.linalg.eigh(_sym(f))
+    floor = eps ** (2 / 3) * float(theta.abs().max().clamp_min(0))
     chosen = (theta > floor).nonzero().flatten()[:k]
-    return settled(y[:, chosen], q, aq, True)
+    m, values = _ritz_in(y[:, chosen], f, eps, True)
+    return _space(m @ t, z, az, values)
 
 
 def harmonic_nearest_zero(z: Tensor, az: Tensor, k: int) -> Space | None:
     """The ``k`` harmonic Ritz pairs with harmonic Ritz values nearest zero."""
-    q, aq = orthonormal_rows(z, az)
-    f = (q @ aq.mT).double()
-    g = (aq @ aq.mT).double()
-    s, u = torch.linalg.eigh(0.5 * (g + g.mT))
-    keep = s > torch.finfo(z.dtype).eps * float(s.max().clamp_min(0))
+    eps = torch.finfo(z.dtype).eps
+    t = _whitening(_gram(z, z), eps)
+    f = t @ _gram(z, az) @ t.mT  # Q AQᵀ for Q = T Z
+    g = t @ _gram(az, az) @ t.mT  # (AQ)(AQ)ᵀ
+    s, u = torch.linalg.eigh(_sym(g))
+    keep = s > eps * float(s.max().clamp_min(0))
     if not bool(keep.any()):
         return None
     root = u[:, keep] / s[keep].sqrt()  # G^(-1/2) on the range of G
     # F y = (1/θ) G y  ⇔  (G^(-1/2) F G^(-1/2)) ỹ = ν ỹ, ν = 1/θ: nearest zero = largest |ν|.
-    nu, y = torch.linalg.eigh(root.mT @ (0.5 * (f + f.mT)) @ root)
+    nu, y = torch.linalg.eigh(root.mT @ _sym(f) @ root)
     chosen = nu.abs().argsort(descending=True)[:k]
-    return settled(root @ y[:, chosen], q, aq, False)
+    m, values = _ritz_in(root @ y[:, chosen], f, eps, False)
+    return _space(m @ t, z, az, values)
 
 
 class Tridiagonal:
@@ -176,15 +208,6 @@ def ratio(a: Tensor, b: Tensor) -> float:
     """``‖a‖/‖b‖`` (0 when ``b = 0``)."""
     nb = float(b.norm())
     return float(a.norm()) / nb if nb > 0 else 0.0
-
-
-def settled(coef: Tensor, q: Tensor, aq: Tensor, positive: bool) -> Space | None:
-    """The space spanned by ``coefᵀ q`` as :func:`rayleigh_ritz` leaves it (``None`` if empty)."""
-    if coef.shape[1] == 0:
-        return None
-    c = coef.mT.to(q.dtype)
-    w, aw, theta = rayleigh_ritz(c @ q, c @ aq, positive)
-    return (w, aw, theta) if w.shape[0] else None
 
 
 class Harvest:
