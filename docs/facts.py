@@ -325,9 +325,37 @@ def _rec_recipe(data: str, label: str) -> dict[str, str]:
             "products": f"{run['products_per_upper_step']:.0f}"}
 
 
+_REC_STEP18 = json.loads((RESULTS / "recycled_upper_step-resnet18-cpu.json").read_text())
+_REC_GRID = json.loads((RESULTS / "robust_ij-recycled-cpu.json").read_text())
+
+
+def _grid(network: str, mu: float, family: str, value: int) -> dict[str, str]:
+    """One row of the robust_ij grid with the recycled families (vision or GPT, μ, N_c)."""
+    system = next(x for x in _REC_GRID["systems"] if x["network"].startswith(network)
+                  and abs(x["mu"] - mu) < 1e-6 * mu)
+    r = next(r for r in system["rows"] if r["family"] == family and r["value"] == value)
+    return {"error": f"{r['rel_error_median']:.2g}", "ratio": f"{r['cost_over_reference']:.2f}"}
+
+
+_REC_PAIRED = {r["method"]: r for r in json.loads(
+    (RESULTS / "recycled_upper_step-vision-paired-cpu.json").read_text())["rows"]}
+
 RECYCLED = {
     "step_tol": _sci(json.loads((RESULTS / "recycled_upper_step-vision-cpu.json").read_text())[
         "tol"]),
+    **{f"paired_{k.replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
+       for k, r in _REC_PAIRED.items() if "vs_original" in r},
+    **{f"paired_{k.replace('-', '_')}_products": f"{r['products_per_step']:.1f}"
+       for k, r in _REC_PAIRED.items() if "products_per_step" in r},
+    **{f"grid_{f.replace('-', '_')}{n}_{k}": v for f in ("cg", "recycled-cg") for n in (2, 5)
+       for k, v in _grid("vision", 1000.0, f, n).items()},
+    **{f"grid_original_{k}": v for k, v in _grid("vision", 1000.0, "reference", 5).items()},
+    "step18_tol": _sci(_REC_STEP18["tol"]),
+    "step18_unknowns": f"{_REC_STEP18['workload']['unknowns'] / 1e6:.1f}M",
+    **{f"step18_{r['method'].replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
+       for r in _REC_STEP18["rows"] if "vs_original" in r},
+    **{f"step18_{r['method'].replace('-', '_')}_products": f"{r['products_per_step']:.0f}"
+       for r in _REC_STEP18["rows"] if "products_per_step" in r},
     **{f"step_{k.replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
        for k, r in _REC_STEP.items() if "vs_original" in r},
     **{f"step_{k.replace('-', '_')}_products": f"{r['products_per_step']:.0f}"
