@@ -72,6 +72,8 @@ def _whitening(gram: Tensor, eps: float) -> Tensor:
     whose normalised Gram eigenvalue is below ``sqrt(eps)`` of the largest are dropped (so ``‖T‖``
     stays moderate and ``T (AZ)`` is the product of ``T Z`` to rounding). Zero rows get a zero
     column."""
+    if gram.numel() == 0 or not bool((gram.diagonal() > 0).any()):
+        return gram.new_zeros(0, gram.shape[0])  # no direction at all (every row zero)
     norms = gram.diagonal().clamp_min(0).sqrt()
     inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
     g, u = torch.linalg.eigh(_sym(inv[:, None] * gram * inv[None, :]))
@@ -110,6 +112,8 @@ def rayleigh_ritz(w: Tensor, aw: Tensor, positive: bool) -> tuple[Tensor, Tensor
     singular, not worth deflating) are dropped, and with ``positive`` every ``θ <= 0`` too."""
     eps = torch.finfo(w.dtype).eps
     t = _whitening(_gram(w, w), eps)
+    if t.shape[0] == 0:
+        return w[:0], aw[:0], w.new_zeros(0)
     m, theta = _ritz_in(torch.eye(t.shape[0], dtype=t.dtype), t @ _gram(w, aw) @ t.mT, eps,
                         positive)
     space = _space(m @ t, w, aw, theta)
@@ -122,6 +126,8 @@ def ritz_smallest(z: Tensor, az: Tensor, k: int) -> Space | None:
     """The ``k`` Ritz pairs with the smallest positive Ritz values on the rows of ``z``."""
     eps = torch.finfo(z.dtype).eps
     t = _whitening(_gram(z, z), eps)
+    if t.shape[0] == 0:
+        return None
     f = t @ _gram(z, az) @ t.mT  # Q AQᵀ for Q = T Z
     theta, y = torch.linalg.eigh(_sym(f))
     floor = eps ** (2 / 3) * float(theta.abs().max().clamp_min(0))
@@ -134,6 +140,8 @@ def harmonic_nearest_zero(z: Tensor, az: Tensor, k: int) -> Space | None:
     """The ``k`` harmonic Ritz pairs with harmonic Ritz values nearest zero."""
     eps = torch.finfo(z.dtype).eps
     t = _whitening(_gram(z, z), eps)
+    if t.shape[0] == 0:
+        return None
     f = t @ _gram(z, az) @ t.mT  # Q AQᵀ for Q = T Z
     g = t @ _gram(az, az) @ t.mT  # (AQ)(AQ)ᵀ
     s, u = torch.linalg.eigh(_sym(g))
