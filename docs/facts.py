@@ -191,6 +191,19 @@ VISION_EMBEDDED_MINUTES = f"{_VISION_RUN['wall_minutes']}"
 #: run stated it; the how-to and "Beyond the thesis" tables measured with that run state it.
 VISION_RESIDUAL_PLAIN_CG = {"median": "0.026", "max": "0.053"}
 
+#: CG on the exact Hessian in the embedded vision configuration (``bissl.curvature=hessian
+#: bissl.ij=cg``, indefinite at μ = 10.001): the residual per alternation as the run logged it
+#: (``python benchmarks/recycled_recipe_ij.py --name recipe_ij_exact_hessian-cpu ...``).
+_EXACT_RUN = json.loads((RESULTS / "recipe_ij_exact_hessian-cpu.json").read_text())["runs"][0]
+VISION_EXACT_CG = {
+    "median": f"{_EXACT_RUN['residual_median']:.2g}",
+    "above_one": str(sum(r > 1 for r in _EXACT_RUN["residuals"])),
+    "at_most_0_1": str(_EXACT_RUN["met"]),
+    "alternations": str(_EXACT_RUN["alternations"]),
+    "breakdowns": str(_EXACT_RUN["breakdowns"]),
+    "solves": str(2 * _EXACT_RUN["alternations"]),
+}
+
 
 
 #: Wall time of ``python recipes/vision_bissl.py study`` and ``python recipes/gpt_glue_bissl.py
@@ -266,6 +279,7 @@ def substitutions() -> dict[str, str]:
     subs.update({f"robust_{k}": v for k, v in ROBUST.items()})
     subs.update({f"vision_residual_{k}": v for k, v in VISION_RESIDUAL.items()})
     subs.update({f"vision_residual_plain_{k}": v for k, v in VISION_RESIDUAL_PLAIN_CG.items()})
+    subs.update({f"vision_exact_cg_{k}": v for k, v in VISION_EXACT_CG.items()})
     subs.update({f"paper_{k}": v for k, v in PAPER_SCALE.items()})
     subs.update(vision_embedded_minutes=VISION_EMBEDDED_MINUTES,
                 gpt_embedded_minutes=GPT_EMBEDDED_MINUTES, study_minutes=STUDY_MINUTES,

@@ -157,3 +157,15 @@ def test_readme_states_the_stored_embedded_gpt_run():
     if alike:
         verdict += f"; every seed alike on {', '.join(alike)}"
     assert cells[5] == verdict
+
+
+def test_readme_states_the_stored_exact_hessian_run():
+    """The README's sentence on exact-Hessian CG in the embedded vision configuration is the
+    stored run's (benchmarks/results/recipe_ij_exact_hessian-cpu.json)."""
+    run = json.loads((ROOT / "benchmarks" / "results" / "recipe_ij_exact_hessian-cpu.json")
+                     .read_text())["runs"][0]
+    above = sum(r > 1 for r in run["residuals"])
+    sentence = (f"CG gives a median residual of {run['residual_median']:.2g}, above 1 in "
+                f"{above} of {run['alternations']} alternations and {run['breakdowns']} "
+                f"breakdowns in {2 * run['alternations']} solves")
+    assert sentence in " ".join(README.read_text().split())
