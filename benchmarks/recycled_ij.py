@@ -68,17 +68,17 @@ from benchmarks.harness import (
 )
 from benchmarks.pretrained import DEFAULT_CACHE, toy_networks, vision_network
 from benchmarks.reference import cached_solutions, converged_solutions, flat, system_key
-from benchmarks.robust_ij_methods import net_problem
+from benchmarks.robust_ij_methods import (
+    LANCZOS_PRODUCTS,
+    LANCZOS_RANK,
+    RECYCLE_DIM,
+    RECYCLE_WINDOW,
+    net_problem,
+    reuse_solver,
+)
 from implicitbilevel import (
-    CG,
-    MINRES,
-    LanczosDeflation,
-    LanczosPreconditioner,
-    LanczosSolver,
     LinearSolver,
     Params,
-    RecycledCG,
-    RecycledMINRES,
 )
 
 __all__ = ["METHODS", "Settings", "main", "render_markdown", "run"]
@@ -109,10 +109,10 @@ class Settings:
     tolerance: float = 1e-5
     tolerance_cap: int = 30  # products per solve of the tolerance runs (0: none)
     tolerance_dampings: tuple[float, ...] = (999.999,)  # the μ that get tolerance runs
-    recycle_dim: int = 16
-    window: int = 20
-    lanczos_rank: int = 8
-    lanczos_products: int = 32
+    recycle_dim: int = RECYCLE_DIM
+    window: int = RECYCLE_WINDOW
+    lanczos_rank: int = LANCZOS_RANK
+    lanczos_products: int = LANCZOS_PRODUCTS
     sweep: tuple[int, ...] = ()  # recycle_dim values for RecycledMINRES at the largest budget
     methods: tuple[str, ...] = tuple(METHODS)
     reference_tol: float = 1e-8
@@ -137,22 +137,11 @@ class Settings:
 
 def solver_for(key: str, n_c: int, tol: float, s: Settings, recycle_dim: int | None = None
                ) -> LinearSolver:
-    """The solver of method ``key`` at ``N_c = n_c`` products per solve and tolerance ``tol``."""
-    k = s.recycle_dim if recycle_dim is None else recycle_dim
-    lanczos = {"rank": s.lanczos_rank, "products": s.lanczos_products}
-    return {
-        "cg": lambda: CG(max_iter=n_c, tol=tol),
-        "minres": lambda: MINRES(max_iter=n_c, tol=tol),
-        "recycled-cg": lambda: RecycledCG(max_iter=n_c, tol=tol, recycle_dim=k, window=s.window),
-        "recycled-minres": lambda: RecycledMINRES(max_iter=n_c, tol=tol, recycle_dim=k,
-                                                  window=s.window),
-        "minres-lanczos": lambda: MINRES(max_iter=n_c, tol=tol,
-                                         preconditioner=LanczosPreconditioner(**lanczos)),
-        "recycled-minres-lanczos": lambda: RecycledMINRES(
-            max_iter=n_c, tol=tol, recycle_dim=k, window=s.window,
-            deflation=LanczosDeflation(**lanczos)),
-        "lanczos-woodbury": lambda: LanczosSolver(**lanczos),
-    }[key]()
+    """The solver of method ``key`` at ``N_c = n_c`` products per solve and tolerance ``tol``
+    (:func:`benchmarks.robust_ij_methods.reuse_solver` with this run's settings)."""
+    return reuse_solver(key, n_c, tol, window=s.window, lanczos_rank=s.lanczos_rank,
+                        lanczos_products=s.lanczos_products,
+                        recycle_dim=s.recycle_dim if recycle_dim is None else recycle_dim)
 
 
 def _rhs(problem: Any, upper: Params, lower: Params, batch: Any, names: list[str]) -> Params:

@@ -70,17 +70,10 @@ from benchmarks.harness import (
 )
 from benchmarks.pretrained import vision_network
 from benchmarks.reference import flat, reference_upper_step
-from benchmarks.robust_ij_methods import net_problem
+from benchmarks.robust_ij_methods import net_problem, reuse_solver
 from benchmarks.robust_ij_methods import workload as peer_workload
 from benchmarks.workloads import BiSSLWorkload, bissl_workload
-from implicitbilevel import (
-    CG,
-    MINRES,
-    LanczosPreconditioner,
-    LinearSolver,
-    RecycledCG,
-    RecycledMINRES,
-)
+from implicitbilevel import CG, LinearSolver
 
 __all__ = ["METHODS", "Settings", "main", "render_markdown", "run"]
 
@@ -116,16 +109,11 @@ class Settings:
 
 
 def _solver(key: str, tol: float, s: Settings) -> LinearSolver:
-    return {
-        "cg-5": lambda: CG(max_iter=s.n_c),
-        "cg": lambda: CG(max_iter=s.cap, tol=tol),
-        "recycled-cg": lambda: RecycledCG(max_iter=s.cap, tol=tol, recycle_dim=s.recycle_dim,
-                                          window=s.window),
-        "recycled-minres": lambda: RecycledMINRES(max_iter=s.cap, tol=tol,
-                                                  recycle_dim=s.recycle_dim, window=s.window),
-        "lanczos-minres": lambda: MINRES(max_iter=s.cap, tol=tol, preconditioner=(
-            LanczosPreconditioner(rank=s.lanczos_rank, products=s.lanczos_products))),
-    }[key]()
+    if key == "cg-5":
+        return reuse_solver("cg", s.n_c)
+    return reuse_solver({"lanczos-minres": "minres-lanczos"}.get(key, key), s.cap, tol,
+                        recycle_dim=s.recycle_dim, window=s.window, lanczos_rank=s.lanczos_rank,
+                        lanczos_products=s.lanczos_products)
 
 
 def _steps(w: BiSSLWorkload, s: Settings) -> list[BiSSLWorkload]:

@@ -18,7 +18,9 @@ from implicitbilevel import (
     CG,
     MINRES,
     BilevelProblem,
+    LanczosDeflation,
     LanczosPreconditioner,
+    LanczosSolver,
     LinearSolver,
     Neumann,
     NystromPreconditioner,
@@ -33,7 +35,7 @@ from .reference import reference_upper_step
 from .workloads import BiSSLWorkload, bissl_problem
 
 __all__ = ["FAMILIES", "MEMORY_VARIANTS", "NEUMANN_TOL", "PEER_MODULE", "Family", "networks",
-           "net_problem", "peer_products", "peer_step", "workload"]
+           "net_problem", "peer_products", "peer_step", "reuse_solver", "workload"]
 
 # Neumann stops at the float32 rounding floor, as CG and MINRES do by themselves (10·eps·||b||).
 NEUMANN_TOL = 10 * torch.finfo(torch.float32).eps
@@ -57,6 +59,12 @@ class Family:
     #: preconditioner): its 8 solves depend on each other and it is timed by whole alternations
     stateful: bool = False
 
+    @property
+    def repeats_at_larger_budgets(self) -> bool:
+        """A solve that stopped before its ``N_c`` is repeated exactly by a larger ``N_c`` (not
+        so for a stateful solver: what it keeps depends on the earlier solves' budgets)."""
+        return self.sweep == "N_c" and not self.stateful
+
     def solver(self, value: int, pcg_rank: int) -> LinearSolver:
         """The library solver of this family at ``N_c = value`` (or rank ``value``)."""
         pre = NystromPreconditioner(rank=pcg_rank)
@@ -70,14 +78,10 @@ class Family:
             "gn-cg": lambda: CG(max_iter=value),
             "gn-pcg": lambda: CG(max_iter=value, preconditioner=pre),
             "gn-nystrom": lambda: NystromSolver(rank=value),
-            "recycled-cg": lambda: RecycledCG(max_iter=value, recycle_dim=RECYCLE_DIM,
-                                              window=RECYCLE_WINDOW),
-            "recycled-minres": lambda: RecycledMINRES(max_iter=value, recycle_dim=RECYCLE_DIM,
-                                                      window=RECYCLE_WINDOW),
-            "minres-lanczos": lambda: MINRES(max_iter=value, preconditioner=LanczosPreconditioner(
-                rank=LANCZOS_RANK, products=LANCZOS_PRODUCTS)),
-            "gn-recycled-cg": lambda: RecycledCG(max_iter=value, recycle_dim=RECYCLE_DIM,
-                                                 window=RECYCLE_WINDOW),
+            "recycled-cg": lambda: reuse_solver("recycled-cg", value),
+            "recycled-minres": lambda: reuse_solver("recycled-minres", value),
+            "minres-lanczos": lambda: reuse_solver("minres-lanczos", value),
+            "gn-recycled-cg": lambda: reuse_solver("recycled-cg", value),
         }[self.key]()
 
     def rank(self, value: int, pcg_rank: int) -> int | None:
@@ -87,10 +91,33 @@ class Family:
         return value if self.sweep == "k" else pcg_rank
 
 
-#: Settings of the recycled and Lanczos families (those of :mod:`benchmarks.recycled_ij`'s
-#: default run): harmonic Ritz vectors kept and the window they are updated from; the
-#: Lanczos preconditioner's rank and its products, built once per operator.
+#: Default settings of the solvers that reuse one operator across solves (here and in
+#: :mod:`benchmarks.recycled_ij`): harmonic Ritz vectors kept and the window they are updated
+#: from; the Lanczos rank and its products, built once per operator.
 RECYCLE_DIM, RECYCLE_WINDOW, LANCZOS_RANK, LANCZOS_PRODUCTS = 16, 20, 8, 32
+
+
+def reuse_solver(key: str, n_c: int, tol: float = 0.0, *, recycle_dim: int = RECYCLE_DIM,
+                 window: int = RECYCLE_WINDOW, lanczos_rank: int = LANCZOS_RANK,
+                 lanczos_products: int = LANCZOS_PRODUCTS) -> LinearSolver:
+    """The solver of method ``key`` (``cg``, ``minres``, ``recycled-cg``, ``recycled-minres``,
+    ``minres-lanczos``, ``recycled-minres-lanczos``, ``lanczos-woodbury``) at ``N_c = n_c``
+    products per solve and tolerance ``tol``."""
+    lanczos = {"rank": lanczos_rank, "products": lanczos_products}
+    return {
+        "cg": lambda: CG(max_iter=n_c, tol=tol),
+        "minres": lambda: MINRES(max_iter=n_c, tol=tol),
+        "recycled-cg": lambda: RecycledCG(max_iter=n_c, tol=tol, recycle_dim=recycle_dim,
+                                          window=window),
+        "recycled-minres": lambda: RecycledMINRES(max_iter=n_c, tol=tol, recycle_dim=recycle_dim,
+                                                  window=window),
+        "minres-lanczos": lambda: MINRES(max_iter=n_c, tol=tol,
+                                         preconditioner=LanczosPreconditioner(**lanczos)),
+        "recycled-minres-lanczos": lambda: RecycledMINRES(
+            max_iter=n_c, tol=tol, recycle_dim=recycle_dim, window=window,
+            deflation=LanczosDeflation(**lanczos)),
+        "lanczos-woodbury": lambda: LanczosSolver(**lanczos),
+    }[key]()
 
 FAMILIES: tuple[Family, ...] = (
     Family("cg", "CG", "hessian", "N_c"),

@@ -154,8 +154,8 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
         solver = fam.solver(cfg.value, s.pcg_rank)
         prior = previous.get(fam.key)
         for i in range(nu):
-            if prior is not None and prior.error is None and fam.sweep == "N_c" and \
-                    not fam.stateful and prior.solves[i]["products"] < prior.value:
+            if prior is not None and prior.error is None and fam.repeats_at_larger_budgets \
+                    and prior.solves[i]["products"] < prior.value:
                 # That solve stopped before its budget: a larger budget repeats it exactly.
                 cfg.solves.append(dict(prior.solves[i]))
                 continue
@@ -172,9 +172,9 @@ def measure_system(net: Network, net64: Network, mu: float, s: Settings,
                                "breakdown": info.breakdown or (None if finite else "non-finite"),
                                "error": err, "residual": rel,
                                "solver_residual": info.relative_residual})
-        if cfg.error is None and prior is not None and prior.error is None and all(
-                p["products"] < prior.value for p in prior.solves) and fam.sweep == "N_c" \
-                and not fam.stateful:
+        if cfg.error is None and prior is not None and prior.error is None and \
+                fam.repeats_at_larger_budgets and all(p["products"] < prior.value
+                                                      for p in prior.solves):
             cfg.same_as = prior.same_as or prior.value
 
     for cfg in configs:

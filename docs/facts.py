@@ -309,9 +309,16 @@ RECIPE_LABELS = {
 # recycled_ij-full-mu1000-cpu.json (python benchmarks/recycled_ij.py ...) and
 # recycled_recipe_ij-cpu.json (python benchmarks/recycled_recipe_ij.py over recipe runs).
 
-_REC_STEP = {r["method"]: r for r in json.loads(
-    (RESULTS / "recycled_upper_step-vision-cpu.json").read_text())["rows"]}
-_REC_MU10 = json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())["systems"][0]
+def _results(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+_REC_STEP = _results("recycled_upper_step-vision-cpu")
+_REC_PAIRED = _results("recycled_upper_step-vision-paired-cpu")
+_REC_STEP18 = _results("recycled_upper_step-resnet18-cpu")
+_REC_MU10_RUN = _results("recycled_ij-mu10-tol-cpu")
+_REC_MU10 = _REC_MU10_RUN["systems"][0]
+_REC_GRID = _results("robust_ij-recycled-cpu")
 _REC_MU1000 = json.loads(
     (RESULTS / "recycled_ij-full-mu1000-cpu.json").read_text())["systems"][0]
 _REC_RECIPE = {(r["data"], r["label"]): r for r in json.loads(
@@ -339,8 +346,17 @@ def _rec_recipe(data: str, label: str) -> dict[str, str]:
             "products": f"{run['products_per_upper_step']:.0f}"}
 
 
-_REC_STEP18 = json.loads((RESULTS / "recycled_upper_step-resnet18-cpu.json").read_text())
-_REC_GRID = json.loads((RESULTS / "robust_ij-recycled-cpu.json").read_text())
+def _step(prefix: str, run: dict, products: str) -> dict[str, str]:
+    """Per method of a ``recycled_upper_step`` run: its cost over the original scheme's and its
+    products per upper step (``products``: their format)."""
+    out = {}
+    for r in run["rows"]:
+        key = f"{prefix}_{r['method'].replace('-', '_')}"
+        if "vs_original" in r:
+            out[f"{key}_ratio"] = f"{r['vs_original']:.2f}"
+        if "products_per_step" in r:
+            out[f"{key}_products"] = format(r["products_per_step"], products)
+    return out
 
 
 def _grid(network: str, mu: float, family: str, value: int) -> dict[str, str]:
@@ -351,40 +367,22 @@ def _grid(network: str, mu: float, family: str, value: int) -> dict[str, str]:
     return {"error": f"{r['rel_error_median']:.2g}", "ratio": f"{r['cost_over_reference']:.2f}"}
 
 
-_REC_PAIRED = {r["method"]: r for r in json.loads(
-    (RESULTS / "recycled_upper_step-vision-paired-cpu.json").read_text())["rows"]}
-
 RECYCLED = {
-    "step_tol": _sci(json.loads((RESULTS / "recycled_upper_step-vision-cpu.json").read_text())[
-        "tol"]),
-    **{f"paired_{k.replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
-       for k, r in _REC_PAIRED.items() if "vs_original" in r},
-    **{f"paired_{k.replace('-', '_')}_products": f"{r['products_per_step']:.1f}"
-       for k, r in _REC_PAIRED.items() if "products_per_step" in r},
+    "step_tol": _sci(_REC_STEP["tol"]),
+    **_step("step", _REC_STEP, ".0f"),
+    **_step("paired", _REC_PAIRED, ".1f"),
+    **_step("step18", _REC_STEP18, ".0f"),
     **{f"grid_{f.replace('-', '_')}{n}_{k}": v for f in ("cg", "recycled-cg") for n in (2, 5)
        for k, v in _grid("vision", 1000.0, f, n).items()},
     **{f"grid_original_{k}": v for k, v in _grid("vision", 1000.0, "reference", 5).items()},
     "step18_tol": _sci(_REC_STEP18["tol"]),
     "step18_unknowns": f"{_REC_STEP18['workload']['unknowns'] / 1e6:.1f}M",
-    **{f"step18_{r['method'].replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
-       for r in _REC_STEP18["rows"] if "vs_original" in r},
-    **{f"step18_{r['method'].replace('-', '_')}_products": f"{r['products_per_step']:.0f}"
-       for r in _REC_STEP18["rows"] if "products_per_step" in r},
-    **{f"step_{k.replace('-', '_')}_ratio": f"{r['vs_original']:.2f}"
-       for k, r in _REC_STEP.items() if "vs_original" in r},
-    **{f"step_{k.replace('-', '_')}_products": f"{r['products_per_step']:.0f}"
-       for k, r in _REC_STEP.items() if "products_per_step" in r},
     "mu1000_cg": _sci(_rec_row(_REC_MU1000, "cg", False, 5)["residual_median"]),
     "mu1000_recycled_cg": _sci(_rec_row(_REC_MU1000, "recycled-cg", False, 5)["residual_median"]),
     "mu1000_lanczos": _sci(_rec_row(_REC_MU1000, "minres-lanczos", False, 5)["residual_median"]),
-    "mu10_cap": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
-        "settings"]["tolerance_cap"]),
-    "mu10_recycle_dim": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
-        "settings"]["recycle_dim"]),
-    "mu10_window": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
-        "settings"]["window"]),
-    "mu10_lanczos_build": str(json.loads((RESULTS / "recycled_ij-mu10-tol-cpu.json").read_text())[
-        "settings"]["lanczos_products"]),
+    **{f"mu10_{k}": str(_REC_MU10_RUN["settings"][field]) for k, field in (
+        ("cap", "tolerance_cap"), ("recycle_dim", "recycle_dim"), ("window", "window"),
+        ("lanczos_build", "lanczos_products"))},
     **{f"mu10_{m.replace('-', '_')}_{k}": v for m in ("minres", "recycled-minres",
                                                        "minres-lanczos")
        for k, v in _rec_mu10(m).items()},
