@@ -75,7 +75,7 @@ from benchmarks.robust_ij_methods import workload as peer_workload
 from benchmarks.workloads import BiSSLWorkload, bissl_workload
 from implicitbilevel import CG, LinearSolver
 
-__all__ = ["METHODS", "Settings", "main", "render_markdown", "run"]
+__all__ = ["METHODS", "Settings", "alternation_workload", "main", "render_markdown", "run"]
 
 METHODS: dict[str, str] = {
     "original": "original BiSSL scheme, N_c = 5",
@@ -128,9 +128,10 @@ def _steps(w: BiSSLWorkload, s: Settings) -> list[BiSSLWorkload]:
     return out
 
 
-def _workload(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
-    """The alternation: per-step workloads for the original scheme, a problem factory for the
-    library, the shared point and batches, and a description."""
+def alternation_workload(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
+    """The alternation: per-step workloads for the original scheme (``steps``), a problem factory
+    for the library (``problem``), the shared point and batches (``upper``, ``lower``,
+    ``lower_batch``, ``upper_batches``), the backbone ``names``, a ``name`` and a ``note``."""
     if s.arch == "vision":
         net = vision_network(epochs=30, lower_batch=s.batch, upper_batch=2 * s.batch,
                              upper_steps=s.upper_steps, log=log)
@@ -152,7 +153,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     """The measurement (module docstring); JSON and Markdown go to ``out``."""
     started = time.perf_counter()
     results = new_results(command, "cpu", s)
-    wl = _workload(s, log)
+    wl = alternation_workload(s, log)
     steps, names = wl["steps"], wl["names"]
     probe = wl["problem"](CG(max_iter=s.reference_cap, tol=s.reference_tol))
     hessian = probe.lower_hessian(wl["upper"], wl["lower"], wl["lower_batch"])

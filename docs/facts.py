@@ -321,6 +321,7 @@ _REC_MU10 = _REC_MU10_RUN["systems"][0]
 _REC_GRID = _results("robust_ij-recycled-cpu")
 _REC_MU1000 = json.loads(
     (RESULTS / "recycled_ij-full-mu1000-cpu.json").read_text())["systems"][0]
+_REUSE18 = _results("reuse_limits-resnet18-cpu")
 _REC_RECIPE = {(r["data"], r["label"]): r for r in json.loads(
     (RESULTS / "recycled_recipe_ij-cpu.json").read_text())["runs"]}
 
@@ -359,6 +360,23 @@ def _step(prefix: str, run: dict, products: str) -> dict[str, str]:
     return out
 
 
+def _limits(run: dict) -> dict[str, str]:
+    """What a ``reuse_limits`` run says any reuse can save: the spectrum's ends, the deflation
+    bound, the per-tensor scales, the Krylov floor and its cost."""
+    sp, deflated = run["spectrum"], run["deflation"][-1]
+    return {"largest": f"{sp['largest'][0]:.0f}", "top_last": f"{sp['largest'][-1]:.0f}",
+            "top_count": str(len(sp["largest"])), "smallest": f"{sp['smallest'][0]:.0f}",
+            "a_min": f"{run['deflation'][0]['a_min']:.2f}",
+            "a_max": f"{run['deflation'][0]['a_max']:.2f}",
+            "rho0": f"{run['deflation'][0]['rho']:.3f}", "rho_r": f"{deflated['rho']:.3f}",
+            "r": str(deflated["r"]), "observed": f"{run['observed_cg_factor']:.3f}",
+            "scale_min": f"{run['per_tensor']['min']:.4f}",
+            "scale_max": f"{run['per_tensor']['max']:.4f}", "k_min": str(run["k_min"]),
+            "k_less": _sci(run["history"]["MINRES"][run["k_min"] - 2]),
+            "floor": f"{run['ratio_floor']:.2f}",
+            "affordable": f"{run['affordable_products']:.1f}"}
+
+
 def _grid(network: str, mu: float, family: str, value: int) -> dict[str, str]:
     """One row of the robust_ij grid with the recycled families (vision or GPT, μ, N_c)."""
     system = next(x for x in _REC_GRID["systems"] if x["network"].startswith(network)
@@ -376,6 +394,7 @@ RECYCLED = {
        for k, v in _grid("vision", 1000.0, f, n).items()},
     **{f"grid_original_{k}": v for k, v in _grid("vision", 1000.0, "reference", 5).items()},
     "step18_tol": _sci(_REC_STEP18["tol"]),
+    **{f"limits18_{k}": v for k, v in _limits(_REUSE18).items()},
     "step18_unknowns": f"{_REC_STEP18['workload']['unknowns'] / 1e6:.1f}M",
     "mu1000_cg": _sci(_rec_row(_REC_MU1000, "cg", False, 5)["residual_median"]),
     "mu1000_recycled_cg": _sci(_rec_row(_REC_MU1000, "recycled-cg", False, 5)["residual_median"]),

@@ -1,0 +1,78 @@
+"""``benchmarks/reuse_limits.py``: its spectrum against a dense eigendecomposition, the deflation
+bound in closed form, and the Krylov floor read off its own residual histories."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import reuse_limits
+from benchmarks.recycled_upper_step import Settings as StepSettings
+from benchmarks.recycled_upper_step import alternation_workload
+from benchmarks.reference import flat
+from implicitbilevel import CG
+
+pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
+
+
+def test_deflation_factor_in_closed_form():
+    largest, smallest = [9.0, 4.0, 1.0], [-5.0, -2.0, 0.0]
+    d0 = reuse_limits.deflation_factor(largest, smallest, mu=10.0, r=0)
+    assert (d0["a_min"], d0["a_max"]) == pytest.approx((0.5, 1.9))
+    assert d0["kappa"] == pytest.approx(3.8)
+    assert d0["rho"] == pytest.approx((math.sqrt(3.8) - 1) / (math.sqrt(3.8) + 1))
+    d1 = reuse_limits.deflation_factor(largest, smallest, mu=10.0, r=1)
+    assert d1["kappa"] == pytest.approx(1.4 / 0.8)
+    # an indefinite A has no CG factor
+    indefinite = reuse_limits.deflation_factor(largest, [-20.0], mu=10.0, r=0)
+    assert indefinite["kappa"] == math.inf and math.isnan(indefinite["rho"])
+
+
+def test_spectrum_floor_and_bound_on_a_tiny_cnn(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = reuse_limits.Settings(arch="tiny-cnn", batch=4, top=4, bottom=3, repeats=1,
+                                  max_products=6, eig_tol=1e-8)
+        results = reuse_limits.run(s, str(tmp_path), "test", "limits", log=lambda _: None)
+        # the same alternation, rebuilt: the dense matrix of its curvature operator
+        wl = alternation_workload(StepSettings(arch="tiny-cnn", batch=4, mu=s.mu), lambda _: None)
+        names = wl["names"]
+        problem = wl["problem"](CG(max_iter=5))
+        hess = problem.lower_hessian(wl["upper"], wl["lower"], wl["lower_batch"])
+        system = problem.system(wl["upper"], wl["lower"], hess, s.mu)
+        like = {n: wl["lower"][n] for n in names}
+        sizes = [like[n].numel() for n in names]
+        n = sum(sizes)
+        columns = []
+        for i in range(n):
+            e = torch.zeros(n)
+            e[i] = 1.0
+            parts = {k: t.view(like[k].shape) for k, t in zip(names, torch.split(e, sizes))}
+            with torch.no_grad():
+                columns.append(flat(system.curvature_product(parts), names).double())
+    finally:
+        torch.set_num_threads(threads)
+    dense = torch.stack(columns, 1).numpy()
+    eig = np.linalg.eigvalsh((dense + dense.T) / 2)
+    scale = np.abs(eig).max()
+    sp = results["spectrum"]
+    assert np.allclose(sp["largest"], eig[::-1][: s.top], atol=1e-4 * scale)
+    assert np.allclose(sp["smallest"], eig[: s.bottom], atol=1e-4 * scale)
+    # the deflation rows use the measured eigenvalues
+    d0 = results["deflation"][0]
+    assert d0["a_max"] == pytest.approx(1 + eig[-1] / s.mu, rel=1e-5)
+    # MINRES's residual never grows with more products; k_min is its first k at tol
+    minres = results["history"]["MINRES"]
+    assert all(b <= a * (1 + 1e-3) for a, b in zip(minres, minres[1:]))
+    expected = next((k for k, r in enumerate(minres, 1) if r <= results["tol"]), None)
+    assert results["k_min"] == expected
+    t = results["seconds"]
+    assert results["affordable_products"] == pytest.approx(
+        (s.target_ratio * t["original"] - t["upper_grad_0"]) / t["product"])
+    assert json.loads((tmp_path / "limits.json").read_text())["k_min"] == results["k_min"]
+    assert "Deflating r eigenvalues" in (tmp_path / "limits.md").read_text()
