@@ -28,7 +28,7 @@ def one_thread():
 def facts():
     """``docs/facts.py``: the measured facts the README, the pages and the configs state."""
     docs = os.path.join(ROOT, "docs")
-    if docs not in sys.path:  # facts.py and its sibling modules (facts_format, facts_suite)
+    if docs not in sys.path:  # facts.py and its sibling modules (facts_*.py)
         sys.path.insert(0, docs)
     import facts as module
 
