@@ -29,6 +29,9 @@ reports, :meth:`BenchProblem.metrics`: ``value`` ``h(x)``, ``grad_norm2`` ``‖�
   ``g(z, x) = mean σ(x_i) ℓ_i(z) + 0.2‖z‖²``, on digits with 50/70/90 % of the training labels
   replaced by a random class (as benchopt's MNIST set), ``f`` the clean validation loss; metric
   test error.
+
+The classification problems are built in :mod:`benchmarks.bilevel_classification`; every problem
+by name: :func:`benchmarks.bilevel_registry.build`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PROBLEMS", "BenchProblem", "build", "cg", "quadratic_problem"]
+__all__ = ["BenchProblem", "cg", "quadratic_problem", "rows"]
 
 F64 = torch.float64
 Params = dict[str, Tensor]
@@ -52,7 +55,7 @@ class BenchProblem:
     """One benchmark problem: its objectives, data, start and converged reference.
 
     Attributes:
-        name: key of :data:`PROBLEMS`.
+        name: key of :data:`benchmarks.bilevel_registry.PROBLEMS`.
         title: one line for tables.
         f: ``f(x, y, batch)``, the outer loss (a mean over the batch's rows).
         g: ``g(x, y, batch)``, the inner loss (a mean over the rows).
@@ -235,25 +238,3 @@ def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
 
 def _table(features: Tensor, labels: Tensor) -> dict[str, Tensor]:
     return {"a": features, "t": labels, "index": torch.arange(len(labels))}
-
-
-# -- the registry --------------------------------------------------------------------------------
-
-PROBLEMS = ("quadratic", "ijcnn1", "breast_cancer", "digits_multilogreg", "cleaning_50",
-            "cleaning_70", "cleaning_90")
-"""Every problem of the suite, in the order of its tables."""
-
-
-def build(name: str, **sizes: Any) -> BenchProblem:
-    """The problem ``name`` of :data:`PROBLEMS` (``sizes``: the quadratic's dimensions)."""
-    from benchmarks import bilevel_classification as cls
-
-    if name == "quadratic":
-        return quadratic_problem(**sizes)
-    if name in ("ijcnn1", "breast_cancer"):
-        return cls.logreg_problem(name)
-    if name == "digits_multilogreg":
-        return cls.multilogreg_problem()
-    if name.startswith("cleaning_"):
-        return cls.cleaning_problem(int(name.split("_")[1]) / 100)
-    raise KeyError(f"unknown problem {name!r}; known: {PROBLEMS}")

@@ -51,7 +51,8 @@ import torch
 
 from benchmarks.bilevel_jaxopt import EXTERNAL, PORTED, unavailable
 from benchmarks.bilevel_methods import METHODS, MethodSpec, make_runner
-from benchmarks.bilevel_problems import PROBLEMS, BenchProblem, build
+from benchmarks.bilevel_problems import BenchProblem
+from benchmarks.bilevel_registry import PROBLEMS, build
 from benchmarks.harness import (
     add_out,
     add_threads,

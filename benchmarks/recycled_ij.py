@@ -66,7 +66,7 @@ from benchmarks.harness import (
     table_head,
     write_results,
 )
-from benchmarks.pretrained import DEFAULT_CACHE, toy_networks, vision_network
+from benchmarks.pretrained import DEFAULT_CACHE, vision_network
 from benchmarks.reference import cached_solutions, converged_solutions, flat, system_key
 from benchmarks.robust_ij_methods import (
     LANCZOS_PRODUCTS,
@@ -76,6 +76,7 @@ from benchmarks.robust_ij_methods import (
     net_problem,
     reuse_solver,
 )
+from benchmarks.toy_networks import toy_networks
 from implicitbilevel import (
     LinearSolver,
     Params,

@@ -16,7 +16,7 @@ from .robust_ij_methods import FAMILIES, PEER_MODULE, net_problem, networks, pee
 from .workloads import finetune_step
 
 if TYPE_CHECKING:
-    from .robust_ij import Settings
+    from .robust_ij_settings import Settings
 
 __all__ = ["memory_subprocess", "memory_worker"]
 
@@ -33,7 +33,7 @@ def memory_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     measured again at the end as a check. CUDA: ``torch.cuda.max_memory_allocated`` minus the
     memory allocated before.
     """
-    from .robust_ij import Settings
+    from .robust_ij_settings import Settings
 
     torch.set_num_threads(spec.get("threads", 1))
     device = spec["device"]

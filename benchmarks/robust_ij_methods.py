@@ -30,8 +30,9 @@ from implicitbilevel import (
 )
 
 from .peers import betty_upper_step, products_per_solve, torchopt_upper_step
-from .pretrained import Network, gpt_network, toy_networks, vision_network
+from .pretrained import Network, gpt_network, vision_network
 from .reference import reference_upper_step
+from .toy_networks import toy_networks
 from .workloads import BiSSLWorkload, bissl_problem
 
 __all__ = ["FAMILIES", "MEMORY_VARIANTS", "NEUMANN_TOL", "PEER_MODULE", "Family", "networks",

@@ -42,7 +42,7 @@ from .robust_ij_methods import (
 )
 
 if TYPE_CHECKING:
-    from .robust_ij import Settings
+    from .robust_ij_settings import Settings
 
 __all__ = ["measure_system"]
 

@@ -174,8 +174,8 @@ def test_torchopt_cg_matches_ours_on_the_robust_systems(robust_smoke):
 def test_robust_ij_memory_worker(one_thread):
     from dataclasses import asdict
 
-    from benchmarks.pretrained import toy_networks
     from benchmarks.robust_ij import Settings, memory_worker
+    from benchmarks.toy_networks import toy_networks
 
     settings = Settings.for_mode("smoke", "cpu")
     spec = {"device": "cpu", "settings": asdict(settings), "network": toy_networks()[1].name,

@@ -13,7 +13,8 @@ import torch
 
 import implicitbilevel as ib
 from benchmarks.bilevel_jaxopt import PORTED, unavailable
-from benchmarks.bilevel_problems import build, quadratic_problem
+from benchmarks.bilevel_problems import quadratic_problem
+from benchmarks.bilevel_registry import build
 
 F64 = torch.float64
 needs_jax = pytest.mark.skipif(unavailable() is not None,

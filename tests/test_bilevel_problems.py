@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bilevel_problems import build, quadratic_problem, rows
+from benchmarks.bilevel_problems import quadratic_problem, rows
+from benchmarks.bilevel_registry import build
 
 F64 = torch.float64
 
