@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -57,3 +58,11 @@ def test_the_stored_vision_run_is_the_embedded_config():
     digits = stored["targets"]["digits"]
     assert digits["alternations"] == config["bissl"]["alternations"]
     assert digits["solves"] == config["bissl"]["alternations"] * config["bissl"]["upper_steps"]
+
+
+def test_a_changed_default_is_not_stored_as_the_default(tmp_path):
+    """``--set`` without ``--key`` would overwrite the embedded default's entry: refused before
+    anything runs."""
+    with pytest.raises(SystemExit, match="--key"):
+        embedded_runs.main(["vision", "--set", "bissl.ij=mfac", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
