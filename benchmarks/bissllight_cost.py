@@ -33,7 +33,7 @@ Measured, side by side in one process:
   keeps), the median over repeats of the per-repeat ratio;
 - **peak memory** of the first upper step of an alternation (operator build and solve): the
   resident-set high-water mark over the resident set before it, freed heap handed back first
-  (:func:`benchmarks.harness.peak_memory`), and apart the M-FAC window (``m·n`` numbers);
+  (:func:`benchmarks.memory.peak_memory`), and apart the M-FAC window (``m·n`` numbers);
 - **accuracy**: ``‖v − (I + H/μ) u‖/‖v‖`` for each method's ``u`` on the exact adapter system
   (exact Hessian, the upper stage's lower batch) and ``‖u − u*‖/‖u*‖``, at μ = 10.001 (λ = 0.001
   plus the recipe's λ_damp = 10: the paper config's μ and the thesis's) and a smaller μ
@@ -64,6 +64,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import harness as hb
+from benchmarks.memory import peak_memory
 from implicitbilevel import CG, MFAC, MINRES, BilevelProblem, ImplicitJacobian, ProximalL2
 from implicitbilevel.bissl import bissl_upper_loss
 from implicitbilevel.tree import tree_norm, tree_sub
@@ -265,7 +266,7 @@ def cost(s: Settings, net: Net, w: dict, sols: dict[str, Any]) -> dict[str, Any]
         def amortised(i: int, name: str = name) -> float:
             return (times[f"{name}/first"][i] + (nu - 1) * times[f"{name}/later"][i]) / nu
         seconds = hb.median(amortised(i) for i in range(s.repeats))
-        before, peak = hb.peak_memory(first(name), "cpu", release=True)
+        before, peak = peak_memory(first(name), "cpu", release=True)
         held.clear()
         window = sols[name].window if isinstance(sols[name], MFAC) else None
         window_bytes = 0 if window is None else sum(

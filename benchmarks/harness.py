@@ -7,8 +7,8 @@
   taken under the same machine load; :func:`ratio` is the median over repeats of the per-repeat
   ratios, :func:`median` the median of one callable's times.
 - **Accuracy**: :func:`relative_error` (``‖a − b‖/‖b‖`` in float64).
-- **Memory**: :func:`peak_memory` (peak RSS or CUDA peak over the memory before one step) and
-  :func:`in_subprocess` (a measurement in a fresh interpreter).
+- **Memory** lives in :mod:`benchmarks.memory`: ``peak_memory`` (peak RSS or CUDA peak over the
+  memory before one step) and ``in_subprocess`` (a measurement in a fresh interpreter).
 - **Results**: :func:`new_results` (command, machine, settings), :func:`finish` (load at the end,
   wall time), :func:`write_results` (``<stem>.json`` and ``<stem>.md``).
 - **Report**: :func:`fmt`, :func:`short`, :func:`error_line`, :func:`quietly`, :func:`row`,
@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -127,77 +126,6 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     """``‖a − b‖ / ‖b‖`` in float64 (``‖a − b‖`` where ``b`` is zero)."""
     diff, denom = float((a.double() - b.double()).norm()), float(b.double().norm())
     return diff / denom if denom > 0 else diff
-
-
-# -- memory --------------------------------------------------------------------------------------
-
-
-def rss_kib(field: str) -> int:
-    """A field of ``/proc/self/status`` in KiB (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def malloc_trim() -> Callable[[int], Any]:
-    """glibc's ``malloc_trim`` (a no-op where there is none)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda _pad: 0
-
-
-def peak_memory(step: Callable[[], Any], device: str, release: bool = False) -> tuple[int, int]:
-    """``(before, peak)`` in bytes around one call of ``step``.
-
-    CPU: ``VmRSS`` before, ``VmHWM`` after, the high-water mark reset through
-    ``/proc/self/clear_refs``; with ``release`` freed heap memory is first handed back
-    (``malloc_trim(0)``) so that the step's pages are new ones. CUDA: the memory allocated before
-    and ``torch.cuda.max_memory_allocated`` after (with ``release`` the cache emptied first).
-    """
-    cuda = device_type(device) == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        if release:
-            torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        if release:
-            malloc_trim()(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = rss_kib("VmRSS") * 1024
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = rss_kib("VmHWM") * 1024
-    return before, peak
-
-
-def in_subprocess(function: str, spec: Mapping[str, Any], env: Mapping[str, str] | None = None,
-                  timeout: float = 600) -> tuple[Any, str | None]:
-    """``module.function(spec)`` in a fresh interpreter (``function`` as ``"module:name"``).
-
-    Returns the JSON the function returned and ``None``, or ``None`` and the last line of the
-    error output.
-    """
-    module, name = function.split(":")
-    code = (f"import json, sys; from {module} import {name}; "
-            f"print(json.dumps({name}(json.loads(sys.argv[1]))))")
-    path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    full_env = dict(os.environ, PYTHONPATH=path, **(env or {}))
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        return None, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
 
 
 # -- results -------------------------------------------------------------------------------------

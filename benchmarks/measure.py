@@ -14,7 +14,8 @@ from torch import Tensor
 from implicitbilevel import CG, Dense, HessianOperator, Neumann, hvp
 from implicitbilevel.tree import Params, tree_axpy, tree_norm, tree_scale
 
-from .harness import in_subprocess, median, paired_times, peak_memory, ratio, relative_error
+from .harness import median, paired_times, ratio, relative_error
+from .memory import in_subprocess, peak_memory
 from .peers import (
     PeerResult,
     betty_upper_step,
@@ -302,7 +303,7 @@ def peer_comparison(w: BiSSLWorkload, repeats: int, warmup: int = 1, peers: Mapp
 
 def memory_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Run one step in this (fresh) process and return its peak memory delta in MiB
-    (:func:`benchmarks.harness.peak_memory`).
+    (:func:`benchmarks.memory.peak_memory`).
 
     CPU: ``VmHWM`` after the step minus ``VmRSS`` before it, with the high-water mark reset
     through ``/proc/self/clear_refs`` first. CUDA: ``torch.cuda.max_memory_allocated`` minus the

@@ -32,7 +32,8 @@ from implicitbilevel import (
 )
 from implicitbilevel.tree import tree_dot, tree_norm, tree_sub
 
-from .harness import error_line, median, peak_memory, quietly
+from .harness import error_line, median, quietly
+from .memory import peak_memory
 from .paper_scale_nets import Proxy, ProxySpec
 from .workloads import bissl_problem
 

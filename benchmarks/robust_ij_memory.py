@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .harness import device_type, error_line, in_subprocess, peak_memory, quietly
+from .harness import device_type, error_line, quietly
+from .memory import in_subprocess, peak_memory
 from .pretrained import Network
 from .robust_ij_methods import FAMILIES, PEER_MODULE, net_problem, networks, peer_step, workload
 from .workloads import finetune_step
