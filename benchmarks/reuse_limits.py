@@ -25,7 +25,10 @@ next: isolated eigenvalues (a low-rank part) or a per-tensor scale. Measured:
    MINRES on the first upper step's right-hand side. MINRES minimises the residual over the Krylov
    space, so ``k_min`` (its first ``k`` with residual ``≤ tol``) is the fewest products any
    method needs that draws on that space alone.
-5. **Cost bound.** Seconds of one kept-graph product ``t_p``, of an upper step without products
+5. **Shared right-hand sides.** ``‖v_i − P_i v_i‖/‖v_i‖``, ``P_i`` the projector onto the span of
+   the earlier right-hand sides: what a space of earlier right-hand sides or solutions (whose
+   images ``A u_j ≈ v_j`` are known without a product) leaves of each later one.
+6. **Cost bound.** Seconds of one kept-graph product ``t_p``, of an upper step without products
    ``t_0`` (its gradients; :meth:`~implicitbilevel.BilevelProblem.upper_grad` with 0 products) and
    of the original scheme's step ``t_orig`` (round-robin, median over ``--repeats``). A step with
    ``k`` products costs at least ``(t_0 + k t_p)/t_orig`` of the original; the table gives it for
@@ -105,6 +108,19 @@ def deflation_factor(largest: list[float], smallest: list[float], mu: float, r: 
             "rho": (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)}
 
 
+def earlier_span_residuals(rhs: list[torch.Tensor]) -> list[float]:
+    """``‖v_i − P_i v_i‖/‖v_i‖`` for ``i ≥ 1``, ``P_i`` the orthogonal projector onto
+    ``span(v_0 … v_{i−1})``: how much of each right-hand side no earlier one (nor, as
+    ``A u_j ≈ v_j``, any combination of earlier solutions) accounts for."""
+    out = []
+    for i in range(1, len(rhs)):
+        u, sv, _ = torch.linalg.svd(torch.stack(rhs[:i], 1).double(), full_matrices=False)
+        q = u[:, sv > sv[0] * 1e-12]  # an orthonormal basis of the span, dependent ones dropped
+        vi = rhs[i].double()
+        out.append(float((vi - q @ (q.T @ vi)).norm() / vi.norm()))
+    return out
+
+
 def _spectrum(product: Callable[[torch.Tensor], torch.Tensor], n: int, s: Settings) -> dict:
     from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -175,6 +191,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     original_residuals = [relative_residual(r.u, r.v) for r in originals]
     tol = min(original_residuals)
     v = originals[0].v
+    overlap = earlier_span_residuals([flat(r.v, names) for r in originals])
     history: dict[str, list[float]] = {"CG": [], "MINRES": []}
     for k in range(1, s.max_products + 1):
         for key, cls in (("CG", CG), ("MINRES", MINRES)):
@@ -203,6 +220,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
         spectrum=spectrum, deflation=deflation, observed_cg_factor=observed,
         per_tensor={"min": min(scales), "max": max(scales), "tensors": len(scales)},
         tol=tol, original_residuals=original_residuals, history=history, k_min=k_min,
+        rhs_outside_earlier=overlap,
         seconds=t, times=times, ratio_floor=floor, affordable_products=affordable)
     finish(results, started)
     if out is not None:
@@ -239,8 +257,13 @@ def render_markdown(results: dict[str, Any]) -> str:
     for key, hist in results["history"].items():
         lines.append(row(key, *(fmt(x) for x in hist)))
     k_min = results["k_min"]
+    outside = results["rhs_outside_earlier"]
     lines += ["", f"MINRES (least residual over the Krylov space) first reaches tol at k = "
               f"{k_min if k_min is not None else '>' + str(len(ks))}.", "",
+              f"Share of each later right-hand side outside the span of the earlier ones "
+              f"(‖v_i − P v_i‖/‖v_i‖, i = 2 … {len(outside) + 1}): "
+              f"{', '.join(fmt(x, 4) for x in outside)}; a recycle space built from earlier "
+              "right-hand sides or solutions starts each solve from at least that residual.", "",
               "### Cost bound (seconds, median over round-robin repeats)", ""]
     lines += table_head("one kept-graph product t_p", "upper step without products t_0",
                         "original scheme's step t_orig", "floor (t_0 + k_min t_p)/t_orig",

@@ -86,6 +86,7 @@ def _limits(run: dict) -> dict[str, str]:
             "scale_min": f"{run['per_tensor']['min']:.4f}",
             "scale_max": f"{run['per_tensor']['max']:.4f}", "k_min": str(run["k_min"]),
             "k_less": _sci(run["history"]["MINRES"][run["k_min"] - 2]),
+            "outside_min": f"{min(run['rhs_outside_earlier']):.4f}",
             "floor": f"{run['ratio_floor']:.2f}",
             "affordable": f"{run['affordable_products']:.1f}"}
 

@@ -76,3 +76,17 @@ def test_spectrum_floor_and_bound_on_a_tiny_cnn(tmp_path):
         (s.target_ratio * t["original"] - t["upper_grad_0"]) / t["product"])
     assert json.loads((tmp_path / "limits.json").read_text())["k_min"] == results["k_min"]
     assert "Deflating r eigenvalues" in (tmp_path / "limits.md").read_text()
+
+
+def test_earlier_span_residuals_against_least_squares():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    rhs = [base[:, 0], base[:, 1], base @ torch.tensor([2.0, -1.0], dtype=torch.float64),
+           torch.randn(50, generator=gen, dtype=torch.float64)]
+    got = reuse_limits.earlier_span_residuals(rhs)
+    for i, value in enumerate(got, start=1):
+        a = torch.stack(rhs[:i], 1).numpy()
+        coef, *_ = np.linalg.lstsq(a, rhs[i].numpy(), rcond=None)
+        expected = np.linalg.norm(rhs[i].numpy() - a @ coef) / np.linalg.norm(rhs[i].numpy())
+        assert value == pytest.approx(expected, abs=1e-12)
+    assert got[1] < 1e-12  # the third is a combination of the first two
