@@ -191,6 +191,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     original_residuals = [relative_residual(r.u, r.v) for r in originals]
     tol = min(original_residuals)
     v = originals[0].v
+    # 5. how much the right-hand sides share
     overlap = earlier_span_residuals([flat(r.v, names) for r in originals])
     history: dict[str, list[float]] = {"CG": [], "MINRES": []}
     for k in range(1, s.max_products + 1):
@@ -203,7 +204,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     log(f"  tol {tol:.3g}; MINRES reaches it at k = {k_min}; CG factor {observed:.3g} "
         f"(bound rho_0 = {deflation[0]['rho']:.3g})")
 
-    # 5. seconds
+    # 6. seconds
     zero = wl["problem"](CG(max_iter=0, tol=1e-12))
     probe = {n: torch.randn(like[n].shape, generator=gen) for n in names}
     times = paired_times({
