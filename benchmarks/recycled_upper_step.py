@@ -69,7 +69,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.pretrained import vision_network
-from benchmarks.reference import flat, reference_upper_step
+from benchmarks.reference import flat, reference_upper_step, relative_residual
 from benchmarks.robust_ij_methods import net_problem, reuse_solver
 from benchmarks.robust_ij_methods import workload as peer_workload
 from benchmarks.workloads import BiSSLWorkload, bissl_workload
@@ -160,10 +160,8 @@ def run(s: Settings, out: str | None, command: str, name: str,
     system = probe.system(wl["upper"], wl["lower"], hessian, s.mu)
 
     def measured(u: dict, v: dict, u_star: torch.Tensor) -> dict[str, float]:
-        av = system({n: u[n] for n in names})
-        res = flat({n: v[n] - av[n] for n in names}, names)
-        return {"residual": relative_error(res, torch.zeros_like(res)) / float(
-            flat(v, names).double().norm()), "error": relative_error(flat(u, names), u_star)}
+        return {"residual": relative_residual(system, u, v, names),
+                "error": relative_error(flat(u, names), u_star)}
 
     log(f"[{wl['name']}] converged u* for {len(steps)} right-hand sides")
     originals = [reference_upper_step(x, max_iter=s.n_c) for x in steps]

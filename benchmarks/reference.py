@@ -35,6 +35,7 @@ __all__ = [
     "converged_solutions",
     "flat",
     "reference_upper_step",
+    "relative_residual",
     "system_key",
     "unflat_batch",
 ]
@@ -84,6 +85,14 @@ def reference_upper_step(w: BiSSLWorkload, max_iter: int = 5) -> PeerResult:
 def flat(tree: Mapping[str, Tensor], names: list[str]) -> Tensor:
     """The tensors of ``names`` as one flat vector."""
     return torch.cat([tree[n].detach().reshape(-1) for n in names])
+
+
+def relative_residual(system: Callable[[Params], Params], u: Mapping[str, Tensor],
+                      v: Mapping[str, Tensor], names: list[str]) -> float:
+    """``‖v − A u‖/‖v‖`` over ``names`` in float64 (one product of ``system``)."""
+    au = system({n: u[n] for n in names})
+    return float(flat({n: v[n] - au[n] for n in names}, names).double().norm()
+                 / flat(v, names).double().norm())
 
 
 def unflat_batch(flat_rows: Tensor, like: Mapping[str, Tensor]) -> Params:

@@ -73,8 +73,9 @@ from benchmarks.harness import (
 )
 from benchmarks.recycled_upper_step import Settings as StepSettings
 from benchmarks.recycled_upper_step import alternation_workload
-from benchmarks.reference import flat, reference_upper_step
+from benchmarks.reference import flat, reference_upper_step, relative_residual
 from implicitbilevel import CG, MINRES
+from implicitbilevel.tree import tree_unflatten
 
 __all__ = ["Settings", "deflation_factor", "main", "render_markdown", "run"]
 
@@ -152,19 +153,16 @@ def run(s: Settings, out: str | None, command: str, name: str,
     problem = wl["problem"](CG(max_iter=s.n_c, tol=1e-12))
     hessian = problem.lower_hessian(wl["upper"], wl["lower"], wl["lower_batch"])
     system = problem.system(wl["upper"], wl["lower"], hessian, s.mu)
-    like = {n: wl["lower"][n] for n in names}
-    sizes = [like[n].numel() for n in names]
-
-    def unflat(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.view(like[n].shape) for n, t in zip(names, torch.split(x, sizes))}
+    like = {n: wl["lower"][n] for n in names}  # in the order of ``names``, as ``flat`` is
+    n_unknowns = sum(t.numel() for t in like.values())
 
     def curvature(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return flat(system.curvature_product(unflat(x)), names)
+            return flat(system.curvature_product(tree_unflatten(x, like)), names)
 
     # 1-2. spectrum and deflation
     log(f"[{wl['name']}] eigenvalues of H (eigsh, tol {s.eig_tol:g})")
-    spectrum = _spectrum(curvature, sum(sizes), s)
+    spectrum = _spectrum(curvature, n_unknowns, s)
     rs = sorted({0, *(r for r in (s.bottom // 2, s.bottom - 1) if r > 0)})
     deflation = [deflation_factor(spectrum["largest"], spectrum["smallest"], s.mu, r) for r in rs]
     log(f"  largest {[fmt(x, 4) for x in spectrum['largest']]}; smallest "
@@ -174,21 +172,15 @@ def run(s: Settings, out: str | None, command: str, name: str,
     gen = seeded(1)
     means = dict.fromkeys(names, 0.0)
     for _ in range(s.probes):
-        z = torch.randint(0, 2, (sum(sizes),), generator=gen).float() * 2 - 1
-        hz = unflat(z * curvature(z))
+        z = torch.randint(0, 2, (n_unknowns,), generator=gen).float() * 2 - 1
+        hz = tree_unflatten(z * curvature(z), like)
         for n in names:
             means[n] += float(hz[n].mean()) / s.probes
     scales = [1.0 + c / s.mu for c in means.values()]
 
     # 4. the target and the Krylov floor on the first right-hand side
     originals = [reference_upper_step(x, max_iter=s.n_c) for x in wl["steps"]]
-
-    def relative_residual(u: dict, v: dict) -> float:
-        au = system({n: u[n] for n in names})
-        return float(flat({n: v[n] - au[n] for n in names}, names).double().norm()
-                     / flat(v, names).double().norm())
-
-    original_residuals = [relative_residual(r.u, r.v) for r in originals]
+    original_residuals = [relative_residual(system, r.u, r.v, names) for r in originals]
     tol = min(original_residuals)
     v = originals[0].v
     # 5. how much the right-hand sides share
@@ -197,7 +189,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     for k in range(1, s.max_products + 1):
         for key, cls in (("CG", CG), ("MINRES", MINRES)):
             u, _ = quietly(lambda cls=cls, k=k: cls(max_iter=k, tol=1e-12)(system, v))
-            history[key].append(relative_residual(u, v))
+            history[key].append(relative_residual(system, u, v, names))
     k_min = next((k for k, r in enumerate(history["MINRES"], 1) if r <= tol), None)
     cg = history["CG"]
     observed = statistics.median(b / a for a, b in zip(cg[:s.n_c], cg[1:s.n_c]))
@@ -217,7 +209,7 @@ def run(s: Settings, out: str | None, command: str, name: str,
     floor = None if k_min is None else (t["upper_grad_0"] + k_min * t["product"]) / t["original"]
     affordable = (s.target_ratio * t["original"] - t["upper_grad_0"]) / t["product"]
     results.update(
-        workload={"name": wl["name"], "note": wl["note"], "unknowns": sum(sizes)},
+        workload={"name": wl["name"], "note": wl["note"], "unknowns": n_unknowns},
         spectrum=spectrum, deflation=deflation, observed_cg_factor=observed,
         per_tensor={"min": min(scales), "max": max(scales), "tensors": len(scales)},
         tol=tol, original_residuals=original_residuals, history=history, k_min=k_min,

@@ -6,21 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from benchmarks import recycled_recipe_ij, recycled_upper_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
 
 
-def test_upper_step_benchmark_on_a_tiny_cnn(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        s = recycled_upper_step.Settings(arch="tiny-cnn", batch=4, upper_steps=3, cap=6)
-        results = recycled_upper_step.run(s, str(tmp_path), "test", "step")
-    finally:
-        torch.set_num_threads(threads)
+def test_upper_step_benchmark_on_a_tiny_cnn(tmp_path, one_thread):
+    s = recycled_upper_step.Settings(arch="tiny-cnn", batch=4, upper_steps=3, cap=6)
+    results = recycled_upper_step.run(s, str(tmp_path), "test", "step")
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == set(recycled_upper_step.METHODS)
     assert rows["original"]["vs_original"] == 1.0

@@ -15,6 +15,7 @@ from benchmarks.recycled_upper_step import Settings as StepSettings
 from benchmarks.recycled_upper_step import alternation_workload
 from benchmarks.reference import flat
 from implicitbilevel import CG
+from implicitbilevel.tree import tree_unflatten
 
 pytestmark = pytest.mark.filterwarnings("ignore:implicit-Jacobian solve broke down")
 
@@ -32,31 +33,23 @@ def test_deflation_factor_in_closed_form():
     assert indefinite["kappa"] == math.inf and math.isnan(indefinite["rho"])
 
 
-def test_spectrum_floor_and_bound_on_a_tiny_cnn(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        s = reuse_limits.Settings(arch="tiny-cnn", batch=4, top=4, bottom=3, repeats=1,
-                                  max_products=6, eig_tol=1e-8)
-        results = reuse_limits.run(s, str(tmp_path), "test", "limits", log=lambda _: None)
-        # the same alternation, rebuilt: the dense matrix of its curvature operator
-        wl = alternation_workload(StepSettings(arch="tiny-cnn", batch=4, mu=s.mu), lambda _: None)
-        names = wl["names"]
-        problem = wl["problem"](CG(max_iter=5))
-        hess = problem.lower_hessian(wl["upper"], wl["lower"], wl["lower_batch"])
-        system = problem.system(wl["upper"], wl["lower"], hess, s.mu)
-        like = {n: wl["lower"][n] for n in names}
-        sizes = [like[n].numel() for n in names]
-        n = sum(sizes)
-        columns = []
-        for i in range(n):
-            e = torch.zeros(n)
-            e[i] = 1.0
-            parts = {k: t.view(like[k].shape) for k, t in zip(names, torch.split(e, sizes))}
-            with torch.no_grad():
-                columns.append(flat(system.curvature_product(parts), names).double())
-    finally:
-        torch.set_num_threads(threads)
+def test_spectrum_floor_and_bound_on_a_tiny_cnn(tmp_path, one_thread):
+    s = reuse_limits.Settings(arch="tiny-cnn", batch=4, top=4, bottom=3, repeats=1,
+                              max_products=6, eig_tol=1e-8)
+    results = reuse_limits.run(s, str(tmp_path), "test", "limits", log=lambda _: None)
+    # the same alternation, rebuilt: the dense matrix of its curvature operator
+    wl = alternation_workload(StepSettings(arch="tiny-cnn", batch=4, mu=s.mu), lambda _: None)
+    names = wl["names"]
+    problem = wl["problem"](CG(max_iter=5))
+    hess = problem.lower_hessian(wl["upper"], wl["lower"], wl["lower_batch"])
+    system = problem.system(wl["upper"], wl["lower"], hess, s.mu)
+    like = {n: wl["lower"][n] for n in names}
+    n = sum(t.numel() for t in like.values())
+    columns = []
+    for e in torch.eye(n):
+        with torch.no_grad():
+            columns.append(flat(system.curvature_product(tree_unflatten(e, like)),
+                                names).double())
     dense = torch.stack(columns, 1).numpy()
     eig = np.linalg.eigvalsh((dense + dense.T) / 2)
     scale = np.abs(eig).max()
@@ -90,3 +83,4 @@ def test_earlier_span_residuals_against_least_squares():
         expected = np.linalg.norm(rhs[i].numpy() - a @ coef) / np.linalg.norm(rhs[i].numpy())
         assert value == pytest.approx(expected, abs=1e-12)
     assert got[1] < 1e-12  # the third is a combination of the first two
+
