@@ -125,6 +125,9 @@ def earlier_span_residuals(rhs: list[torch.Tensor]) -> list[float]:
 def _spectrum(product: Callable[[torch.Tensor], torch.Tensor], n: int, s: Settings) -> dict:
     from scipy.sparse.linalg import LinearOperator, eigsh
 
+    if not (1 <= s.top < n - 1 and 1 <= s.bottom < n - 1):
+        raise ValueError(f"--top {s.top} and --bottom {s.bottom} must lie in [1, {n - 2}]: eigsh "
+                         f"finds fewer than n - 1 eigenvalues of an operator with n = {n} unknowns")
     calls = [0]
 
     def matvec(x: np.ndarray) -> np.ndarray:
@@ -163,7 +166,8 @@ def run(s: Settings, out: str | None, command: str, name: str,
     # 1-2. spectrum and deflation
     log(f"[{wl['name']}] eigenvalues of H (eigsh, tol {s.eig_tol:g})")
     spectrum = _spectrum(curvature, n_unknowns, s)
-    rs = sorted({0, *(r for r in (s.bottom // 2, s.bottom - 1) if r > 0)})
+    r_max = min(s.top, s.bottom) - 1  # deflating r at each end needs the (r + 1)-th of both
+    rs = sorted({0, r_max // 2, r_max})
     deflation = [deflation_factor(spectrum["largest"], spectrum["smallest"], s.mu, r) for r in rs]
     log(f"  largest {[fmt(x, 4) for x in spectrum['largest']]}; smallest "
         f"{[fmt(x, 4) for x in spectrum['smallest']]} ({spectrum['products']} products)")

@@ -84,3 +84,14 @@ def test_earlier_span_residuals_against_least_squares():
         assert value == pytest.approx(expected, abs=1e-12)
     assert got[1] < 1e-12  # the third is a combination of the first two
 
+
+def test_eigenvalue_counts_out_of_range_are_refused_and_uneven_ones_deflate_both_ends(one_thread):
+    with pytest.raises(ValueError, match="must lie in"):
+        reuse_limits.run(reuse_limits.Settings(arch="tiny-cnn", batch=4, top=900, repeats=1),
+                         None, "test", "limits", log=lambda _: None)
+    s = reuse_limits.Settings(arch="tiny-cnn", batch=4, top=2, bottom=5, repeats=1, max_products=2)
+    results = reuse_limits.run(s, None, "test", "limits", log=lambda _: None)
+    # the deepest deflation uses the (r + 1)-th eigenvalue at both ends, so r < min(top, bottom)
+    assert [d["r"] for d in results["deflation"]] == [0, 1]
+    assert results["deflation"][-1]["a_max"] == pytest.approx(
+        1 + results["spectrum"]["largest"][1] / s.mu)
