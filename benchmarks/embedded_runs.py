@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="where the file stores the run (default: the recipe's name)")
     args = ap.parse_args(argv)
     key = args.key or args.recipe
-    if args.sets and key == args.recipe:
-        raise SystemExit(f"--set changes the embedded default: store the run under --key (not "
-                         f"{key!r}, the default's own entry)")
+    if key in SCRIPTS and (args.sets or key != args.recipe):  # an embedded default's own entry
+        raise SystemExit(f"--key {key!r} is the {key} embedded default's own entry: store a run "
+                         "with --set options, or of another recipe, under a --key of its own")
     with tempfile.TemporaryDirectory() as tmp:
         measured = run(args.recipe, args.out or Path(tmp) / "run", args.sets)
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -65,4 +65,7 @@ def test_a_changed_default_is_not_stored_as_the_default(tmp_path):
     anything runs."""
     with pytest.raises(SystemExit, match="--key"):
         embedded_runs.main(["vision", "--set", "bissl.ij=mfac", "--out", str(tmp_path / "r")])
+    # nor may a run take the other recipe's entry
+    with pytest.raises(SystemExit, match="--key 'gpt'"):
+        embedded_runs.main(["vision", "--key", "gpt", "--out", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
